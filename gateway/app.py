@@ -1,0 +1,160 @@
+"""Composition root and lifecycle: build everything from config, start, stop.
+
+Only this module knows the concrete classes. Everything that can fail on bad
+files or busy ports is checked in `start()` before anything accepts traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import ssl
+from pathlib import Path
+
+import asyncssh
+from structlog.typing import FilteringBoundLogger
+
+from gateway.clock import Clock, SystemClock
+from gateway.config import Config
+from gateway.doors.https import HTTPSDoor, build_public_app
+from gateway.doors.ssh import SSHDoor
+from gateway.errors import StartupError
+from gateway.net import tls
+from gateway.net.detect import Door
+from gateway.net.listener import Listener, bind
+from gateway.policy import Policy
+from gateway.protocols.ssh_jump import SSHJumpHandler
+from gateway.protocols.ssh_terminate import SSHTerminateHandler
+from gateway.protocols.upstream_ssh import Credentials, HostKeys
+from gateway.sessions.registry import SessionRegistry
+
+
+def ensure_state_dir(path: Path) -> Path:
+    """Create the state directory (mode 0700). Raises StartupError if it cannot."""
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise StartupError(f"gateway.state_dir: cannot create {str(path)!r}: {exc.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise StartupError(f"gateway.state_dir: not writable: {str(path)!r}")
+    return path
+
+
+def load_host_keys(config: Config, state_dir: Path, log: FilteringBoundLogger) -> list[asyncssh.SSHKey]:
+    """The gateway's own SSH host keys; an ed25519 key is generated in state_dir when none are configured."""
+    keys = []
+    for i, p in enumerate(config.ssh.host_keys):
+        try:
+            keys.append(asyncssh.read_private_key(p))
+        except FileNotFoundError:
+            raise StartupError(f"ssh.host_keys[{i}]: file not found: {str(p)!r}") from None
+        except PermissionError:
+            raise StartupError(f"ssh.host_keys[{i}]: file not readable: {str(p)!r}") from None
+        except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError, ValueError, OSError) as exc:
+            raise StartupError(f"ssh.host_keys[{i}]: not a usable private key ({exc}): {str(p)!r}") from None
+    if keys:
+        return keys
+    path = state_dir / "ssh_host_ed25519_key"
+    if not path.exists():
+        key = asyncssh.generate_private_key("ssh-ed25519")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key.export_private_key())
+        (state_dir / "ssh_host_ed25519_key.pub").write_bytes(key.export_public_key())
+        log.info("host_key_generated", path=str(path), fingerprint=key.get_fingerprint())
+    try:
+        return [asyncssh.read_private_key(path)]
+    except (OSError, asyncssh.KeyImportError, ValueError) as exc:
+        raise StartupError(f"cannot read generated host key {str(path)!r}: {exc}") from None
+
+
+def load_tls(config: Config, state_dir: Path, log: FilteringBoundLogger) -> ssl.SSLContext:
+    if config.public.tls_cert is not None and config.public.tls_key is not None:
+        return tls.server_context(config.public.tls_cert, config.public.tls_key)
+    cert, key = state_dir / "tls.crt", state_dir / "tls.key"
+    if not cert.exists() or not key.exists():
+        names = sorted({"localhost", "127.0.0.1", "::1", config.gateway.node} | {a.host for a in config.public.listen if a.host not in ("0.0.0.0", "::")})
+        tls.write_self_signed(cert, key, names)
+        log.warning("tls_self_signed_generated", cert=str(cert), hint="set public.tls_cert and public.tls_key for production")
+    return tls.server_context(cert, key)
+
+
+class App:
+    """The gateway. `start()` binds and serves; `stop()` ends every connection and returns."""
+
+    def __init__(self, config: Config, log: FilteringBoundLogger, clock: Clock | None = None) -> None:
+        self.config = config
+        self.log = log
+        self.clock = clock or SystemClock()
+        self.registry = SessionRegistry(config.gateway.node, self.clock, log)
+        self.policy = Policy(config.vms, config.users, config.rules)
+        self._listener: Listener | None = None
+        self._https: HTTPSDoor | None = None
+        self.host_keys: list[asyncssh.SSHKey] = []
+
+    @property
+    def public_addresses(self) -> list[tuple[str, int]]:
+        return self._listener.addresses if self._listener else []
+
+    async def start(self) -> None:
+        """Validate files, bind every port, then start serving. Raises StartupError, binding nothing on failure."""
+        cfg = self.config
+        state_dir = ensure_state_dir(cfg.gateway.state_dir)
+        self.host_keys = load_host_keys(cfg, state_dir, self.log)
+        ssl_ctx = load_tls(cfg, state_dir, self.log)
+        credentials = Credentials.load(cfg.vms)
+        host_keys = HostKeys(cfg.vms, state_dir / "known_hosts_tofu", self.log)
+        sockets: list[socket.socket] = []
+        try:
+            for addr in cfg.public.listen:
+                sockets.append(bind(addr))
+        except StartupError:
+            for s in sockets:
+                s.close()
+            raise
+        terminate = SSHTerminateHandler(self.registry, credentials, host_keys, cfg.gateway.connect_timeout, self.log)
+        jump = SSHJumpHandler(self.registry, cfg.gateway.connect_timeout, self.log)
+        first = cfg.public.listen[0] if cfg.public.listen else None
+        hint = first.host if first and first.host not in ("0.0.0.0", "::") else "GATEWAY"
+        ssh_door = SSHDoor(
+            host_keys=self.host_keys,
+            policy=self.policy,
+            user_ca_keys=cfg.ssh.user_ca_keys,
+            terminate=terminate,
+            jump=jump,
+            node=cfg.gateway.node,
+            login_grace_time=cfg.ssh.login_grace_time,
+            max_auth_tries=cfg.ssh.max_auth_tries,
+            max_startups=cfg.ssh.max_startups,
+            keepalive_interval=cfg.ssh.keepalive_interval,
+            connect_timeout=cfg.gateway.connect_timeout,
+            log=self.log,
+            public_hint=hint,
+        )
+        self._https = HTTPSDoor(build_public_app(cfg.gateway.node), ssl_ctx, self.log)
+        await self._https.start()
+        self._listener = Listener(sockets, {Door.SSH: ssh_door.handle, Door.TLS: self._https.handle}, cfg.public.detect_timeout, self.log)
+        self._listener.start()
+        self.log.info(
+            "gateway_started",
+            node=cfg.gateway.node,
+            public=[f"{h}:{p}" for h, p in self.public_addresses],
+            vms=len(cfg.vms),
+            users=len(cfg.users),
+            rules=len(cfg.rules),
+        )
+
+    async def stop(self) -> None:
+        if self._listener is not None:
+            await self._listener.stop()
+        if self._https is not None:
+            await self._https.stop()
+        self.log.info("gateway_stopped", node=self.config.gateway.node)
+
+    async def run_until(self, stop: asyncio.Event) -> None:
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.stop()

@@ -1,0 +1,463 @@
+"""TOML -> frozen, validated config objects.
+
+Every problem is collected with its key path and the offending value, so an
+operator fixes a config in one pass. Unknown keys are errors. Nothing here
+reads key material: files are only checked for existence by `app.py` at start.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gateway.errors import ConfigError
+
+# Names are matched exactly; restricting them to ASCII means a Unicode
+# lookalike typed by a client can never equal a configured name.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+# `+` and `@` separate user, VM and login in SSH user names; keep them out of names.
+PROTOCOLS = frozenset({"ssh", "ssh-jump"})
+_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Parse "30s", "10m", "1.5h", "500ms" into seconds. Raises ValueError."""
+    m = _DURATION_RE.match(text.strip()) if isinstance(text, str) else None
+    if not m:
+        raise ValueError(f"not a duration like '30s' or '10m': {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_listen(text: str) -> ListenAddress:
+    """Parse "0.0.0.0:443", "[::1]:443" or "127.0.0.1:0". Raises ValueError."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected 'HOST:PORT', got {text!r}")
+    m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)$", text) or re.match(r"^([^:\[\]]+):(\d+)$", text)
+    if not m:
+        raise ValueError(f"expected 'HOST:PORT' or '[IPV6]:PORT', got {text!r}")
+    host, port = m.group(1), int(m.group(2))
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise ValueError(f"listen host must be an IP address, got {host!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port out of range: {port}")
+    return ListenAddress(host, port)
+
+
+@dataclass(frozen=True)
+class GatewaySection:
+    node: str
+    state_dir: Path
+    connect_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class PublicSection:
+    listen: tuple[ListenAddress, ...]
+    tls_cert: Path | None
+    tls_key: Path | None
+    detect_timeout: float = 1.0
+
+
+@dataclass(frozen=True)
+class SSHSection:
+    host_keys: tuple[Path, ...] = ()
+    user_ca_keys: tuple[str, ...] = ()
+    login_grace_time: float = 30.0
+    max_auth_tries: int = 6
+    max_startups: int = 100
+    keepalive_interval: float = 30.0
+
+
+@dataclass(frozen=True)
+class VMLogin:
+    name: str
+    key: Path = field(repr=True)  # a path, never the key material
+
+
+@dataclass(frozen=True)
+class VM:
+    name: str
+    address: str
+    ssh_port: int = 22
+    rdp_port: int | None = None
+    host_keys: tuple[str, ...] = ()
+    known_hosts: Path | None = None
+    trust_on_first_use: bool = False
+    default_login: str | None = None
+    logins: Mapping[str, VMLogin] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    keys: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Rule:
+    users: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    vms: tuple[str, ...] = ()
+    protocols: tuple[str, ...] = ()
+    logins: tuple[str, ...] | None = None
+    ports: tuple[int, ...] | None = None
+    env: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    gateway: GatewaySection
+    public: PublicSection
+    ssh: SSHSection
+    vms: Mapping[str, VM]
+    users: Mapping[str, User]
+    rules: tuple[Rule, ...]
+
+
+T = TypeVar("T")
+
+
+class _Reader:
+    """Walks the TOML tree, records problems with key paths, never raises mid-way."""
+
+    def __init__(self) -> None:
+        self.problems: list[tuple[str, str]] = []
+
+    def problem(self, path: str, msg: str) -> None:
+        self.problems.append((path, msg))
+
+    def table(self, data: Mapping[str, Any], path: str, allowed: set[str]) -> None:
+        for key in data:
+            if key not in allowed:
+                self.problem(f"{path}.{key}" if path else key, f"unknown key (allowed: {', '.join(sorted(allowed))})")
+
+    def get(
+        self,
+        data: Mapping[str, Any],
+        path: str,
+        key: str,
+        kind: type[T] | tuple[type, ...],
+        default: Any = None,
+        *,
+        required: bool = False,
+    ) -> Any:
+        full = f"{path}.{key}" if path else key
+        if key not in data:
+            if required:
+                self.problem(full, "required key is missing")
+            return default
+        value = data[key]
+        # bool is an int in Python; a port of `true` is a mistake.
+        if isinstance(value, bool) and kind is not bool and (kind is int or kind == (int,)):
+            self.problem(full, f"expected an integer, got {value!r}")
+            return default
+        if not isinstance(value, kind):
+            name = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            self.problem(full, f"expected {_kind_name(name)}, got {value!r}")
+            return default
+        return value
+
+    def str_list(self, data: Mapping[str, Any], path: str, key: str, check: Callable[[str], str | None] | None = None) -> tuple[str, ...] | None:
+        full = f"{path}.{key}"
+        if key not in data:
+            return None
+        value = data[key]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            self.problem(full, f"expected a list of strings, got {value!r}")
+            return None
+        out = []
+        for i, v in enumerate(value):
+            if check is not None and (msg := check(v)) is not None:
+                self.problem(f"{full}[{i}]", f"{msg}: {v!r}")
+            else:
+                out.append(v)
+        return tuple(out)
+
+    def duration(self, data: Mapping[str, Any], path: str, key: str, default: float) -> float:
+        raw = self.get(data, path, key, str)
+        if raw is None:
+            return default
+        try:
+            value = parse_duration(raw)
+        except ValueError as exc:
+            self.problem(f"{path}.{key}", str(exc))
+            return default
+        if value <= 0:
+            self.problem(f"{path}.{key}", f"must be positive, got {raw!r}")
+            return default
+        return value
+
+    def port(self, data: Mapping[str, Any], path: str, key: str, default: int | None) -> int | None:
+        value = self.get(data, path, key, int)
+        if value is None:
+            return default
+        if not 1 <= value <= 65535:
+            self.problem(f"{path}.{key}", f"port must be 1-65535, got {value!r}")
+            return default
+        return int(value)
+
+
+def _kind_name(name: str) -> str:
+    return {"str": "a string", "int": "an integer", "bool": "true or false", "list": "a list", "dict": "a table"}.get(name, name)
+
+
+def _name_check(v: str) -> str | None:
+    return None if v == "*" or NAME_RE.match(v) else "not a valid name"
+
+
+def _user_check(v: str) -> str | None:
+    return None if USER_RE.match(v) else "not a valid user name (lowercase letters, digits, _ . -)"
+
+
+def _key_check(v: str) -> str | None:
+    import asyncssh
+
+    try:
+        asyncssh.import_public_key(v)
+    except (asyncssh.KeyImportError, ValueError):
+        return "not an OpenSSH public key"
+    return None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a TOML config file. Raises ConfigError naming every problem."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError([("(file)", f"cannot read {str(p)!r}: {exc.strerror}")]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError([("(file)", f"{str(p)!r} is not valid TOML: {exc}")]) from None
+    return parse_config(data, base_dir=p.parent)
+
+
+def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Config:
+    """Validate an already-parsed TOML document. Raises ConfigError naming every problem.
+
+    Relative paths are taken relative to `base_dir` (the config file's folder).
+    """
+    r = _Reader()
+    base = base_dir or Path.cwd()
+
+    def path_of(value: str) -> Path:
+        pth = Path(value).expanduser()
+        return pth if pth.is_absolute() else (base / pth)
+
+    r.table(data, "", {"gateway", "public", "ssh", "vms", "users", "rules"})
+
+    g = r.get(data, "", "gateway", dict, {})
+    r.table(g, "gateway", {"node", "state_dir", "connect_timeout"})
+    node = r.get(g, "gateway", "node", str, socket.gethostname())
+    if not NAME_RE.match(node):
+        r.problem("gateway.node", f"not a valid name: {node!r}")
+    gateway = GatewaySection(
+        node=node,
+        state_dir=path_of(r.get(g, "gateway", "state_dir", str, "/var/lib/bastion")),
+        connect_timeout=r.duration(g, "gateway", "connect_timeout", 10.0),
+    )
+
+    pub = r.get(data, "", "public", dict, {})
+    r.table(pub, "public", {"listen", "tls_cert", "tls_key", "detect_timeout"})
+    listen: list[ListenAddress] = []
+    for i, item in enumerate(r.str_list(pub, "public", "listen") or ("0.0.0.0:443",)):
+        try:
+            listen.append(parse_listen(item))
+        except ValueError as exc:
+            r.problem(f"public.listen[{i}]", str(exc))
+    cert = r.get(pub, "public", "tls_cert", str)
+    key = r.get(pub, "public", "tls_key", str)
+    if (cert is None) != (key is None):
+        r.problem("public.tls_cert" if cert is None else "public.tls_key", "tls_cert and tls_key go together")
+    public = PublicSection(
+        listen=tuple(listen),
+        tls_cert=path_of(cert) if cert else None,
+        tls_key=path_of(key) if key else None,
+        detect_timeout=r.duration(pub, "public", "detect_timeout", 1.0),
+    )
+
+    s = r.get(data, "", "ssh", dict, {})
+    r.table(s, "ssh", {"host_keys", "user_ca_keys", "login_grace_time", "max_auth_tries", "max_startups", "keepalive_interval"})
+    max_auth = r.get(s, "ssh", "max_auth_tries", int, 6)
+    if max_auth < 1:
+        r.problem("ssh.max_auth_tries", f"must be at least 1, got {max_auth!r}")
+    max_startups = r.get(s, "ssh", "max_startups", int, 100)
+    if max_startups < 1:
+        r.problem("ssh.max_startups", f"must be at least 1, got {max_startups!r}")
+    ssh = SSHSection(
+        host_keys=tuple(path_of(x) for x in r.str_list(s, "ssh", "host_keys") or ()),
+        user_ca_keys=r.str_list(s, "ssh", "user_ca_keys", _key_check) or (),
+        login_grace_time=r.duration(s, "ssh", "login_grace_time", 30.0),
+        max_auth_tries=max_auth,
+        max_startups=max_startups,
+        keepalive_interval=r.duration(s, "ssh", "keepalive_interval", 30.0),
+    )
+
+    vms: dict[str, VM] = {}
+    vm_list = r.get(data, "", "vms", list, [])
+    for i, v in enumerate(vm_list):
+        path = f"vms[{i}]"
+        if not isinstance(v, dict):
+            r.problem(path, f"expected a table, got {v!r}")
+            continue
+        vm = _parse_vm(r, v, path, path_of)
+        if vm is None:
+            continue
+        if vm.name in vms:
+            r.problem(f"{path}.name", f"duplicate VM name: {vm.name!r}")
+        vms[vm.name] = vm
+
+    users: dict[str, User] = {}
+    for i, u in enumerate(r.get(data, "", "users", list, [])):
+        path = f"users[{i}]"
+        if not isinstance(u, dict):
+            r.problem(path, f"expected a table, got {u!r}")
+            continue
+        r.table(u, path, {"name", "keys", "groups"})
+        name = r.get(u, path, "name", str, required=True)
+        if name is None:
+            continue
+        if not USER_RE.match(name):
+            r.problem(f"{path}.name", f"not a valid user name (lowercase letters, digits, _ . -): {name!r}")
+            continue
+        if name in users:
+            r.problem(f"{path}.name", f"duplicate user name: {name!r}")
+        users[name] = User(
+            name=name,
+            keys=r.str_list(u, path, "keys", _key_check) or (),
+            groups=r.str_list(u, path, "groups", _name_check) or (),
+        )
+
+    rules: list[Rule] = []
+    for i, ru in enumerate(r.get(data, "", "rules", list, [])):
+        path = f"rules[{i}]"
+        if not isinstance(ru, dict):
+            r.problem(path, f"expected a table, got {ru!r}")
+            continue
+        r.table(ru, path, {"users", "groups", "vms", "protocols", "logins", "ports", "env"})
+        rule_users = r.str_list(ru, path, "users", lambda x: None if x == "*" else _user_check(x)) or ()
+        groups = r.str_list(ru, path, "groups", _name_check) or ()
+        if not rule_users and not groups:
+            r.problem(path, "a rule needs users or groups")
+        for j, un in enumerate(rule_users):
+            if un != "*" and un not in users:
+                r.problem(f"{path}.users[{j}]", f"no such user: {un!r}")
+        rule_vms = r.str_list(ru, path, "vms", _name_check)
+        if not rule_vms:
+            r.problem(f"{path}.vms", "required: the VMs this rule grants (or [\"*\"])")
+        for j, vn in enumerate(rule_vms or ()):
+            if vn != "*" and vn not in vms:
+                r.problem(f"{path}.vms[{j}]", f"no such VM in the inventory: {vn!r}")
+        protos = r.str_list(ru, path, "protocols", lambda x: None if x in PROTOCOLS else f"unknown protocol (known: {', '.join(sorted(PROTOCOLS))})")
+        if not protos:
+            r.problem(f"{path}.protocols", f"required: one or more of {', '.join(sorted(PROTOCOLS))}")
+        ports_raw = r.get(ru, path, "ports", list)
+        ports: tuple[int, ...] | None = None
+        if ports_raw is not None:
+            good = []
+            for j, p in enumerate(ports_raw):
+                if isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= 65535:
+                    r.problem(f"{path}.ports[{j}]", f"port must be 1-65535, got {p!r}")
+                else:
+                    good.append(p)
+            ports = tuple(good)
+        rules.append(
+            Rule(
+                users=rule_users,
+                groups=groups,
+                vms=rule_vms or (),
+                protocols=protos or (),
+                logins=r.str_list(ru, path, "logins", lambda x: None if x == "*" or USER_RE.match(x) else "not a valid login name"),
+                ports=ports,
+                env=r.str_list(ru, path, "env", lambda x: None if re.match(r"^[A-Za-z_][A-Za-z0-9_]*\*?$", x) else "not an environment variable name or NAME* pattern") or (),
+            )
+        )
+
+    if r.problems:
+        raise ConfigError(r.problems)
+    return Config(gateway=gateway, public=public, ssh=ssh, vms=vms, users=users, rules=tuple(rules))
+
+
+def _parse_vm(r: _Reader, v: Mapping[str, Any], path: str, path_of: Callable[[str], Path]) -> VM | None:
+    r.table(v, path, {"name", "address", "ssh_port", "rdp_port", "host_key", "host_keys", "known_hosts", "trust_on_first_use", "default_login", "logins"})
+    name = r.get(v, path, "name", str, required=True)
+    if name is not None and not NAME_RE.match(name):
+        r.problem(f"{path}.name", f"not a valid VM name (letters, digits, . _ -): {name!r}")
+        name = None
+    address = r.get(v, path, "address", str, required=True)
+    if address is not None and not _valid_address(address):
+        r.problem(f"{path}.address", f"not an IP address or host name: {address!r}")
+    host_keys: list[str] = []
+    hk = r.get(v, path, "host_key", str)
+    if hk is not None:
+        if (msg := _key_check(hk)) is not None:
+            r.problem(f"{path}.host_key", f"{msg}: {hk!r}")
+        else:
+            host_keys.append(hk)
+    host_keys.extend(r.str_list(v, path, "host_keys", _key_check) or ())
+    kh = r.get(v, path, "known_hosts", str)
+    tofu = r.get(v, path, "trust_on_first_use", bool, False)
+    if not host_keys and kh is None and not tofu:
+        r.problem(path, "no way to verify the VM's host key: set host_key, known_hosts, or trust_on_first_use = true")
+    logins: dict[str, VMLogin] = {}
+    raw_logins = r.get(v, path, "logins", dict, {})
+    for lname, spec in raw_logins.items():
+        lpath = f"{path}.logins.{lname}"
+        if not USER_RE.match(lname):
+            r.problem(lpath, f"not a valid login name: {lname!r}")
+            continue
+        if not isinstance(spec, dict):
+            r.problem(lpath, f"expected a table like {{ key = \"/path\" }}, got {spec!r}")
+            continue
+        r.table(spec, lpath, {"key"})
+        key = r.get(spec, lpath, "key", str, required=True)
+        if key is not None:
+            logins[lname] = VMLogin(name=lname, key=path_of(key))
+    default_login = r.get(v, path, "default_login", str)
+    if default_login is not None and default_login not in logins:
+        r.problem(f"{path}.default_login", f"not one of this VM's logins: {default_login!r}")
+    if default_login is None and len(logins) == 1:
+        default_login = next(iter(logins))
+    if name is None or address is None:
+        return None
+    return VM(
+        name=name,
+        address=address,
+        ssh_port=r.port(v, path, "ssh_port", 22) or 22,
+        rdp_port=r.port(v, path, "rdp_port", None),
+        host_keys=tuple(host_keys),
+        known_hosts=path_of(kh) if kh else None,
+        trust_on_first_use=tofu,
+        default_login=default_login,
+        logins=logins,
+    )
+
+
+def _valid_address(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address)
+        return True
+    except ValueError:
+        return bool(re.match(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$", address))

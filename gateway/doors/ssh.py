@@ -1,0 +1,337 @@
+"""The SSH door: asyncssh on accepted sockets, authentication, and channel routing.
+
+One `GatewaySSHServer` per connection authenticates the user (public key or
+an OpenSSH user certificate from a trusted CA), enforces the auth-try cap and
+MaxStartups, then routes each channel:
+
+- a session channel with a VM in the user name -> the terminating handler;
+- a session channel without one -> the gateway's own short banner session;
+- a direct-tcpip channel -> the jump handler, after policy, to the inventory address.
+
+Remote forwarding, agent forwarding, X11 and streamlocal are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Coroutine
+from typing import Any
+
+import asyncssh
+from structlog.typing import FilteringBoundLogger
+
+from gateway.errors import GatewayError, PolicyDenied
+from gateway.policy import Policy, Principal, parse_username
+from gateway.protocols.base import Client
+from gateway.protocols.ssh_jump import SSHJumpHandler, refuse
+from gateway.protocols.ssh_terminate import SSHTerminateHandler, UserSide
+
+_UNKNOWN = object()
+
+
+class SSHDoor:
+    """Shared by every SSH connection: options, policy, handlers, and the unauthenticated count."""
+
+    def __init__(
+        self,
+        *,
+        host_keys: list[asyncssh.SSHKey],
+        policy: Policy,
+        user_ca_keys: tuple[str, ...],
+        terminate: SSHTerminateHandler,
+        jump: SSHJumpHandler,
+        node: str,
+        login_grace_time: float,
+        max_auth_tries: int,
+        max_startups: int,
+        keepalive_interval: float,
+        connect_timeout: float,
+        log: FilteringBoundLogger,
+        public_hint: str = "GATEWAY",
+    ) -> None:
+        self.policy = policy
+        self.user_ca_keys = user_ca_keys
+        self.terminate = terminate
+        self.jump = jump
+        self.node = node
+        self.max_auth_tries = max_auth_tries
+        self.max_startups = max_startups
+        self.connect_timeout = connect_timeout
+        self.log = log
+        self.public_hint = public_hint
+        self.unauthenticated = 0
+        self._options = asyncssh.SSHServerConnectionOptions(
+            server_host_keys=host_keys,
+            server_version="Bastion",
+            login_timeout=login_grace_time,
+            keepalive_interval=keepalive_interval,
+            keepalive_count_max=3,
+            public_key_auth=True,
+            password_auth=False,
+            kbdint_auth=False,
+            host_based_auth=False,
+            gss_host=None,
+            agent_forwarding=False,
+            x11_forwarding=False,
+            allow_pty=True,
+            line_editor=False,
+            encoding=None,
+        )
+
+    async def handle(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        """Own `sock` from here: run SSH on it until the connection ends."""
+        log = self.log.bind(source_ip=peer[0], source_port=peer[1])
+        if self.unauthenticated >= self.max_startups:
+            log.warning("connection_refused", reason="max_startups", limit=self.max_startups)
+            sock.close()
+            return
+        self.unauthenticated += 1
+        server = GatewaySSHServer(self, peer, log)
+        try:
+            conn = await asyncssh.run_server(sock, options=self._options, server_factory=lambda: server)
+        except asyncio.CancelledError:
+            server.cancel_all()
+            raise
+        except (asyncssh.Error, OSError, TimeoutError, ValueError) as exc:
+            server.release_startup()
+            if not server.authenticated:
+                log.info("ssh_handshake_ended", reason=_slug(exc), detail=str(exc)[:200], user=server.username)
+            return
+        finally:
+            server.release_startup()
+        try:
+            await conn.wait_closed()
+        finally:
+            conn.abort()
+            await server.wait_tasks()
+
+
+def _slug(exc: BaseException) -> str:
+    if isinstance(exc, asyncssh.PermissionDenied):
+        return "auth_failed"
+    if isinstance(exc, TimeoutError | asyncssh.ConnectionLost) or "timeout" in str(exc).lower():
+        return "login_timeout" if isinstance(exc, TimeoutError) or "timeout" in str(exc).lower() else "connection_lost"
+    if isinstance(exc, asyncssh.DisconnectError):
+        return "client_disconnected"
+    return "handshake_failed"
+
+
+class GatewaySSHServer(asyncssh.SSHServer):
+    """One user connection. Owns the tasks its channels start (a small supervisor)."""
+
+    def __init__(self, door: SSHDoor, peer: tuple[str, int], log: FilteringBoundLogger) -> None:
+        self._door = door
+        self._peer = peer
+        self._log = log
+        self._conn: asyncssh.SSHServerConnection | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._failures = 0
+        self._counted = True
+        self._key_ok = False
+        self.username: str | None = None
+        self.authenticated = False
+        self._principal: Principal | None = None
+        self._vm: str | None = None
+        self._login: str | None = None
+
+    # -- supervisor --
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._guard(coro, name), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _guard(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self._log.exception("task_failed", task=name)
+
+    def cancel_all(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+
+    async def wait_tasks(self, grace: float = 2.0) -> None:
+        if self._tasks:
+            _, pending = await asyncio.wait(list(self._tasks), timeout=grace)
+            for t in pending:
+                t.cancel()
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def release_startup(self) -> None:
+        if self._counted:
+            self._counted = False
+            self._door.unauthenticated -= 1
+
+    # -- connection & auth --
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._conn = conn
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # Channel sessions see connection_lost too and end their tasks normally;
+        # `SSHDoor.handle` cancels whatever is left after a short grace.
+        self.release_startup()
+
+    def begin_auth(self, username: str) -> bool:
+        self.username = username[:64]
+        try:
+            target = parse_username(username)
+        except ValueError:
+            self._principal = None
+            return True
+        user = self._door.policy.user(target.user)
+        if user is None:
+            self._principal = None
+            return True
+        self._principal = Principal(name=user.name, groups=user.groups, auth_method="publickey")
+        self._vm = target.vm
+        self._login = target.login
+        if self._door.user_ca_keys and self._conn is not None:
+            lines = "".join(f'cert-authority,principals="{user.name}" {k}\n' for k in self._door.user_ca_keys)
+            self._conn.set_authorized_keys(asyncssh.import_authorized_keys(lines))
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        user = self._door.policy.user(self._principal.name) if self._principal else None
+        if user is not None:
+            blob = key.public_data
+            for k in user.keys:
+                if asyncssh.import_public_key(k).public_data == blob:
+                    self._key_ok = True
+                    return True
+        self._auth_failed("unknown_user" if user is None else "key_not_authorized", "publickey")
+        return False
+
+    def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        self._auth_failed("unknown_user" if self._principal is None else "ca_not_trusted", "certificate")
+        return False
+
+    def _auth_failed(self, reason: str, method: str) -> None:
+        self._failures += 1
+        self._log.info("auth_failed", user=self.username, method=method, reason=reason, attempt=self._failures)
+        if self._failures >= self._door.max_auth_tries and self._conn is not None:
+            self._log.warning("auth_tries_exceeded", user=self.username, limit=self._door.max_auth_tries)
+            self._conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "Too many authentication failures")
+
+    def auth_completed(self) -> None:
+        assert self._principal is not None
+        method = "publickey" if self._key_ok else "certificate"
+        self._principal = Principal(self._principal.name, self._principal.groups, method)
+        self.authenticated = True
+        self.release_startup()
+        self._log.info("auth_succeeded", user=self._principal.name, method=method, vm=self._vm)
+
+    def _client(self) -> Client:
+        assert self._principal is not None
+        return Client(self._principal, self._peer[0], self._peer[1])
+
+    # -- channels --
+    def session_requested(self) -> asyncssh.SSHServerSession[bytes]:
+        client = self._client()
+        if self._vm is None:
+            return GatewayShellSession(self._door, client)
+        try:
+            grant = self._door.policy.check_ssh(client.principal, self._vm, self._login)
+        except PolicyDenied as exc:
+            self._log.info("session_refused", user=client.principal.name, vm=self._vm, login=self._login, protocol="ssh", reason=exc.reason)
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, exc.message) from None
+
+        def start(user: UserSide) -> None:
+            self.spawn(self._door.terminate.serve(grant, client, user), name=f"ssh:{client.principal.name}:{grant.vm.name}")
+
+        return UserSide(start)
+
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
+        client = self._client()
+        try:
+            grant = self._door.policy.check_forward(client.principal, dest_host, dest_port)
+        except GatewayError as exc:
+            self._log.info("forward_refused", user=client.principal.name, target=dest_host[:64], port=dest_port, protocol="ssh-jump", reason=exc.reason)
+            raise refuse(exc) from None
+        return self._open_forward(grant, client)
+
+    async def _open_forward(self, grant: Any, client: Client) -> asyncssh.SSHTCPSession[bytes]:
+        from gateway.net.upstream import dial
+
+        try:
+            sock = await dial(grant.vm.address, grant.port, self._door.connect_timeout)
+        except GatewayError as exc:
+            self._log.warning("upstream_dial_failed", user=client.principal.name, vm=grant.vm.name, port=grant.port, reason=exc.reason, error=exc.message)
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, f"cannot reach VM {grant.vm.name!r} port {grant.port}: {exc.message}") from None
+        return await self._door.jump.open(grant, client, self, sock)
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        self._log.info("forward_refused", user=self.username, kind="remote", reason="not_allowed")
+        return False
+
+    def unix_connection_requested(self, dest_path: str) -> bool:
+        self._log.info("forward_refused", user=self.username, kind="streamlocal", reason="not_allowed")
+        return False
+
+    def unix_server_requested(self, listen_path: str) -> bool:
+        self._log.info("forward_refused", user=self.username, kind="remote-streamlocal", reason="not_allowed")
+        return False
+
+
+class GatewayShellSession(asyncssh.SSHServerSession[bytes]):
+    """A session on the gateway itself (no VM named): a banner, then it stays open for forwards."""
+
+    def __init__(self, door: SSHDoor, client: Client) -> None:
+        self._door = door
+        self._client = client
+        self._chan: asyncssh.SSHServerChannel[bytes] | None = None
+        self._kind = "shell"
+        self._command: str | None = None
+        self._pty = False
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:  # type: ignore[override]
+        self._chan = chan
+
+    def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int], term_modes: dict[int, int]) -> bool:  # type: ignore[override]
+        self._pty = True
+        return True
+
+    def shell_requested(self) -> bool:
+        return True
+
+    def exec_requested(self, command: str) -> bool:
+        self._kind = "exec"
+        self._command = command
+        return True
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        return False
+
+    def session_started(self) -> None:
+        assert self._chan is not None
+        nl = "\r\n" if self._pty else "\n"
+        name = self._client.principal.name
+        if self._kind == "exec":
+            msg = f"bastion: no VM named; connect as {name}+VM to run commands on a VM{nl}"
+            self._chan.write(msg.encode(), asyncssh.EXTENDED_DATA_STDERR)
+            self._chan.exit(2)
+            return
+        lines = [f"Bastion {self._door.node}: signed in as {name}. No VM named in the user name.", "Port forwards stay open while this session lasts (Ctrl-D or Ctrl-C ends it).", "VMs you may reach:"]
+        reachable = self._door.policy.reachable(self._client.principal)
+        for vm, protos in reachable:
+            lines.append(f"  {vm.name:<20} {', '.join(protos)}")
+        if not reachable:
+            lines.append("  (none)")
+        lines.append(f"Open a shell on one with: ssh -p PORT {name}+VM@{self._door.public_hint}")
+        self._chan.write((nl.join(lines) + nl).encode())
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if self._chan is not None and (b"\x03" in data or b"\x04" in data):
+            self._chan.exit(0)
+
+    def eof_received(self) -> bool:
+        if self._chan is not None:
+            self._chan.exit(0)
+        return True

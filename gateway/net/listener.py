@@ -1,0 +1,154 @@
+"""Accept on the public port, peek at the first bytes, hand the socket to a door.
+
+The listener imports no door: `app.py` registers one handler per `Door`.
+Peeking never consumes, so the door sees the connection from its first byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import socket
+from collections.abc import Awaitable, Callable, Mapping
+
+from structlog.typing import FilteringBoundLogger
+
+from gateway.config import ListenAddress
+from gateway.errors import StartupError
+from gateway.net.detect import Door, classify
+
+DoorHandler = Callable[[socket.socket, tuple[str, int]], Awaitable[None]]
+_PEEK = 8
+
+
+def bind(address: ListenAddress, backlog: int = 1024) -> socket.socket:
+    """Bind and listen. Raises StartupError with the address and the OS reason."""
+    try:
+        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {address}: {exc.strerror}") from None
+    family, type_, proto, _, addr = infos[0]
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(addr)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        what = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+        hint = " (ports below 1024 need root or CAP_NET_BIND_SERVICE)" if exc.errno == errno.EACCES else ""
+        raise StartupError(f"cannot listen on {address}: {what}{hint}") from None
+    return sock
+
+
+async def peek_door(sock: socket.socket, deadline: float) -> Door:
+    """Wait for the first bytes and classify them without consuming them.
+
+    Silence until `deadline` seconds means SSH (the server speaks first).
+    A closed connection or unknown bytes give Door.UNKNOWN.
+    """
+    loop = asyncio.get_running_loop()
+    fd = sock.fileno()
+    try:
+        async with asyncio.timeout(deadline):
+            while True:
+                ready: asyncio.Future[None] = loop.create_future()
+                loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+                try:
+                    await ready
+                finally:
+                    loop.remove_reader(fd)
+                try:
+                    data = sock.recv(_PEEK, socket.MSG_PEEK)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    return Door.UNKNOWN
+                if not data:
+                    return Door.UNKNOWN
+                door = classify(data)
+                if door is not Door.NEED_MORE:
+                    return door
+                # Partial prefix: the socket stays readable, so wait a little for the rest.
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        return Door.SSH
+
+
+class Listener:
+    """Owns the listening sockets and every connection task until it is handed to a door."""
+
+    def __init__(
+        self,
+        sockets: list[socket.socket],
+        doors: Mapping[Door, DoorHandler],
+        detect_timeout: float,
+        log: FilteringBoundLogger,
+    ) -> None:
+        self._sockets = sockets
+        self._doors = dict(doors)
+        self._detect_timeout = detect_timeout
+        self._log = log
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._accepting: list[asyncio.Task[None]] = []
+        self._counter = 0
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return [s.getsockname()[:2] for s in self._sockets]
+
+    def start(self) -> None:
+        for s in self._sockets:
+            self._accepting.append(asyncio.create_task(self._accept_loop(s), name=f"accept:{s.getsockname()}"))
+
+    async def _accept_loop(self, lsock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(lsock)
+            except OSError as exc:
+                # EMFILE and friends: back off instead of spinning.
+                self._log.warning("accept_failed", error=exc.strerror or str(exc))
+                await asyncio.sleep(0.1)
+                continue
+            conn.setblocking(False)
+            with contextlib.suppress(OSError):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._counter += 1
+            task = asyncio.create_task(self._serve(conn, (str(peer[0]), int(peer[1]))), name=f"conn-{self._counter}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, conn: socket.socket, peer: tuple[str, int]) -> None:
+        handed = False
+        try:
+            door = await peek_door(conn, self._detect_timeout)
+            handler = self._doors.get(door)
+            if handler is None:
+                self._log.info("connection_refused", source_ip=peer[0], source_port=peer[1], reason="unknown_protocol")
+                return
+            handed = True
+            await handler(conn, peer)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self._log.exception("connection_failed", source_ip=peer[0], source_port=peer[1])
+        finally:
+            if not handed:
+                conn.close()
+
+    async def stop(self) -> None:
+        """Stop accepting, then cancel every connection and wait for them."""
+        for t in self._accepting:
+            t.cancel()
+        for s in self._sockets:
+            s.close()
+        await asyncio.gather(*self._accepting, return_exceptions=True)
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,62 @@
+"""TLS contexts and the self-signed certificate for demos and first starts."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import ssl
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from gateway.errors import StartupError
+
+
+def server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """A TLS 1.2+ server context. Raises StartupError naming the file at fault."""
+    for label, path in (("public.tls_cert", cert), ("public.tls_key", key)):
+        if not path.is_file():
+            raise StartupError(f"{label}: file not found: {str(path)!r}")
+        if not os.access(path, os.R_OK):
+            raise StartupError(f"{label}: file not readable: {str(path)!r}")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(str(cert), str(key))
+    except (ssl.SSLError, OSError) as exc:
+        raise StartupError(f"cannot load TLS certificate {str(cert)!r} with key {str(key)!r}: {exc}") from None
+    return ctx
+
+
+def write_self_signed(cert: Path, key: Path, names: list[str]) -> None:
+    """Write a self-signed ECDSA certificate for `names` (DNS names or IPs). Key file mode 0600."""
+    pkey = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    alt: list[x509.GeneralName] = []
+    for n in names:
+        try:
+            alt.append(x509.IPAddress(ipaddress.ip_address(n)))
+        except ValueError:
+            alt.append(x509.DNSName(n))
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0] if names else "bastion")])
+    crt = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(pkey.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=365))
+        .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(pkey, hashes.SHA256())
+    )
+    key.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pkey.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    cert.write_bytes(crt.public_bytes(serialization.Encoding.PEM))

@@ -1,0 +1,44 @@
+"""Dial a resolved inventory address with a deadline.
+
+Only ever called with an address that came from the inventory, never with
+what a client typed: that is what keeps the gateway from being an open proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from gateway.errors import UpstreamError, UpstreamRefused, UpstreamTimeout
+
+
+async def dial(address: str, port: int, timeout: float) -> socket.socket:
+    """Return a connected, non-blocking socket. The caller owns it.
+
+    Raises UpstreamTimeout, UpstreamRefused or UpstreamError.
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            infos = await loop.getaddrinfo(address, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+            last: OSError | None = None
+            for family, type_, proto, _, addr in infos:
+                sock = socket.socket(family, type_, proto)
+                try:
+                    sock.setblocking(False)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    await loop.sock_connect(sock, addr)
+                    return sock
+                except OSError as exc:
+                    sock.close()
+                    last = exc
+                except BaseException:
+                    sock.close()
+                    raise
+            raise last or OSError("no address")
+    except TimeoutError:
+        raise UpstreamTimeout(f"no answer within {timeout:g}s") from None
+    except ConnectionRefusedError:
+        raise UpstreamRefused("connection refused") from None
+    except OSError as exc:
+        raise UpstreamError(exc.strerror or str(exc)) from None

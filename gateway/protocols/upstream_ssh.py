@@ -1,0 +1,155 @@
+"""Log in to a VM over SSH with the gateway's credential, verifying its host key."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import asyncssh
+from structlog.typing import FilteringBoundLogger
+
+from gateway.config import VM
+from gateway.errors import (
+    StartupError,
+    UpstreamAuthFailed,
+    UpstreamError,
+    UpstreamHostKeyMismatch,
+    UpstreamTimeout,
+)
+from gateway.net.upstream import dial
+
+
+class Credentials:
+    """Private keys per (VM, login), loaded once at start. Never printed."""
+
+    def __init__(self, keys: Mapping[tuple[str, str], asyncssh.SSHKey]) -> None:
+        self._keys = dict(keys)
+
+    def __repr__(self) -> str:
+        return f"Credentials({len(self._keys)} keys)"
+
+    @classmethod
+    def load(cls, vms: Mapping[str, VM]) -> Credentials:
+        """Read every configured login key. Raises StartupError naming the key path."""
+        keys: dict[tuple[str, str], asyncssh.SSHKey] = {}
+        for vm in vms.values():
+            for login in vm.logins.values():
+                where = f"vms[{vm.name}].logins.{login.name}.key"
+                try:
+                    keys[(vm.name, login.name)] = asyncssh.read_private_key(login.key)
+                except FileNotFoundError:
+                    raise StartupError(f"{where}: file not found: {str(login.key)!r}") from None
+                except PermissionError:
+                    raise StartupError(f"{where}: file not readable: {str(login.key)!r}") from None
+                except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError, ValueError, OSError) as exc:
+                    raise StartupError(f"{where}: not a usable private key ({exc}): {str(login.key)!r}") from None
+        return cls(keys)
+
+    def get(self, vm: str, login: str) -> asyncssh.SSHKey | None:
+        return self._keys.get((vm, login))
+
+
+class HostKeys:
+    """Trusted host keys per VM: from the inventory, a known_hosts file, or trust on first use."""
+
+    def __init__(self, vms: Mapping[str, VM], tofu_file: Path, log: FilteringBoundLogger) -> None:
+        self._vms = vms
+        self._tofu_file = tofu_file
+        self._log = log
+        self._learned: dict[str, list[asyncssh.SSHKey]] = {}
+        self._lock = asyncio.Lock()
+        if tofu_file.exists():
+            for line in tofu_file.read_text().splitlines():
+                name, _, key = line.partition(" ")
+                with contextlib.suppress(asyncssh.KeyImportError, ValueError):
+                    self._learned.setdefault(name, []).append(asyncssh.import_public_key(key))
+
+    def trusted(self, vm: VM) -> list[asyncssh.SSHKey]:
+        keys = [asyncssh.import_public_key(k) for k in vm.host_keys]
+        if vm.known_hosts is not None:
+            try:
+                kh = asyncssh.read_known_hosts(str(vm.known_hosts))
+            except (OSError, ValueError) as exc:
+                self._log.error("known_hosts_unreadable", vm=vm.name, path=str(vm.known_hosts), error=str(exc))
+            else:
+                for host in (vm.name, vm.address):
+                    port_host = host if vm.ssh_port == 22 else f"[{host}]:{vm.ssh_port}"
+                    for h in {host, port_host}:
+                        matched = kh.match(h, "", vm.ssh_port)
+                        keys.extend(matched[0])
+        if vm.trust_on_first_use:
+            keys.extend(self._learned.get(vm.name, []))
+        return keys
+
+    async def learn(self, vm: VM, key: asyncssh.SSHKey) -> None:
+        async with self._lock:
+            if vm.name in self._learned:
+                return
+            self._learned[vm.name] = [key]
+            line = f"{vm.name} {key.export_public_key().decode().strip()}\n"
+            fd = os.open(self._tofu_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            with os.fdopen(fd, "a") as f:
+                f.write(line)
+        self._log.warning("upstream_host_key_trusted_first_use", vm=vm.name, fingerprint=key.get_fingerprint())
+
+
+async def connect_vm(
+    vm: VM,
+    login: str,
+    credentials: Credentials,
+    host_keys: HostKeys,
+    timeout: float,
+) -> asyncssh.SSHClientConnection:
+    """Dial the VM's inventory address and log in as `login`.
+
+    The caller owns the returned connection. Raises UpstreamHostKeyMismatch when
+    the VM's key is not the trusted one, UpstreamAuthFailed, UpstreamTimeout or
+    UpstreamError.
+    """
+    key = credentials.get(vm.name, login)
+    if key is None:
+        raise UpstreamAuthFailed(f"no credential for login {login!r} on VM {vm.name!r}")
+    trusted = host_keys.trusted(vm)
+    first_use = not trusted and vm.trust_on_first_use
+    if not trusted and not first_use:
+        raise UpstreamHostKeyMismatch(f"no trusted host key for VM {vm.name!r}")
+    sock = await dial(vm.address, vm.ssh_port, timeout)
+    try:
+        async with asyncio.timeout(timeout):
+            conn = await asyncssh.connect(
+                host=vm.address,
+                port=vm.ssh_port,
+                sock=sock,
+                config=None,
+                known_hosts=None if first_use else (trusted, [], []),
+                username=login,
+                client_keys=[key],
+                agent_path=None,
+                agent_forwarding=False,
+                preferred_auth="publickey",
+                password=None,
+                kbdint_auth=False,
+                gss_host=None,
+                x509_trusted_certs=None,
+                encoding=None,
+                keepalive_interval=30,
+                keepalive_count_max=4,
+            )
+    except asyncssh.HostKeyNotVerifiable:
+        raise UpstreamHostKeyMismatch(f"host key of VM {vm.name!r} does not match the trusted key") from None
+    except asyncssh.PermissionDenied:
+        raise UpstreamAuthFailed(f"VM {vm.name!r} refused the gateway's credential for {login!r}") from None
+    except TimeoutError:
+        sock.close()
+        raise UpstreamTimeout(f"VM {vm.name!r} did not finish the SSH handshake within {timeout:g}s") from None
+    except (asyncssh.Error, OSError) as exc:
+        sock.close()
+        raise UpstreamError(f"SSH to VM {vm.name!r} failed: {exc}") from None
+    if first_use:
+        server_key = conn.get_server_host_key()
+        if server_key is not None:
+            await host_keys.learn(vm, server_key)
+    return conn

@@ -1,0 +1,180 @@
+"""The one source of truth for live sessions.
+
+Handlers open a session with `async with registry.open(spec, terminate=cb)`;
+the registry owns the live objects, counts bytes through them, logs the
+canonical `session_closed` line, and calls `terminate` when an operator
+ends a session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from structlog.typing import FilteringBoundLogger
+
+from gateway.clock import Clock
+from gateway.errors import GatewayError
+from gateway.sessions.model import SessionEvent, SessionInfo, SessionSpec
+
+TerminateCallback = Callable[[str, float], Awaitable[None]]
+
+
+class Session:
+    """A live session. Mutable state is owned here; handlers only add bytes and set a close reason."""
+
+    __slots__ = ("_spec", "bytes_down", "bytes_up", "close_reason", "id", "node", "started_at", "started_mono", "state", "terminate_cb")
+
+    def __init__(self, sid: str, spec: SessionSpec, node: str, clock: Clock, terminate: TerminateCallback | None) -> None:
+        self.id = sid
+        self._spec = spec
+        self.node = node
+        self.started_at = clock.now()
+        self.started_mono = clock.monotonic()
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.state = "active"
+        self.close_reason: str | None = None
+        self.terminate_cb = terminate
+
+    @property
+    def spec(self) -> SessionSpec:
+        return self._spec
+
+    def add_up(self, n: int) -> None:
+        self.bytes_up += n
+
+    def add_down(self, n: int) -> None:
+        self.bytes_down += n
+
+    def snapshot(self) -> SessionInfo:
+        s = self._spec
+        return SessionInfo(
+            id=self.id,
+            user=s.user,
+            source_ip=s.source_ip,
+            source_port=s.source_port,
+            vm=s.vm,
+            target_address=s.target_address,
+            target_port=s.target_port,
+            protocol=s.protocol,
+            login=s.login,
+            started_at=self.started_at,
+            bytes_up=self.bytes_up,
+            bytes_down=self.bytes_down,
+            node=self.node,
+            state=self.state,
+        )
+
+
+@dataclass(frozen=True)
+class Totals:
+    active: int
+    opened: int
+    closed: int
+
+
+class SessionRegistry:
+    def __init__(self, node: str, clock: Clock, log: FilteringBoundLogger, event_queue_size: int = 256) -> None:
+        self._node = node
+        self._clock = clock
+        self._log = log
+        self._sessions: dict[str, Session] = {}
+        self._subscribers: set[asyncio.Queue[SessionEvent | None]] = set()
+        self._queue_size = event_queue_size
+        self._opened = 0
+        self._closed = 0
+
+    @asynccontextmanager
+    async def open(self, spec: SessionSpec, terminate: TerminateCallback | None = None) -> AsyncIterator[Session]:
+        """Track a session for the duration of the block.
+
+        On exit the session leaves the registry and one `session_closed` line is
+        logged with the reason: `session.close_reason` if the handler set one,
+        else the exception's reason slug, else `closed`. Exceptions propagate.
+        """
+        sid = secrets.token_hex(8)
+        session = Session(sid, spec, self._node, self._clock, terminate)
+        self._sessions[sid] = session
+        self._opened += 1
+        self._publish(SessionEvent("opened", session.snapshot()))
+        self._log.info("session_opened", **_fields(session.snapshot()))
+        error: BaseException | None = None
+        try:
+            yield session
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self._sessions.pop(sid, None)
+            self._closed += 1
+            session.state = "closed"
+            reason = session.close_reason
+            if reason is None:
+                if isinstance(error, GatewayError):
+                    reason = error.reason
+                elif isinstance(error, asyncio.CancelledError):
+                    reason = "cancelled"
+                elif error is not None:
+                    reason = "internal_error"
+                else:
+                    reason = "closed"
+            info = session.snapshot()
+            duration = round(self._clock.monotonic() - session.started_mono, 3)
+            self._publish(SessionEvent("closed", info, reason))
+            self._log.info("session_closed", **_fields(info), duration_s=duration, reason=reason)
+
+    def list(self) -> list[SessionInfo]:
+        return [s.snapshot() for s in self._sessions.values()]
+
+    def get(self, sid: str) -> SessionInfo | None:
+        s = self._sessions.get(sid)
+        return s.snapshot() if s else None
+
+    async def terminate(self, sid: str, reason: str, grace: float = 0.0) -> bool:
+        """Ask a session to end. Returns False if there is no such session.
+
+        Repeating it is harmless. The handler's callback shows the user a notice
+        and makes the session's block exit.
+        """
+        s = self._sessions.get(sid)
+        if s is None:
+            return False
+        if s.state == "terminating":
+            return True
+        s.state = "terminating"
+        s.close_reason = "terminated_by_operator"
+        if s.terminate_cb is not None:
+            await s.terminate_cb(reason, grace)
+        return True
+
+    def subscribe(self) -> asyncio.Queue[SessionEvent | None]:
+        """A bounded event stream. A subscriber that falls behind gets `None` and is dropped."""
+        q: asyncio.Queue[SessionEvent | None] = asyncio.Queue(self._queue_size)
+        self._subscribers.add(q)
+        return q
+
+    def unsubscribe(self, q: asyncio.Queue[SessionEvent | None]) -> None:
+        self._subscribers.discard(q)
+
+    def totals(self) -> Totals:
+        return Totals(active=len(self._sessions), opened=self._opened, closed=self._closed)
+
+    def _publish(self, event: SessionEvent) -> None:
+        for q in list(self._subscribers):
+            try:
+                q.put_nowait(event)
+            except asyncio.QueueFull:
+                self._subscribers.discard(q)
+                while not q.empty():
+                    q.get_nowait()
+                q.put_nowait(None)
+
+
+def _fields(info: SessionInfo) -> dict[str, object]:
+    d = info.as_dict()
+    d["session_id"] = d.pop("id")
+    return d
