@@ -241,7 +241,9 @@ class GatewaySSHServer(asyncssh.SSHServer):
             grant = self._door.policy.check_ssh(client.principal, self._vm, self._login)
         except PolicyDenied as exc:
             self._log.info("session_refused", user=client.principal.name, vm=self._vm, login=self._login, protocol="ssh", reason=exc.reason)
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, exc.message) from None
+            # Accept the channel and say why on stderr: a channel-open failure is
+            # only printed at OpenSSH's INFO log level, which `-q` hides.
+            return RefusedSession(exc.message)
 
         def start(user: UserSide) -> None:
             self.spawn(self._door.terminate.serve(grant, client, user), name=f"ssh:{client.principal.name}:{grant.vm.name}")
@@ -335,3 +337,31 @@ class GatewayShellSession(asyncssh.SSHServerSession[bytes]):
         if self._chan is not None:
             self._chan.exit(0)
         return True
+
+
+class RefusedSession(asyncssh.SSHServerSession[bytes]):
+    """A session that only tells the user why it was refused, then exits 255 like ssh does."""
+
+    def __init__(self, message: str) -> None:
+        self._message = message
+        self._chan: asyncssh.SSHServerChannel[bytes] | None = None
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:  # type: ignore[override]
+        self._chan = chan
+
+    def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int], term_modes: dict[int, int]) -> bool:  # type: ignore[override]
+        return True
+
+    def shell_requested(self) -> bool:
+        return True
+
+    def exec_requested(self, command: str) -> bool:
+        return True
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        return True
+
+    def session_started(self) -> None:
+        if self._chan is not None:
+            self._chan.write(f"bastion: {self._message}\r\n".encode(), asyncssh.EXTENDED_DATA_STDERR)
+            self._chan.exit(255)

@@ -1,0 +1,140 @@
+"""Terminating SSH through the gateway with real OpenSSH clients and a real sshd VM."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from asyncio.subprocess import PIPE
+
+from tests.e2e.conftest import Gateway, wait_for
+
+
+async def test_exec_passes_output_and_exit_status(gw: Gateway) -> None:
+    """`ssh alice+web01@gw CMD` runs CMD on the VM; stdout, stderr and the exit code come back."""
+    r = await gw.ssh("alice+web01", "echo out; echo err >&2; exit 7")
+    assert r.rc == 7, r.errtext
+    assert r.text == "out\n"
+    assert "err\n" in r.errtext
+
+
+async def test_at_sign_form_reaches_the_vm(gw: Gateway) -> None:
+    """`ssh alice@web01@gw` (the PuTTY way) is the same as alice+web01."""
+    r = await gw.run("ssh", "-F", str(gw.ssh_config), "-l", "alice@web01", "gw", "echo at-form")
+    assert r.rc == 0, r.errtext
+    assert r.text == "at-form\n"
+
+
+async def test_login_chosen_in_user_name(gw: Gateway) -> None:
+    """USER+VM+LOGIN picks a granted login; a login the rules do not grant is refused with a reason."""
+    ok = await gw.ssh(f"alice+web01+{gw.vm.login}", "id -un")
+    assert ok.rc == 0, ok.errtext
+    assert ok.text.strip() == gw.vm.login
+    denied = await gw.ssh("alice+web01+operator", "id -un")
+    assert denied.rc == 255
+    assert "login 'operator' is not available on VM 'web01'" in denied.errtext
+
+
+async def test_stdin_and_eof_pass_through(gw: Gateway) -> None:
+    """Input reaches the VM and EOF ends it: `wc -c` counts exactly what was sent."""
+    payload = os.urandom(3 * 1024 * 1024)
+    r = await gw.ssh("alice+web01", "wc -c", stdin=payload)
+    assert r.rc == 0, r.errtext
+    assert int(r.text.split()[0]) == len(payload)
+
+
+async def test_allowed_env_passes_and_others_are_dropped(gw: Gateway) -> None:
+    """Only variables the rule's `env` patterns allow reach the VM."""
+    r = await gw.ssh(
+        "alice+web01",
+        'echo "[$LC_BASTION_T][$BASTION_SECRET]"',
+        opts=("-o", "SetEnv=LC_BASTION_T=yes BASTION_SECRET=no"),
+    )
+    assert r.rc == 0, r.errtext
+    assert r.text.strip() == "[yes][]"
+
+
+async def test_scp_20mb_both_ways(gw: Gateway) -> None:
+    """A 20 MB file survives scp up and down through the gateway byte for byte."""
+    src = gw.tmp / "up.bin"
+    data = os.urandom(20 * 1024 * 1024)
+    src.write_bytes(data)
+    remote = gw.tmp / "remote.bin"  # the VM is on this machine, so the remote path is local too
+    cfg = str(gw.ssh_config)
+    up = await gw.run("scp", "-F", cfg, str(src), f"alice+web01@gw:{remote}", timeout=120)
+    assert up.rc == 0, up.errtext
+    assert hashlib.sha256(remote.read_bytes()).digest() == hashlib.sha256(data).digest()
+    back = gw.tmp / "down.bin"
+    down = await gw.run("scp", "-F", cfg, f"alice+web01@gw:{remote}", str(back), timeout=120)
+    assert down.rc == 0, down.errtext
+    assert hashlib.sha256(back.read_bytes()).digest() == hashlib.sha256(data).digest()
+
+
+async def test_sftp_put_and_get(gw: Gateway) -> None:
+    """sftp (a subsystem) works through the gateway: put, ls, get."""
+    src = gw.tmp / "sftp-src.bin"
+    src.write_bytes(os.urandom(1024 * 1024 + 17))
+    remote = gw.tmp / "sftp-remote.bin"
+    back = gw.tmp / "sftp-back.bin"
+    batch = f"put {src} {remote}\nls -l {remote}\nget {remote} {back}\n".encode()
+    r = await gw.run("sftp", "-F", str(gw.ssh_config), "-b", "-", "alice+web01@gw", stdin=batch)
+    assert r.rc == 0, r.errtext
+    assert back.read_bytes() == src.read_bytes()
+
+
+async def test_registry_holds_the_session_while_it_runs(gw: Gateway) -> None:
+    """While `cat` runs on the VM the registry shows who, from where, to which VM, and the bytes;
+    when it ends, one session_closed line carries all of it plus duration and reason."""
+    events = gw.app.registry.subscribe()
+    proc = await asyncio.create_subprocess_exec(
+        *gw.ssh_argv("alice+web01"), "cat", stdin=PIPE, stdout=PIPE, stderr=PIPE
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        async with asyncio.timeout(20):
+            opened = await events.get()
+            assert opened is not None and opened.kind == "opened"
+            proc.stdin.write(b"hello\n")
+            await proc.stdin.drain()
+            assert await proc.stdout.readline() == b"hello\n"
+        [s] = gw.app.registry.list()
+        assert (s.user, s.vm, s.protocol, s.login, s.node) == ("alice", "web01", "ssh", gw.vm.login, "test-node")
+        assert s.source_ip == "127.0.0.1" and s.source_port > 0
+        assert (s.target_address, s.target_port) == (gw.vm.host, gw.vm.port)
+        assert s.bytes_up >= 6 and s.bytes_down >= 6
+        assert gw.app.registry.get(s.id) == s
+    finally:
+        proc.stdin.close()
+        async with asyncio.timeout(20):
+            await proc.wait()
+    async with asyncio.timeout(20):
+        closed = await events.get()
+    assert closed is not None and closed.kind == "closed"
+    assert not gw.app.registry.list()
+    [line] = [e for e in gw.logs.events("session_closed") if e["session_id"] == s.id]
+    for key in ("user", "source_ip", "source_port", "vm", "target_address", "target_port", "protocol", "login", "started_at", "node"):
+        assert line[key] == s.as_dict()[key if key != "session_id" else "id"], key
+    assert line["bytes_up"] >= 6 and line["bytes_down"] >= 6
+    assert line["duration_s"] >= 0
+    assert line["reason"] in ("vm_closed", "client_closed")
+
+
+async def test_denied_vm_is_refused_without_saying_it_exists(gw: Gateway) -> None:
+    """web02 exists but no rule grants it; the message is the same as for a VM that does not exist."""
+    denied = await gw.ssh("alice+web02", "true")
+    missing = await gw.ssh("alice+nosuchvm", "true")
+    assert denied.rc == 255 and missing.rc == 255
+    assert "VM 'web02' does not exist or you may not reach it" in denied.errtext
+    assert "VM 'nosuchvm' does not exist or you may not reach it" in missing.errtext
+    assert not gw.app.registry.list()
+
+
+async def test_host_key_mismatch_refuses_and_logs_an_error(gw: Gateway) -> None:
+    """bad01's inventory key is not the VM's: the user is told, an error is logged, nothing is relayed."""
+    r = await gw.ssh("alice+bad01", "echo should-not-run")
+    assert r.rc == 255
+    assert "should-not-run" not in r.text
+    assert "identity of VM 'bad01' could not be verified" in r.errtext
+    errors = gw.logs.events("upstream_host_key_mismatch")
+    assert errors and errors[0]["level"] == "error" and errors[0]["vm"] == "bad01"
+    await wait_for(lambda: not gw.app.registry.list())
