@@ -1,0 +1,496 @@
+"""gateway.config: parse_config / load_config problems with key paths, parse_duration, parse_listen."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config import ListenAddress, load_config, parse_config, parse_duration, parse_listen
+from gateway.errors import ConfigError
+
+from .helpers import config_problems, problem_message, problem_paths, public_key, valid_config_data
+
+LOOKALIKE = "w\u0435b01"  # Cyrillic small letter ie, renders like "web01"
+
+
+def _vm(data: dict[str, Any], index: int = 0) -> dict[str, Any]:
+    vm: dict[str, Any] = data["vms"][index]
+    return vm
+
+
+def _rule(data: dict[str, Any], index: int = 0) -> dict[str, Any]:
+    rule: dict[str, Any] = data["rules"][index]
+    return rule
+
+
+# --- the valid baseline -----------------------------------------------------
+
+
+def test_minimal_document_is_valid() -> None:
+    """The helper's baseline document parses into the expected objects."""
+    cfg = parse_config(valid_config_data(), base_dir=Path("/cfg"))
+    assert set(cfg.vms) == {"web01"}
+    assert set(cfg.users) == {"alice"}
+    assert cfg.rules[0].vms == ("web01",)
+    assert cfg.public.listen == (ListenAddress("127.0.0.1", 2222),)
+
+
+def test_relative_paths_resolve_against_base_dir() -> None:
+    """A relative login key path is taken relative to the config file's folder; absolute ones stay."""
+    cfg = parse_config(valid_config_data(), base_dir=Path("/cfg"))
+    logins = cfg.vms["web01"].logins
+    assert logins["deploy"].key == Path("/cfg/keys/deploy")
+    assert logins["root"].key == Path("/etc/bastion/root")
+
+
+def test_rule_without_logins_or_ports_keeps_them_none() -> None:
+    """Absent `logins` and `ports` stay None so policy can apply the VM's defaults."""
+    rule = parse_config(valid_config_data(), base_dir=Path("/cfg")).rules[0]
+    assert rule.logins is None
+    assert rule.ports is None
+
+
+def test_single_login_becomes_default_login() -> None:
+    """A VM with exactly one login and no default_login uses that login as default."""
+    data = valid_config_data()
+    del _vm(data)["default_login"]
+    _vm(data)["logins"] = {"deploy": {"key": "keys/deploy"}}
+    assert parse_config(data, base_dir=Path("/cfg")).vms["web01"].default_login == "deploy"
+
+
+# --- problems, one at a time ------------------------------------------------
+
+
+def test_unknown_top_level_key() -> None:
+    """An unknown top-level key is reported at its own name."""
+    data = valid_config_data()
+    data["firewall"] = {}
+    assert problem_paths(data) == ["firewall"]
+
+
+def test_unknown_top_level_key_message_lists_allowed_keys() -> None:
+    """The unknown-key message lists what is allowed."""
+    data = valid_config_data()
+    data["firewall"] = {}
+    assert "gateway" in problem_message(data, "firewall")
+
+
+def test_unknown_key_inside_ssh_section() -> None:
+    """An unknown key inside [ssh] is reported as ssh.<key>."""
+    data = valid_config_data()
+    data["ssh"]["ciphers"] = ["aes"]
+    assert problem_paths(data) == ["ssh.ciphers"]
+
+
+def test_bad_duration() -> None:
+    """A duration with an unknown unit is reported at its key with the value."""
+    data = valid_config_data()
+    data["ssh"]["login_grace_time"] = "30x"
+    assert problem_paths(data) == ["ssh.login_grace_time"]
+    assert "'30x'" in problem_message(data, "ssh.login_grace_time")
+
+
+def test_zero_duration_is_rejected() -> None:
+    """A duration must be positive."""
+    data = valid_config_data()
+    data["gateway"]["connect_timeout"] = "0s"
+    assert problem_paths(data) == ["gateway.connect_timeout"]
+    assert "'0s'" in problem_message(data, "gateway.connect_timeout")
+
+
+def test_port_out_of_range() -> None:
+    """vms[0].ssh_port = 70000 is reported with the value."""
+    data = valid_config_data()
+    _vm(data)["ssh_port"] = 70000
+    assert problem_paths(data) == ["vms[0].ssh_port"]
+    assert "70000" in problem_message(data, "vms[0].ssh_port")
+
+
+def test_port_zero_is_out_of_range() -> None:
+    """Port 0 is not a valid VM port."""
+    data = valid_config_data()
+    _vm(data)["ssh_port"] = 0
+    assert problem_paths(data) == ["vms[0].ssh_port"]
+
+
+def test_boolean_given_as_port() -> None:
+    """`ssh_port = true` is a mistake, not port 1."""
+    data = valid_config_data()
+    _vm(data)["ssh_port"] = True
+    assert problem_paths(data) == ["vms[0].ssh_port"]
+    assert "True" in problem_message(data, "vms[0].ssh_port")
+
+
+def test_string_given_as_port() -> None:
+    """A quoted port is reported as not an integer."""
+    data = valid_config_data()
+    _vm(data)["ssh_port"] = "22"
+    assert "'22'" in problem_message(data, "vms[0].ssh_port")
+
+
+def test_rule_port_out_of_range() -> None:
+    """A bad entry in rules[0].ports is reported at its index."""
+    data = valid_config_data()
+    _rule(data)["ports"] = [22, 70000]
+    assert problem_paths(data) == ["rules[0].ports[1]"]
+    assert "70000" in problem_message(data, "rules[0].ports[1]")
+
+
+def test_rule_naming_unknown_vm() -> None:
+    """A rule that grants a VM missing from the inventory is reported at rules[0].vms[0]."""
+    data = valid_config_data()
+    _rule(data)["vms"] = ["web99"]
+    assert problem_paths(data) == ["rules[0].vms[0]"]
+    assert "'web99'" in problem_message(data, "rules[0].vms[0]")
+
+
+def test_rule_naming_unknown_user() -> None:
+    """A rule that names a user who is not configured is reported at rules[0].users[0]."""
+    data = valid_config_data()
+    _rule(data)["users"] = ["mallory"]
+    assert problem_paths(data) == ["rules[0].users[0]"]
+    assert "'mallory'" in problem_message(data, "rules[0].users[0]")
+
+
+def test_rule_without_users_or_groups() -> None:
+    """A rule must say who it applies to."""
+    data = valid_config_data()
+    del _rule(data)["users"]
+    assert problem_paths(data) == ["rules[0]"]
+
+
+def test_unknown_protocol() -> None:
+    """An unknown protocol is reported at its index with the value."""
+    data = valid_config_data()
+    _rule(data)["protocols"] = ["ssh", "telnet"]
+    assert problem_paths(data) == ["rules[0].protocols[1]"]
+    assert "'telnet'" in problem_message(data, "rules[0].protocols[1]")
+
+
+def test_rule_without_protocols() -> None:
+    """A rule must list at least one protocol."""
+    data = valid_config_data()
+    del _rule(data)["protocols"]
+    assert problem_paths(data) == ["rules[0].protocols"]
+
+
+def test_vm_without_host_key_source() -> None:
+    """A VM with no host_key, known_hosts or trust_on_first_use is reported at vms[0]."""
+    data = valid_config_data()
+    del _vm(data)["host_key"]
+    assert problem_paths(data) == ["vms[0]"]
+    message = problem_message(data, "vms[0]")
+    for option in ("host_key", "known_hosts", "trust_on_first_use"):
+        assert option in message
+
+
+@pytest.mark.parametrize(("key", "value"), [("known_hosts", "/etc/bastion/known_hosts"), ("trust_on_first_use", True)])
+def test_vm_host_key_alternatives_are_accepted(key: str, value: object) -> None:
+    """known_hosts or trust_on_first_use each replace host_key."""
+    data = valid_config_data()
+    del _vm(data)["host_key"]
+    _vm(data)[key] = value
+    assert "web01" in parse_config(data, base_dir=Path("/cfg")).vms
+
+
+def test_bad_vm_host_key() -> None:
+    """A host_key that is not an OpenSSH public key is reported with the value."""
+    data = valid_config_data()
+    _vm(data)["host_key"] = "ssh-ed25519 notbase64"
+    assert "notbase64" in problem_message(data, "vms[0].host_key")
+
+
+def test_default_login_not_among_logins() -> None:
+    """default_login must name one of the VM's logins."""
+    data = valid_config_data()
+    _vm(data)["default_login"] = "admin"
+    assert problem_paths(data) == ["vms[0].default_login"]
+    assert "'admin'" in problem_message(data, "vms[0].default_login")
+
+
+def test_vm_name_with_unicode_lookalike() -> None:
+    """A VM name with a Cyrillic lookalike letter is rejected with the value."""
+    data = valid_config_data()
+    _vm(data)["name"] = LOOKALIKE
+    _rule(data)["vms"] = ["*"]
+    assert problem_paths(data) == ["vms[0].name"]
+    assert repr(LOOKALIKE) in problem_message(data, "vms[0].name")
+
+
+def test_rule_naming_unicode_lookalike_vm() -> None:
+    """A rule naming a lookalike VM is rejected as an invalid name."""
+    data = valid_config_data()
+    _rule(data)["vms"] = [LOOKALIKE]
+    paths = problem_paths(data)
+    assert "rules[0].vms[0]" in paths
+    assert repr(LOOKALIKE) in problem_message(data, "rules[0].vms[0]")
+
+
+def test_duplicate_vm_names() -> None:
+    """The second VM with a taken name is reported at vms[1].name."""
+    data = valid_config_data()
+    data["vms"].append(dict(_vm(data)))
+    assert problem_paths(data) == ["vms[1].name"]
+    assert "'web01'" in problem_message(data, "vms[1].name")
+
+
+def test_duplicate_user_names() -> None:
+    """The second user with a taken name is reported at users[1].name."""
+    data = valid_config_data()
+    data["users"].append({"name": "alice"})
+    assert problem_paths(data) == ["users[1].name"]
+
+
+def test_tls_cert_without_tls_key() -> None:
+    """tls_cert alone is reported at the missing tls_key."""
+    data = valid_config_data()
+    data["public"]["tls_cert"] = "tls/cert.pem"
+    assert problem_paths(data) == ["public.tls_key"]
+    assert "go together" in problem_message(data, "public.tls_key")
+
+
+def test_tls_key_without_tls_cert() -> None:
+    """tls_key alone is reported at the missing tls_cert."""
+    data = valid_config_data()
+    data["public"]["tls_key"] = "tls/key.pem"
+    assert problem_paths(data) == ["public.tls_cert"]
+
+
+def test_bad_user_public_key() -> None:
+    """A user key that is not an OpenSSH public key is reported at users[0].keys[0] with the value."""
+    data = valid_config_data()
+    data["users"][0]["keys"] = ["ssh-rsa AAAA-not-a-key alice@laptop"]
+    assert problem_paths(data) == ["users[0].keys[0]"]
+    assert "AAAA-not-a-key" in problem_message(data, "users[0].keys[0]")
+
+
+def test_good_user_key_after_bad_one_is_not_reported() -> None:
+    """Only the bad entry of a key list is reported, by its index."""
+    data = valid_config_data()
+    data["users"][0]["keys"] = [public_key("alice"), "garbage"]
+    assert problem_paths(data) == ["users[0].keys[1]"]
+
+
+def test_bad_listen_address() -> None:
+    """A listen entry with a host name is reported at public.listen[0] with the value."""
+    data = valid_config_data()
+    data["public"]["listen"] = ["example.com:443"]
+    assert problem_paths(data) == ["public.listen[0]"]
+    assert "'example.com'" in problem_message(data, "public.listen[0]")
+
+
+def test_bad_listen_address_at_second_index() -> None:
+    """Each bad listen entry is reported at its own index."""
+    data = valid_config_data()
+    data["public"]["listen"] = ["0.0.0.0:443", "nohostport"]
+    assert problem_paths(data) == ["public.listen[1]"]
+    assert "'nohostport'" in problem_message(data, "public.listen[1]")
+
+
+def test_wrong_type_for_section() -> None:
+    """A section given as a string is reported as not a table."""
+    data = valid_config_data()
+    data["ssh"] = "yes"
+    assert problem_paths(data) == ["ssh"]
+    assert "a table" in problem_message(data, "ssh")
+
+
+def test_vm_missing_address() -> None:
+    """address is required for a VM."""
+    data = valid_config_data()
+    del _vm(data)["address"]
+    assert "vms[0].address" in problem_paths(data)
+
+
+def test_invalid_user_name() -> None:
+    """Upper-case user names are rejected with the value."""
+    data = valid_config_data()
+    data["users"].append({"name": "Bob"})
+    assert problem_paths(data) == ["users[1].name"]
+    assert "'Bob'" in problem_message(data, "users[1].name")
+
+
+def test_several_problems_are_all_reported() -> None:
+    """One pass reports every problem, in document order."""
+    data = valid_config_data()
+    data["bogus"] = 1
+    data["ssh"]["login_grace_time"] = "30x"
+    _vm(data)["ssh_port"] = 70000
+    data["users"][0]["keys"] = ["not a key"]
+    _rule(data)["vms"] = ["web99"]
+    _rule(data)["protocols"] = ["ssh", "telnet"]
+    assert problem_paths(data) == [
+        "bogus",
+        "ssh.login_grace_time",
+        "vms[0].ssh_port",
+        "users[0].keys[0]",
+        "rules[0].vms[0]",
+        "rules[0].protocols[1]",
+    ]
+
+
+def test_config_error_message_names_every_path() -> None:
+    """The ConfigError text joins every path and message."""
+    data = valid_config_data()
+    data["bogus"] = 1
+    _vm(data)["ssh_port"] = 70000
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, base_dir=Path("/cfg"))
+    assert "bogus: unknown key" in str(info.value)
+    assert "vms[0].ssh_port: port must be 1-65535, got 70000" in str(info.value)
+    assert info.value.reason == "config_invalid"
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: _parse_vm returns before validating ssh_port/rdp_port when name or address is invalid")
+def test_port_problem_reported_even_when_vm_name_is_invalid() -> None:
+    """An invalid VM name must not hide a bad ssh_port on the same VM."""
+    data = valid_config_data()
+    _vm(data)["name"] = LOOKALIKE
+    _vm(data)["ssh_port"] = 70000
+    _rule(data)["vms"] = ["*"]
+    assert problem_paths(data) == ["vms[0].name", "vms[0].ssh_port"]
+
+
+# --- load_config ------------------------------------------------------------
+
+
+def _toml_document() -> str:
+    return f"""
+[gateway]
+node = "gw1"
+state_dir = "state"
+
+[public]
+listen = ["127.0.0.1:2222"]
+
+[[vms]]
+name = "web01"
+address = "10.0.0.5"
+host_key = "{public_key("web01-host")}"
+logins = {{ deploy = {{ key = "keys/deploy" }} }}
+
+[[users]]
+name = "alice"
+keys = ["{public_key("alice")}"]
+
+[[rules]]
+users = ["alice"]
+vms = ["web01"]
+protocols = ["ssh"]
+"""
+
+
+def test_load_config_reads_toml_relative_to_its_folder(tmp_path: Path) -> None:
+    """A valid file loads and relative paths resolve against the file's folder."""
+    path = tmp_path / "bastion.toml"
+    path.write_text(_toml_document(), encoding="utf-8")
+    cfg = load_config(path)
+    assert cfg.gateway.state_dir == tmp_path / "state"
+    assert cfg.vms["web01"].logins["deploy"].key == tmp_path / "keys" / "deploy"
+
+
+def test_load_config_missing_file(tmp_path: Path) -> None:
+    """A missing file is one (file) problem naming the path."""
+    path = tmp_path / "absent.toml"
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert [p for p, _ in info.value.problems] == ["(file)"]
+    assert str(path) in info.value.problems[0][1]
+
+
+def test_load_config_invalid_toml(tmp_path: Path) -> None:
+    """A file that is not TOML is one (file) problem naming the path."""
+    path = tmp_path / "broken.toml"
+    path.write_text("[gateway\nnode = ", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert [p for p, _ in info.value.problems] == ["(file)"]
+    assert "not valid TOML" in info.value.problems[0][1]
+    assert str(path) in info.value.problems[0][1]
+
+
+def test_load_config_invalid_utf8(tmp_path: Path) -> None:
+    """A file that is not UTF-8 is reported as not valid TOML, not a crash."""
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[gateway]\nnode = "\xe9"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert [p for p, _ in info.value.problems] == ["(file)"]
+
+
+def test_load_config_reports_validation_problems(tmp_path: Path) -> None:
+    """A syntactically valid file still goes through validation."""
+    path = tmp_path / "bastion.toml"
+    path.write_text(_toml_document() + "\n[extra]\n", encoding="utf-8")
+    assert [p for p, _ in _problems_of_file(path)] == ["extra"]
+
+
+def _problems_of_file(path: Path) -> list[tuple[str, str]]:
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    return info.value.problems
+
+
+# --- parse_duration ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("500ms", 0.5), ("30s", 30.0), ("10m", 600.0), ("1.5h", 5400.0), (" 2s ", 2.0)])
+def test_parse_duration(text: str, seconds: float) -> None:
+    """Durations with ms/s/m/h units convert to seconds."""
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["30x", "30", "s", "", "-5s", "1,5h", "10 m", "1e3s"])
+def test_parse_duration_rejects(text: str) -> None:
+    """Anything but NUMBER+UNIT raises ValueError naming the value."""
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration(text)
+
+
+def test_parse_duration_rejects_non_string() -> None:
+    """A bare number (TOML integer) is not a duration."""
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration(30)  # type: ignore[arg-type]
+
+
+# --- parse_listen -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("0.0.0.0:443", ListenAddress("0.0.0.0", 443)),
+        ("[::1]:443", ListenAddress("::1", 443)),
+        ("127.0.0.1:0", ListenAddress("127.0.0.1", 0)),
+        ("localhost:8443", ListenAddress("localhost", 8443)),
+    ],
+)
+def test_parse_listen(text: str, expected: ListenAddress) -> None:
+    """IPv4, bracketed IPv6 and localhost with a port are accepted."""
+    assert parse_listen(text) == expected
+
+
+def test_listen_address_renders_ipv6_in_brackets() -> None:
+    """str() of an IPv6 listen address round-trips to the bracketed form."""
+    assert str(parse_listen("[::1]:443")) == "[::1]:443"
+
+
+@pytest.mark.parametrize("text", ["host:99999", "127.0.0.1:99999", "nohostport", "::1:443", "[::1]", "example.com:443", ":443", "0.0.0.0:"])
+def test_parse_listen_rejects(text: str) -> None:
+    """Bad hosts, missing or out-of-range ports raise ValueError."""
+    with pytest.raises(ValueError):  # noqa: PT011 - messages differ by cause; the cases below pin them
+        parse_listen(text)
+
+
+def test_parse_listen_out_of_range_port_message() -> None:
+    """An out-of-range port names the port."""
+    with pytest.raises(ValueError, match="99999"):
+        parse_listen("127.0.0.1:99999")
+
+
+def test_parse_listen_no_port_message() -> None:
+    """A value without a port names the value."""
+    with pytest.raises(ValueError, match="'nohostport'"):
+        parse_listen("nohostport")
