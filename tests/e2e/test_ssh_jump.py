@@ -194,7 +194,8 @@ async def test_jump_session_is_in_the_registry_while_open(make_gateway: GatewayF
         lport = free_port()
         proc = await open_forward(gw, "alice", f"{lport}:echo01:{echo.port}", "-N")
         try:
-            await wait_for(lambda: not gw.app.registry.list())  # the readiness probe's session is gone
+            # open_forward's readiness probe makes one short session: let it finish first.
+            await wait_for(lambda: len(gw.logs.events("session_closed")) == 1)
             r, w = await asyncio.open_connection("127.0.0.1", lport)
             w.write(b"hello")
             async with asyncio.timeout(10):
