@@ -133,6 +133,16 @@ class Gateway:
     def ssh_argv(self, user: str, *args: str, host: str = "gw") -> list[str]:
         return ["ssh", "-F", str(self.ssh_config), *args, f"{user}@{host}"]
 
+    def ssh_argv_keys(self, user: str, *identities: Path, opts: tuple[str, ...] = ()) -> list[str]:
+        """ssh to the gateway offering exactly `identities` (no config file, no agent)."""
+        ids = [x for k in identities for x in ("-i", str(k))]
+        return [
+            "ssh", "-F", "/dev/null", "-p", str(self.port),
+            "-o", f"UserKnownHostsFile={self.tmp / 'known_hosts'}", "-o", "StrictHostKeyChecking=yes",
+            "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none",
+            *ids, *opts, f"{user}@127.0.0.1",
+        ]  # fmt: skip
+
 
 def base_config(tmp: Path, keys: Keys, vm: SSHD) -> dict[str, Any]:
     login = vm.login

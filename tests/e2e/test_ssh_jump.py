@@ -148,7 +148,7 @@ async def test_port_not_granted_is_refused(gw: Gateway) -> None:
 
 async def test_user_without_jump_rule_cannot_forward(gw: Gateway) -> None:
     """bob may open shells on web01 but has no ssh-jump rule."""
-    r = await gw.run(*gw.ssh_argv("bob", "-i", str(gw.keys.bob.private), "-W", f"web01:{gw.vm.port}"))
+    r = await gw.run(*gw.ssh_argv_keys("bob", gw.keys.bob.private, opts=("-W", f"web01:{gw.vm.port}")))
     assert r.rc == 255
     assert "does not exist or you may not reach it" in r.errtext
 

@@ -10,7 +10,7 @@ import pytest
 from gateway.config import ListenAddress, load_config, parse_config, parse_duration, parse_listen
 from gateway.errors import ConfigError
 
-from .helpers import config_problems, problem_message, problem_paths, public_key, valid_config_data
+from .helpers import problem_message, problem_paths, public_key, valid_config_data
 
 LOOKALIKE = "w\u0435b01"  # Cyrillic small letter ie, renders like "web01"
 
@@ -494,3 +494,21 @@ def test_parse_listen_no_port_message() -> None:
     """A value without a port names the value."""
     with pytest.raises(ValueError, match="'nohostport'"):
         parse_listen("nohostport")
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: NAME_RE/USER_RE use re.match with `$`, which also matches before a trailing newline")
+def test_vm_name_with_trailing_newline_is_rejected() -> None:
+    """A VM name "web01\\n" is not a valid name."""
+    data = valid_config_data()
+    _vm(data)["name"] = "web01\n"
+    _rule(data)["vms"] = ["*"]
+    assert problem_paths(data) == ["vms[0].name"]
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: tls_cert = '' passes the pairing check but is then dropped to None while tls_key is kept")
+def test_empty_tls_cert_with_tls_key_is_rejected() -> None:
+    """An empty tls_cert next to a tls_key is a problem, not a silently half-set TLS pair."""
+    data = valid_config_data()
+    data["public"]["tls_cert"] = ""
+    data["public"]["tls_key"] = "tls/key.pem"
+    assert "public.tls_cert" in problem_paths(data)
