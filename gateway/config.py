@@ -20,17 +20,18 @@ from gateway.errors import ConfigError
 
 # Names are matched exactly; restricting them to ASCII means a Unicode
 # lookalike typed by a client can never equal a configured name.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+USER_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
+ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\*?")
 # `+` and `@` separate user, VM and login in SSH user names; keep them out of names.
 PROTOCOLS = frozenset({"ssh", "ssh-jump"})
-_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def parse_duration(text: str) -> float:
     """Parse "30s", "10m", "1.5h", "500ms" into seconds. Raises ValueError."""
-    m = _DURATION_RE.match(text.strip()) if isinstance(text, str) else None
+    m = _DURATION_RE.fullmatch(text.strip()) if isinstance(text, str) else None
     if not m:
         raise ValueError(f"not a duration like '30s' or '10m': {text!r}")
     return float(m.group(1)) * _UNITS[m.group(2)]
@@ -49,7 +50,7 @@ def parse_listen(text: str) -> ListenAddress:
     """Parse "0.0.0.0:443", "[::1]:443" or "127.0.0.1:0". Raises ValueError."""
     if not isinstance(text, str):
         raise ValueError(f"expected 'HOST:PORT', got {text!r}")
-    m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)$", text) or re.match(r"^([^:\[\]]+):(\d+)$", text)
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)", text) or re.fullmatch(r"([^:\[\]\s]+):(\d+)", text)
     if not m:
         raise ValueError(f"expected 'HOST:PORT' or '[IPV6]:PORT', got {text!r}")
     host, port = m.group(1), int(m.group(2))
@@ -223,11 +224,15 @@ def _kind_name(name: str) -> str:
 
 
 def _name_check(v: str) -> str | None:
-    return None if v == "*" or NAME_RE.match(v) else "not a valid name"
+    return None if v == "*" or NAME_RE.fullmatch(v) else "not a valid name"
+
+
+def _group_check(v: str) -> str | None:
+    return None if NAME_RE.fullmatch(v) else "not a valid group name (use users = [\"*\"] for everyone)"
 
 
 def _user_check(v: str) -> str | None:
-    return None if USER_RE.match(v) else "not a valid user name (lowercase letters, digits, _ . -)"
+    return None if USER_RE.fullmatch(v) else "not a valid user name (lowercase letters, digits, _ . -)"
 
 
 def _key_check(v: str) -> str | None:
@@ -271,7 +276,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
     g = r.get(data, "", "gateway", dict, {})
     r.table(g, "gateway", {"node", "state_dir", "connect_timeout"})
     node = r.get(g, "gateway", "node", str, socket.gethostname())
-    if not NAME_RE.match(node):
+    if not NAME_RE.fullmatch(node):
         r.problem("gateway.node", f"not a valid name: {node!r}")
     gateway = GatewaySection(
         node=node,
@@ -289,6 +294,9 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
             r.problem(f"public.listen[{i}]", str(exc))
     cert = r.get(pub, "public", "tls_cert", str)
     key = r.get(pub, "public", "tls_key", str)
+    for k, v in (("tls_cert", cert), ("tls_key", key)):
+        if v is not None and not v.strip():
+            r.problem(f"public.{k}", f"must be a file path, got {v!r}")
     if (cert is None) != (key is None):
         r.problem("public.tls_cert" if cert is None else "public.tls_key", "tls_cert and tls_key go together")
     public = PublicSection(
@@ -339,7 +347,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         name = r.get(u, path, "name", str, required=True)
         if name is None:
             continue
-        if not USER_RE.match(name):
+        if not USER_RE.fullmatch(name):
             r.problem(f"{path}.name", f"not a valid user name (lowercase letters, digits, _ . -): {name!r}")
             continue
         if name in users:
@@ -347,7 +355,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         users[name] = User(
             name=name,
             keys=r.str_list(u, path, "keys", _key_check) or (),
-            groups=r.str_list(u, path, "groups", _name_check) or (),
+            groups=r.str_list(u, path, "groups", _group_check) or (),
         )
 
     rules: list[Rule] = []
@@ -358,7 +366,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
             continue
         r.table(ru, path, {"users", "groups", "vms", "protocols", "logins", "ports", "env"})
         rule_users = r.str_list(ru, path, "users", lambda x: None if x == "*" else _user_check(x)) or ()
-        groups = r.str_list(ru, path, "groups", _name_check) or ()
+        groups = r.str_list(ru, path, "groups", _group_check) or ()
         if not rule_users and not groups:
             r.problem(path, "a rule needs users or groups")
         for j, un in enumerate(rule_users):
@@ -389,9 +397,9 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
                 groups=groups,
                 vms=rule_vms or (),
                 protocols=protos or (),
-                logins=r.str_list(ru, path, "logins", lambda x: None if x == "*" or USER_RE.match(x) else "not a valid login name"),
+                logins=r.str_list(ru, path, "logins", lambda x: None if x == "*" or USER_RE.fullmatch(x) else "not a valid login name"),
                 ports=ports,
-                env=r.str_list(ru, path, "env", lambda x: None if re.match(r"^[A-Za-z_][A-Za-z0-9_]*\*?$", x) else "not an environment variable name or NAME* pattern") or (),
+                env=r.str_list(ru, path, "env", lambda x: None if ENV_RE.fullmatch(x) else "not an environment variable name or NAME* pattern") or (),
             )
         )
 
@@ -403,7 +411,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
 def _parse_vm(r: _Reader, v: Mapping[str, Any], path: str, path_of: Callable[[str], Path]) -> VM | None:
     r.table(v, path, {"name", "address", "ssh_port", "rdp_port", "host_key", "host_keys", "known_hosts", "trust_on_first_use", "default_login", "logins"})
     name = r.get(v, path, "name", str, required=True)
-    if name is not None and not NAME_RE.match(name):
+    if name is not None and not NAME_RE.fullmatch(name):
         r.problem(f"{path}.name", f"not a valid VM name (letters, digits, . _ -): {name!r}")
         name = None
     address = r.get(v, path, "address", str, required=True)
@@ -425,7 +433,7 @@ def _parse_vm(r: _Reader, v: Mapping[str, Any], path: str, path_of: Callable[[st
     raw_logins = r.get(v, path, "logins", dict, {})
     for lname, spec in raw_logins.items():
         lpath = f"{path}.logins.{lname}"
-        if not USER_RE.match(lname):
+        if not USER_RE.fullmatch(lname):
             r.problem(lpath, f"not a valid login name: {lname!r}")
             continue
         if not isinstance(spec, dict):
@@ -440,13 +448,15 @@ def _parse_vm(r: _Reader, v: Mapping[str, Any], path: str, path_of: Callable[[st
         r.problem(f"{path}.default_login", f"not one of this VM's logins: {default_login!r}")
     if default_login is None and len(logins) == 1:
         default_login = next(iter(logins))
+    ssh_port = r.port(v, path, "ssh_port", 22) or 22
+    rdp_port = r.port(v, path, "rdp_port", None)
     if name is None or address is None:
         return None
     return VM(
         name=name,
         address=address,
-        ssh_port=r.port(v, path, "ssh_port", 22) or 22,
-        rdp_port=r.port(v, path, "rdp_port", None),
+        ssh_port=ssh_port,
+        rdp_port=rdp_port,
         host_keys=tuple(host_keys),
         known_hosts=path_of(kh) if kh else None,
         trust_on_first_use=tofu,
@@ -460,4 +470,4 @@ def _valid_address(address: str) -> bool:
         ipaddress.ip_address(address)
         return True
     except ValueError:
-        return bool(re.match(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$", address))
+        return bool(re.fullmatch(r"(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*", address))

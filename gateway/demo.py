@@ -17,6 +17,7 @@ import shlex
 import struct
 import sys
 import termios
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,19 @@ def _winsize(fd: int, size: tuple[int, int, int, int]) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows or 24, cols or 80, xpix, ypix))
 
 
+def _session_leader_on(tty_fd: int) -> Callable[[], None]:
+    """For preexec_fn: a new session whose controlling terminal is `tty_fd`.
+
+    uvloop runs preexec_fn before it moves the pipes onto 0, 1, 2, so the pty's own fd is used.
+    """
+
+    def child() -> None:
+        os.setsid()
+        fcntl.ioctl(tty_fd, termios.TIOCSCTTY, 0)
+
+    return child
+
+
 async def _vm_process(process: asyncssh.SSHServerProcess[bytes]) -> None:
     """Run the request as a real local process: a shell on a PTY, or `sh -c COMMAND`."""
     shell = os.environ.get("SHELL") or "/bin/sh"
@@ -64,8 +78,7 @@ async def _vm_process(process: asyncssh.SSHServerProcess[bytes]) -> None:
     _winsize(master, process.term_size)
     argv = [shell, "-c", process.command] if process.command else [shell, "-l"]
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=os.path.expanduser("~"), start_new_session=True,
-        preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+        *argv, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=os.path.expanduser("~"), preexec_fn=_session_leader_on(slave),
     )
     os.close(slave)
     loop = asyncio.get_running_loop()

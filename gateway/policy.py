@@ -151,6 +151,8 @@ def parse_username(raw: str) -> LoginTarget:
         raise ValueError("too many '@' in user name")
     head, sep, rest = raw.partition("@")
     if sep:
+        if "+" in head:
+            raise ValueError("expected USER@VM or USER@VM+LOGIN")
         parts = [head, *rest.split("+")]
     else:
         parts = raw.split("+")

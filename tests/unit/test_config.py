@@ -343,7 +343,6 @@ def test_config_error_message_names_every_path() -> None:
     assert info.value.reason == "config_invalid"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: _parse_vm returns before validating ssh_port/rdp_port when name or address is invalid")
 def test_port_problem_reported_even_when_vm_name_is_invalid() -> None:
     """An invalid VM name must not hide a bad ssh_port on the same VM."""
     data = valid_config_data()
@@ -496,7 +495,6 @@ def test_parse_listen_no_port_message() -> None:
         parse_listen("nohostport")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: NAME_RE/USER_RE use re.match with `$`, which also matches before a trailing newline")
 def test_vm_name_with_trailing_newline_is_rejected() -> None:
     """A VM name "web01\\n" is not a valid name."""
     data = valid_config_data()
@@ -505,7 +503,6 @@ def test_vm_name_with_trailing_newline_is_rejected() -> None:
     assert problem_paths(data) == ["vms[0].name"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: tls_cert = '' passes the pairing check but is then dropped to None while tls_key is kept")
 def test_empty_tls_cert_with_tls_key_is_rejected() -> None:
     """An empty tls_cert next to a tls_key is a problem, not a silently half-set TLS pair."""
     data = valid_config_data()

@@ -53,7 +53,6 @@ def test_parse_username_rejects(raw: str) -> None:
         parse_username(raw)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: 'alice+web01@root' parses as user 'alice+web01', VM 'root' instead of raising")
 def test_parse_username_rejects_plus_before_at() -> None:
     """`USER+VM@LOGIN` is not a documented form and must raise ValueError."""
     with pytest.raises(ValueError):

@@ -1,0 +1,45 @@
+"""One port, two doors: SSH and TLS (HTTPS) share the public listener."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+
+import aiohttp
+
+from tests.e2e.conftest import Gateway
+
+
+async def test_healthz_over_tls_on_the_ssh_port(gw: Gateway) -> None:
+    """A TLS client on the same port reaches the HTTPS door; the certificate verifies for 127.0.0.1."""
+    ctx = ssl.create_default_context(cafile=str(gw.tmp / "state" / "tls.crt"))
+    async with aiohttp.ClientSession() as http, http.get(f"https://127.0.0.1:{gw.port}/healthz", ssl=ctx) as resp:
+        assert resp.status == 200
+        assert await resp.json() == {"status": "ok", "node": "test-node"}
+
+
+async def test_silent_client_gets_the_ssh_banner(gw: Gateway) -> None:
+    """A client that sends nothing is taken for SSH, since SSH servers speak first."""
+    r, w = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        async with asyncio.timeout(10):
+            assert (await r.readline()).startswith(b"SSH-2.0-Bastion")
+    finally:
+        w.close()
+
+
+async def test_plaintext_http_is_refused_and_logged(gw: Gateway) -> None:
+    """Bytes that are neither SSH nor TLS get the connection closed; the gateway keeps serving."""
+    r, w = await asyncio.open_connection("127.0.0.1", gw.port)
+    w.write(b"GET / HTTP/1.0\r\n\r\n")
+    try:
+        async with asyncio.timeout(10):
+            try:
+                assert await r.read(100) == b""
+            except ConnectionResetError:
+                pass
+    finally:
+        w.close()
+    assert [e for e in gw.logs.events("connection_refused") if e["reason"] == "unknown_protocol"]
+    ok = await gw.ssh("alice+web01", "echo still-serving")
+    assert ok.text == "still-serving\n"

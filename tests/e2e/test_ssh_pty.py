@@ -1,0 +1,128 @@
+"""An interactive shell through the gateway, driven like a person at a terminal."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import pty
+import re
+import struct
+import termios
+from collections.abc import Callable
+
+from tests.e2e.conftest import Gateway
+
+
+def _session_leader_on(tty_fd: int) -> Callable[[], None]:
+    """For preexec_fn: a new session whose controlling terminal is `tty_fd`.
+
+    uvloop runs preexec_fn before it moves the pipes onto 0, 1, 2, so the pty's own fd is used.
+    """
+
+    def child() -> None:
+        os.setsid()
+        fcntl.ioctl(tty_fd, termios.TIOCSCTTY, 0)
+
+    return child
+
+
+class Terminal:
+    """A pseudo-terminal running a real `ssh -tt`; reads are collected as the screen would get them."""
+
+    def __init__(self, argv: list[str], rows: int = 24, cols: int = 80) -> None:
+        self.argv = argv
+        self.master, self.slave = pty.openpty()
+        self.resize(rows, cols)
+        self.buf = bytearray()
+        self.proc: asyncio.subprocess.Process | None = None
+        self._changed = asyncio.Event()
+
+    def resize(self, rows: int, cols: int) -> None:
+        # On a pty the kernel sends SIGWINCH to the foreground process group, as a terminal emulator would.
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv,
+            stdin=self.slave,
+            stdout=self.slave,
+            stderr=self.slave,
+            preexec_fn=_session_leader_on(self.slave),
+        )
+        os.close(self.slave)
+        asyncio.get_running_loop().add_reader(self.master, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self.master, 65536)
+        except OSError:
+            data = b""
+        if not data:
+            asyncio.get_running_loop().remove_reader(self.master)
+        self.buf.extend(data)
+        self._changed.set()
+
+    def send(self, text: str) -> None:
+        os.write(self.master, text.encode())
+
+    async def expect(self, pattern: str, timeout: float = 15) -> re.Match[str]:
+        """Wait until `pattern` shows up in the output after what earlier expects consumed."""
+        rx = re.compile(pattern)
+        async with asyncio.timeout(timeout):
+            while True:
+                m = rx.search(self.buf.decode(errors="replace"))
+                if m:
+                    del self.buf[: len(self.buf.decode(errors="replace")[: m.end()].encode())]
+                    return m
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def wait(self, timeout: float = 15) -> int:
+        assert self.proc is not None
+        async with asyncio.timeout(timeout):
+            return await self.proc.wait()
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.master)
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+        os.close(self.master)
+
+
+async def test_interactive_shell_with_pty_resize_ctrl_c_and_exit_status(gw: Gateway) -> None:
+    """A person opens a shell on web01: it has a TTY of their size, follows a window resize,
+    Ctrl-C interrupts a command on the VM, and `exit 3` ends ssh with status 3."""
+    term = Terminal(["ssh", "-tt", "-F", str(gw.ssh_config), "alice+web01@gw"], rows=30, cols=100)
+    await term.start()
+    try:
+        term.send("PS1='$ '; tty; stty size; echo MARK$((6*7))\r")
+        await term.expect(r"/dev/pts/\d+")
+        await term.expect(r"30 100")
+        await term.expect(r"MARK42")
+        [s] = gw.app.registry.list()
+        assert (s.protocol, s.vm) == ("ssh", "web01")
+
+        term.resize(50, 132)
+        # The window-change travels ssh -> gateway -> VM asynchronously; ask until it shows.
+        for _ in range(50):
+            term.send("stty size\r")
+            try:
+                await term.expect(r"50 132", timeout=0.5)
+                break
+            except TimeoutError:
+                continue
+        else:
+            raise AssertionError("window size change never reached the VM")
+
+        term.send("sleep 30; echo not-interrupted\r")
+        await term.expect(r"sleep 30")
+        term.send("\x03")
+        term.send("echo RC=$?\r")
+        await term.expect(r"RC=130")
+
+        term.send("exit 3\r")
+        assert await term.wait() == 3
+    finally:
+        term.close()
+    assert "not-interrupted" not in term.buf.decode(errors="replace")
