@@ -74,7 +74,10 @@ def load_tls(config: Config, state_dir: Path, log: FilteringBoundLogger) -> ssl.
         return tls.server_context(config.public.tls_cert, config.public.tls_key)
     cert, key = state_dir / "tls.crt", state_dir / "tls.key"
     if not cert.exists() or not key.exists():
-        names = sorted({"localhost", "127.0.0.1", "::1", config.gateway.node} | {a.host for a in config.public.listen if a.host not in ("0.0.0.0", "::")})
+        names = sorted(
+            {"localhost", "127.0.0.1", "::1", config.gateway.node}
+            | {a.host for a in config.public.listen if a.host not in ("0.0.0.0", "::")}
+        )
         tls.write_self_signed(cert, key, names)
         log.warning("tls_self_signed_generated", cert=str(cert), hint="set public.tls_cert and public.tls_key for production")
     return tls.server_context(cert, key)

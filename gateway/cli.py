@@ -98,7 +98,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _ensure_std_fds() -> None:
+    """Open /dev/null on any of fds 0-2 that a supervisor left closed.
+
+    Otherwise the next socket or pipe takes that number, and a child process
+    started with that fd as its stdin/stdout (the demo VMs' shells) gets a
+    stranger's socket.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _ensure_std_fds()
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     return func(args)

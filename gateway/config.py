@@ -49,7 +49,7 @@ class ListenAddress:
 def parse_listen(text: str) -> ListenAddress:
     """Parse "0.0.0.0:443", "[::1]:443" or "127.0.0.1:0". Raises ValueError."""
     if not isinstance(text, str):
-        raise ValueError(f"expected 'HOST:PORT', got {text!r}")
+        raise ValueError(f"expected 'HOST:PORT', got {text!r}")  # noqa: TRY004 - callers report ValueErrors as config problems
     m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)", text) or re.fullmatch(r"([^:\[\]\s]+):(\d+)", text)
     if not m:
         raise ValueError(f"expected 'HOST:PORT' or '[IPV6]:PORT', got {text!r}")
@@ -179,7 +179,9 @@ class _Reader:
             return default
         return value
 
-    def str_list(self, data: Mapping[str, Any], path: str, key: str, check: Callable[[str], str | None] | None = None) -> tuple[str, ...] | None:
+    def str_list(
+        self, data: Mapping[str, Any], path: str, key: str, check: Callable[[str], str | None] | None = None
+    ) -> tuple[str, ...] | None:
         full = f"{path}.{key}"
         if key not in data:
             return None
@@ -228,7 +230,7 @@ def _name_check(v: str) -> str | None:
 
 
 def _group_check(v: str) -> str | None:
-    return None if NAME_RE.fullmatch(v) else "not a valid group name (use users = [\"*\"] for everyone)"
+    return None if NAME_RE.fullmatch(v) else 'not a valid group name (use users = ["*"] for everyone)'
 
 
 def _user_check(v: str) -> str | None:
@@ -374,11 +376,13 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
                 r.problem(f"{path}.users[{j}]", f"no such user: {un!r}")
         rule_vms = r.str_list(ru, path, "vms", _name_check)
         if not rule_vms:
-            r.problem(f"{path}.vms", "required: the VMs this rule grants (or [\"*\"])")
+            r.problem(f"{path}.vms", 'required: the VMs this rule grants (or ["*"])')
         for j, vn in enumerate(rule_vms or ()):
             if vn != "*" and vn not in vms:
                 r.problem(f"{path}.vms[{j}]", f"no such VM in the inventory: {vn!r}")
-        protos = r.str_list(ru, path, "protocols", lambda x: None if x in PROTOCOLS else f"unknown protocol (known: {', '.join(sorted(PROTOCOLS))})")
+        protos = r.str_list(
+            ru, path, "protocols", lambda x: None if x in PROTOCOLS else f"unknown protocol (known: {', '.join(sorted(PROTOCOLS))})"
+        )
         if not protos:
             r.problem(f"{path}.protocols", f"required: one or more of {', '.join(sorted(PROTOCOLS))}")
         ports_raw = r.get(ru, path, "ports", list)
@@ -399,7 +403,10 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
                 protocols=protos or (),
                 logins=r.str_list(ru, path, "logins", lambda x: None if x == "*" or USER_RE.fullmatch(x) else "not a valid login name"),
                 ports=ports,
-                env=r.str_list(ru, path, "env", lambda x: None if ENV_RE.fullmatch(x) else "not an environment variable name or NAME* pattern") or (),
+                env=r.str_list(
+                    ru, path, "env", lambda x: None if ENV_RE.fullmatch(x) else "not an environment variable name or NAME* pattern"
+                )
+                or (),
             )
         )
 
@@ -409,7 +416,22 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
 
 
 def _parse_vm(r: _Reader, v: Mapping[str, Any], path: str, path_of: Callable[[str], Path]) -> VM | None:
-    r.table(v, path, {"name", "address", "ssh_port", "rdp_port", "host_key", "host_keys", "known_hosts", "trust_on_first_use", "default_login", "logins"})
+    r.table(
+        v,
+        path,
+        {
+            "name",
+            "address",
+            "ssh_port",
+            "rdp_port",
+            "host_key",
+            "host_keys",
+            "known_hosts",
+            "trust_on_first_use",
+            "default_login",
+            "logins",
+        },
+    )
     name = r.get(v, path, "name", str, required=True)
     if name is not None and not NAME_RE.fullmatch(name):
         r.problem(f"{path}.name", f"not a valid VM name (letters, digits, . _ -): {name!r}")
@@ -437,7 +459,7 @@ def _parse_vm(r: _Reader, v: Mapping[str, Any], path: str, path_of: Callable[[st
             r.problem(lpath, f"not a valid login name: {lname!r}")
             continue
         if not isinstance(spec, dict):
-            r.problem(lpath, f"expected a table like {{ key = \"/path\" }}, got {spec!r}")
+            r.problem(lpath, f'expected a table like {{ key = "/path" }}, got {spec!r}')
             continue
         r.table(spec, lpath, {"key"})
         key = r.get(spec, lpath, "key", str, required=True)
@@ -470,4 +492,8 @@ def _valid_address(address: str) -> bool:
         ipaddress.ip_address(address)
         return True
     except ValueError:
-        return bool(re.fullmatch(r"(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*", address))
+        return bool(
+            re.fullmatch(
+                r"(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*", address
+            )
+        )

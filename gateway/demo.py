@@ -60,6 +60,22 @@ def _session_leader_on(tty_fd: int) -> Callable[[], None]:
     return child
 
 
+async def _feed(process: asyncssh.SSHServerProcess[bytes], sink: asyncio.StreamWriter) -> None:
+    try:
+        while data := await process.stdin.read(65536):
+            sink.write(data)
+            await sink.drain()
+        sink.close()
+    except (BrokenPipeError, ConnectionResetError, asyncssh.BreakReceived, asyncssh.SignalReceived, asyncssh.TerminalSizeChanged):
+        pass
+
+
+async def _drain(source: asyncio.StreamReader, sink: asyncssh.SSHWriter[bytes]) -> None:
+    while data := await source.read(65536):
+        sink.write(data)
+        await sink.drain()
+
+
 async def _vm_process(process: asyncssh.SSHServerProcess[bytes]) -> None:
     """Run the request as a real local process: a shell on a PTY, or `sh -c COMMAND`."""
     shell = os.environ.get("SHELL") or "/bin/sh"
@@ -67,10 +83,23 @@ async def _vm_process(process: asyncssh.SSHServerProcess[bytes]) -> None:
     env.update({k: v for k, v in process.env.items() if isinstance(k, str) and isinstance(v, str)})
     if process.term_type is None:
         argv = [shell, "-c", process.command] if process.command else [shell]
-        proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, cwd=os.path.expanduser("~"))
-        await process.redirect(stdin=proc.stdin, stdout=proc.stdout, stderr=proc.stderr)
-        status = await proc.wait()
-        await process.stdout.drain()
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+            cwd=os.path.expanduser("~"),
+        )
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        # Own pumps rather than process.redirect(): redirect raised when the command
+        # exited before the client's EOF arrived, and the VM dropped the connection.
+        feeder = asyncio.create_task(_feed(process, proc.stdin))
+        try:
+            await asyncio.gather(_drain(proc.stdout, process.stdout), _drain(proc.stderr, process.stderr))
+            status = await proc.wait()
+        finally:
+            feeder.cancel()
         process.exit(status)
         return
     env["TERM"] = process.term_type
@@ -78,7 +107,13 @@ async def _vm_process(process: asyncssh.SSHServerProcess[bytes]) -> None:
     _winsize(master, process.term_size)
     argv = [shell, "-c", process.command] if process.command else [shell, "-l"]
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=os.path.expanduser("~"), preexec_fn=_session_leader_on(slave),
+        *argv,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=env,
+        cwd=os.path.expanduser("~"),
+        preexec_fn=_session_leader_on(slave),
     )
     os.close(slave)
     loop = asyncio.get_running_loop()
@@ -126,6 +161,16 @@ async def _vm_process(process: asyncssh.SSHServerProcess[bytes]) -> None:
     process.exit(status)
 
 
+class _DemoSFTPServer(asyncssh.SFTPServer):
+    """asyncssh's SFTP server, plus the exit status OpenSSH's sftp-server sends (scp needs it)."""
+
+    def exit(self) -> None:
+        super().exit()
+        chan = self.channel
+        if isinstance(chan, asyncssh.SSHServerChannel):
+            chan.exit(0)
+
+
 async def start_demo_vm(name: str, host_key: asyncssh.SSHKey, authorized: str) -> asyncssh.SSHAcceptor:
     return await asyncssh.listen(
         "127.0.0.1",
@@ -133,7 +178,7 @@ async def start_demo_vm(name: str, host_key: asyncssh.SSHKey, authorized: str) -
         server_host_keys=[host_key],
         authorized_client_keys=asyncssh.import_authorized_keys(authorized),
         process_factory=_vm_process,
-        sftp_factory=True,
+        sftp_factory=_DemoSFTPServer,
         allow_scp=True,
         encoding=None,
         line_editor=False,
@@ -173,7 +218,14 @@ async def run_demo(stop: asyncio.Event, state_dir: str, port: int) -> int:
             ],
             "users": [{"name": "alice", "keys": [alice.export_public_key().decode().strip()], "groups": ["ops"]}],
             "rules": [
-                {"groups": ["ops"], "vms": ["*"], "protocols": ["ssh", "ssh-jump"], "logins": [LOGIN], "ports": sorted(acc.get_port() for acc, _ in vms.values()), "env": ["LANG", "LC_*"]},
+                {
+                    "groups": ["ops"],
+                    "vms": ["*"],
+                    "protocols": ["ssh", "ssh-jump"],
+                    "logins": [LOGIN],
+                    "ports": sorted(acc.get_port() for acc, _ in vms.values()),
+                    "env": ["LANG", "LC_*"],
+                },
             ],
         }
         try:

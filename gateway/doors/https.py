@@ -23,7 +23,9 @@ def build_public_app(node: str) -> web.Application:
 class HTTPSDoor:
     """Owns the aiohttp runner; each accepted socket becomes one aiohttp connection over TLS."""
 
-    def __init__(self, app: web.Application, ssl_context: ssl.SSLContext, log: FilteringBoundLogger, handshake_timeout: float = 10.0) -> None:
+    def __init__(
+        self, app: web.Application, ssl_context: ssl.SSLContext, log: FilteringBoundLogger, handshake_timeout: float = 10.0
+    ) -> None:
         self._app = app
         self._ssl = ssl_context
         self._log = log

@@ -255,7 +255,9 @@ class GatewaySSHServer(asyncssh.SSHServer):
         try:
             grant = self._door.policy.check_forward(client.principal, dest_host, dest_port)
         except GatewayError as exc:
-            self._log.info("forward_refused", user=client.principal.name, target=dest_host[:64], port=dest_port, protocol="ssh-jump", reason=exc.reason)
+            self._log.info(
+                "forward_refused", user=client.principal.name, target=dest_host[:64], port=dest_port, protocol="ssh-jump", reason=exc.reason
+            )
             raise refuse(exc) from None
         return self._open_forward(grant, client)
 
@@ -265,8 +267,12 @@ class GatewaySSHServer(asyncssh.SSHServer):
         try:
             sock = await dial(grant.vm.address, grant.port, self._door.connect_timeout)
         except GatewayError as exc:
-            self._log.warning("upstream_dial_failed", user=client.principal.name, vm=grant.vm.name, port=grant.port, reason=exc.reason, error=exc.message)
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, f"cannot reach VM {grant.vm.name!r} port {grant.port}: {exc.message}") from None
+            self._log.warning(
+                "upstream_dial_failed", user=client.principal.name, vm=grant.vm.name, port=grant.port, reason=exc.reason, error=exc.message
+            )
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_CONNECT_FAILED, f"cannot reach VM {grant.vm.name!r} port {grant.port}: {exc.message}"
+            ) from None
         return await self._door.jump.open(grant, client, self, sock)
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
@@ -293,7 +299,7 @@ class GatewayShellSession(asyncssh.SSHServerSession[bytes]):
         self._command: str | None = None
         self._pty = False
 
-    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:  # type: ignore[override]
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
         self._chan = chan
 
     def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int], term_modes: dict[int, int]) -> bool:  # type: ignore[override]
@@ -320,7 +326,11 @@ class GatewayShellSession(asyncssh.SSHServerSession[bytes]):
             self._chan.write(msg.encode(), asyncssh.EXTENDED_DATA_STDERR)
             self._chan.exit(2)
             return
-        lines = [f"Bastion {self._door.node}: signed in as {name}. No VM named in the user name.", "Port forwards stay open while this session lasts (Ctrl-D or Ctrl-C ends it).", "VMs you may reach:"]
+        lines = [
+            f"Bastion {self._door.node}: signed in as {name}. No VM named in the user name.",
+            "Port forwards stay open while this session lasts (Ctrl-D or Ctrl-C ends it).",
+            "VMs you may reach:",
+        ]
         reachable = self._door.policy.reachable(self._client.principal)
         for vm, protos in reachable:
             lines.append(f"  {vm.name:<20} {', '.join(protos)}")
@@ -346,7 +356,7 @@ class RefusedSession(asyncssh.SSHServerSession[bytes]):
         self._message = message
         self._chan: asyncssh.SSHServerChannel[bytes] | None = None
 
-    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:  # type: ignore[override]
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
         self._chan = chan
 
     def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int], term_modes: dict[int, int]) -> bool:  # type: ignore[override]

@@ -57,7 +57,7 @@ async def peek_door(sock: socket.socket, deadline: float) -> Door:
         async with asyncio.timeout(deadline):
             while True:
                 ready: asyncio.Future[None] = loop.create_future()
-                loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+                loop.add_reader(fd, _wake, ready)
                 try:
                     await ready
                 finally:
@@ -77,6 +77,11 @@ async def peek_door(sock: socket.socket, deadline: float) -> Door:
                 await asyncio.sleep(0.01)
     except TimeoutError:
         return Door.SSH
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 class Listener:

@@ -53,7 +53,7 @@ class ChannelSide(asyncssh.SSHTCPSession[bytes]):
     def __init__(self, pair: _Pair) -> None:
         self._p = pair
 
-    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:  # type: ignore[override]
+    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
         self._p.chan = chan
         for chunk in self._p.early:
             chan.write(chunk)

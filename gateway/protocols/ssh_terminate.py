@@ -57,7 +57,7 @@ class UserSide(asyncssh.SSHServerSession[bytes]):
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # -- requests (before the session starts) --
-    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:  # type: ignore[override]
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
         self.chan = chan
 
     def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int], term_modes: dict[int, int]) -> bool:  # type: ignore[override]
@@ -175,7 +175,7 @@ class VMSide(asyncssh.SSHClientSession[bytes]):
         self.exit_signal: tuple[str, bool, str, str] | None = None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    def connection_made(self, chan: asyncssh.SSHClientChannel[bytes]) -> None:  # type: ignore[override]
+    def connection_made(self, chan: asyncssh.SSHClientChannel[bytes]) -> None:
         self._chan = chan
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
@@ -268,7 +268,7 @@ class SSHTerminateHandler:
             protocol=self.kind,
             login=grant.login,
         )
-        env = {}
+        env: dict[str | bytes, str | bytes] = {}
         if user.chan is not None:
             env = {k: v for k, v in user.chan.get_environment().items() if env_allowed(k, grant.env)}
 
@@ -280,8 +280,9 @@ class SSHTerminateHandler:
         try:
             async with self._registry.open(spec, terminate=terminate) as session:
                 try:
-                    vm_chan, vm_side = await conn.create_session(
-                        lambda: VMSide(user, session),
+                    vm_side = VMSide(user, session)
+                    vm_chan, _ = await conn.create_session(
+                        lambda: vm_side,
                         command=req.command if req.kind == "exec" else None,
                         subsystem=req.subsystem if req.kind == "subsystem" else None,
                         env=env,

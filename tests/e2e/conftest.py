@@ -183,7 +183,14 @@ def base_config(tmp: Path, keys: Keys, vm: SSHD) -> dict[str, Any]:
             {"name": "carol", "keys": [], "groups": ["ops"]},  # certificate only
         ],
         "rules": [
-            {"groups": ["ops"], "vms": ["web01", "bad01"], "protocols": ["ssh", "ssh-jump"], "logins": [login], "ports": [vm.port], "env": ["LC_*"]},
+            {
+                "groups": ["ops"],
+                "vms": ["web01", "bad01"],
+                "protocols": ["ssh", "ssh-jump"],
+                "logins": [login],
+                "ports": [vm.port],
+                "env": ["LC_*"],
+            },
             {"users": ["bob"], "vms": ["web01"], "protocols": ["ssh"]},
         ],
     }
@@ -197,7 +204,9 @@ def make_gateway(keys: Keys, vm: SSHD, tmp_path: Path) -> GatewayFactory:
     """Start the gateway with the base config, optionally edited by `edit(config_dict)`."""
 
     @contextlib.asynccontextmanager
-    async def factory(edit: Callable[[dict[str, Any]], None] | None = None, jump_hosts: dict[str, int] | None = None) -> AsyncIterator[Gateway]:
+    async def factory(
+        edit: Callable[[dict[str, Any]], None] | None = None, jump_hosts: dict[str, int] | None = None
+    ) -> AsyncIterator[Gateway]:
         raw = base_config(tmp_path, keys, vm)
         if edit is not None:
             edit(raw)

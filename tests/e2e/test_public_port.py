@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 
 import aiohttp
@@ -34,10 +35,8 @@ async def test_plaintext_http_is_refused_and_logged(gw: Gateway) -> None:
     w.write(b"GET / HTTP/1.0\r\n\r\n")
     try:
         async with asyncio.timeout(10):
-            try:
+            with contextlib.suppress(ConnectionResetError):
                 assert await r.read(100) == b""
-            except ConnectionResetError:
-                pass
     finally:
         w.close()
     assert [e for e in gw.logs.events("connection_refused") if e["reason"] == "unknown_protocol"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
 from pathlib import Path
@@ -21,7 +22,9 @@ def sign(ca: KeyPair, key: KeyPair, principal: str, workdir: Path) -> Path:
     dst.chmod(0o600)
     pub = workdir / (key.private.name + ".pub")
     pub.write_text(key.public + "\n")
-    subprocess.run(["ssh-keygen", "-q", "-s", str(ca.private), "-I", f"test-{principal}", "-n", principal, "-V", "-5m:+1h", str(pub)], check=True)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-s", str(ca.private), "-I", f"test-{principal}", "-n", principal, "-V", "-5m:+1h", str(pub)], check=True
+    )
     assert (workdir / (key.private.name + "-cert.pub")).exists()
     return dst
 
@@ -105,10 +108,9 @@ async def test_max_startups_refuses_extra_unauthenticated_connections(make_gatew
             w.write(b"SSH-2.0-third\r\n")
             held.append(w)
             async with asyncio.timeout(10):
-                try:
-                    assert await r.read(100) == b""  # closed without a banner
-                except ConnectionResetError:
-                    pass  # closed with our hello unread: the kernel answers with a reset
+                # Closed without a banner; with our hello unread the kernel may answer with a reset.
+                with contextlib.suppress(ConnectionResetError):
+                    assert await r.read(100) == b""
             assert [e for e in gw.logs.events("connection_refused") if e["reason"] == "max_startups"]
         finally:
             for w in held:

@@ -59,7 +59,7 @@ async def open_forward(gw: Gateway, user: str, spec: str, *extra: str) -> asynci
     proc = await asyncio.create_subprocess_exec(
         *gw.ssh_argv(user, "-o", "ExitOnForwardFailure=yes", "-L", spec, *extra), stdin=PIPE, stdout=PIPE, stderr=PIPE
     )
-    port = int(spec.split(":")[0])
+    port = int(spec.split(":", maxsplit=1)[0])
     async with asyncio.timeout(20):
         while True:
             try:

@@ -86,9 +86,7 @@ async def test_registry_holds_the_session_while_it_runs(gw: Gateway) -> None:
     """While `cat` runs on the VM the registry shows who, from where, to which VM, and the bytes;
     when it ends, one session_closed line carries all of it plus duration and reason."""
     events = gw.app.registry.subscribe()
-    proc = await asyncio.create_subprocess_exec(
-        *gw.ssh_argv("alice+web01"), "cat", stdin=PIPE, stdout=PIPE, stderr=PIPE
-    )
+    proc = await asyncio.create_subprocess_exec(*gw.ssh_argv("alice+web01"), "cat", stdin=PIPE, stdout=PIPE, stderr=PIPE)
     assert proc.stdin is not None and proc.stdout is not None
     try:
         async with asyncio.timeout(20):

@@ -144,7 +144,9 @@ def running_sshd(workdir: Path, authorized: list[str], **kw: str) -> Iterator[SS
         sshd.stop()
 
 
-def client_config(path: Path, *, gw_port: int, identity: Path, known_hosts: Path, jump_hosts: dict[str, int] | None = None, user: str = "alice") -> Path:
+def client_config(
+    path: Path, *, gw_port: int, identity: Path, known_hosts: Path, jump_hosts: dict[str, int] | None = None, user: str = "alice"
+) -> Path:
     """An ssh_config for OpenSSH clients: `gw` is the gateway; each jump host goes through it."""
     lines = [
         "Host gw",

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install the system packages the tests drive for real (OpenSSH client and server).
+# Idempotent: does nothing when they are present. Needs root (or sudo) only when something is missing.
+set -euo pipefail
+
+need=()
+command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
+command -v ssh-keygen >/dev/null 2>&1 || need+=(openssh-client)
+command -v curl >/dev/null 2>&1 || need+=(curl)
+
+if [ ${#need[@]} -eq 0 ]; then
+    exit 0
+fi
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
+        echo "install-test-deps: missing ${need[*]} and not root; install them with apt-get" >&2
+        exit 1
+    fi
+fi
+echo "install-test-deps: installing ${need[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+# The package starts an sshd on port 22 under systemd; the tests run their own and need none.
