@@ -153,3 +153,11 @@ async def test_daemon_serves_ssh_and_logs_one_session_closed_line(tmp_path: Path
     assert (closed["user"], closed["vm"], closed["protocol"], closed["node"]) == ("alice", "web01", "ssh", "test-node")
     assert closed["bytes_down"] > 0
     assert [e for e in events if e["event"] == "gateway_stopped"]
+
+
+async def test_example_config_is_valid() -> None:
+    """The documented example config passes check-config, so the docs cannot drift from the code."""
+    example = Path(__file__).resolve().parents[2] / "config" / "example.toml"
+    rc, out, err = await run(*BASTION, "check-config", str(example))
+    assert rc == 0, err
+    assert out.startswith("OK:")
