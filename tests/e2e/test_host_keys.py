@@ -1,0 +1,70 @@
+"""VM host keys from a known_hosts file, and trust on first use only where asked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tests.e2e.conftest import GatewayFactory
+
+
+async def test_known_hosts_file_verifies_the_vm(make_gateway: GatewayFactory, tmp_path: Path) -> None:
+    """A VM whose key is in the configured known_hosts file (by address and port) is reached."""
+    kh = tmp_path / "vm_known_hosts"
+
+    def edit(cfg: dict[str, Any]) -> None:
+        vm0 = cfg["vms"][0]
+        kh.write_text(f"[{vm0['address']}]:{vm0['ssh_port']} {vm0['host_key']}\n")
+        entry = {k: v for k, v in vm0.items() if k != "host_key"} | {"name": "khvm", "known_hosts": str(kh)}
+        cfg["vms"].append(entry)
+        cfg["rules"][0]["vms"].append("khvm")
+
+    async with make_gateway(edit) as gw:
+        r = await gw.ssh("alice+khvm", "echo verified-by-known-hosts")
+        assert r.rc == 0, r.errtext
+        assert r.text == "verified-by-known-hosts\n"
+
+
+async def test_known_hosts_file_with_another_key_refuses(make_gateway: GatewayFactory, tmp_path: Path) -> None:
+    """A known_hosts entry with a different key for the VM refuses the session."""
+    kh = tmp_path / "vm_known_hosts"
+
+    def edit(cfg: dict[str, Any]) -> None:
+        vm0 = cfg["vms"][0]
+        stranger = cfg["vms"][2]["host_key"]  # bad01's inventory key is not the VM's
+        kh.write_text(f"[{vm0['address']}]:{vm0['ssh_port']} {stranger}\n")
+        entry = {k: v for k, v in vm0.items() if k != "host_key"} | {"name": "khvm", "known_hosts": str(kh)}
+        cfg["vms"].append(entry)
+        cfg["rules"][0]["vms"].append("khvm")
+
+    async with make_gateway(edit) as gw:
+        r = await gw.ssh("alice+khvm", "echo should-not-run")
+        assert r.rc == 255
+        assert "identity of VM 'khvm' could not be verified" in r.errtext
+
+
+async def test_trust_on_first_use_keeps_the_first_key_and_refuses_a_change(make_gateway: GatewayFactory) -> None:
+    """With trust_on_first_use the first key is learned (and logged); a different key later is refused."""
+
+    def edit(cfg: dict[str, Any]) -> None:
+        vm0 = cfg["vms"][0]
+        entry = {k: v for k, v in vm0.items() if k != "host_key"} | {"name": "tofu01", "trust_on_first_use": True}
+        cfg["vms"].append(entry)
+        cfg["rules"][0]["vms"].append("tofu01")
+
+    async with make_gateway(edit) as gw:
+        first = await gw.ssh("alice+tofu01", "echo first-use")
+        assert first.rc == 0, first.errtext
+        learned = gw.logs.events("upstream_host_key_trusted_first_use")
+        assert learned and learned[0]["vm"] == "tofu01" and learned[0]["level"] == "warning"
+        tofu_file = gw.tmp / "state" / "known_hosts_tofu"
+        assert tofu_file.read_text().split()[1:3] == gw.vm.host_key.public.split()[:2]
+        again = await gw.ssh("alice+tofu01", "echo second-use")
+        assert again.rc == 0, again.errtext
+        # Pretend the VM's key changed: the learned key no longer matches.
+        tofu_file.write_text(f"tofu01 {gw.keys.stranger.public}\n")
+
+    async with make_gateway(edit) as gw:
+        r = await gw.ssh("alice+tofu01", "echo should-not-run")
+        assert r.rc == 255
+        assert "identity of VM 'tofu01' could not be verified" in r.errtext
