@@ -47,7 +47,7 @@ def _winsize(fd: int, size: tuple[int, int, int, int]) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows or 24, cols or 80, xpix, ypix))
 
 
-def _session_leader_on(tty_fd: int) -> Callable[[], None]:
+def session_leader_on(tty_fd: int) -> Callable[[], None]:
     """For preexec_fn: a new session whose controlling terminal is `tty_fd`.
 
     uvloop runs preexec_fn before it moves the pipes onto 0, 1, 2, so the pty's own fd is used.
@@ -113,7 +113,7 @@ async def _vm_process(process: asyncssh.SSHServerProcess[bytes]) -> None:
         stderr=slave,
         env=env,
         cwd=os.path.expanduser("~"),
-        preexec_fn=_session_leader_on(slave),
+        preexec_fn=session_leader_on(slave),
     )
     os.close(slave)
     loop = asyncio.get_running_loop()

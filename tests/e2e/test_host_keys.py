@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tests.e2e.conftest import GatewayFactory
 
 
-async def test_known_hosts_file_verifies_the_vm(make_gateway: GatewayFactory, tmp_path: Path) -> None:
-    """A VM whose key is in the configured known_hosts file (by address and port) is reached."""
-    kh = tmp_path / "vm_known_hosts"
+def add_known_hosts_vm(kh: Path, key_of_vm: int) -> Callable[[dict[str, Any]], None]:
+    """Add VM `khvm` (web01's sshd) verified by `kh`, which holds the inventory key of vms[key_of_vm]."""
 
     def edit(cfg: dict[str, Any]) -> None:
         vm0 = cfg["vms"][0]
-        kh.write_text(f"[{vm0['address']}]:{vm0['ssh_port']} {vm0['host_key']}\n")
+        kh.write_text(f"[{vm0['address']}]:{vm0['ssh_port']} {cfg['vms'][key_of_vm]['host_key']}\n")
         entry = {k: v for k, v in vm0.items() if k != "host_key"} | {"name": "khvm", "known_hosts": str(kh)}
         cfg["vms"].append(entry)
         cfg["rules"][0]["vms"].append("khvm")
 
-    async with make_gateway(edit) as gw:
+    return edit
+
+
+async def test_known_hosts_file_verifies_the_vm(make_gateway: GatewayFactory, tmp_path: Path) -> None:
+    """A VM whose key is in the configured known_hosts file (by address and port) is reached."""
+    kh = tmp_path / "vm_known_hosts"
+
+    async with make_gateway(add_known_hosts_vm(kh, key_of_vm=0)) as gw:
         r = await gw.ssh("alice+khvm", "echo verified-by-known-hosts")
         assert r.rc == 0, r.errtext
         assert r.text == "verified-by-known-hosts\n"
@@ -29,15 +36,7 @@ async def test_known_hosts_file_with_another_key_refuses(make_gateway: GatewayFa
     """A known_hosts entry with a different key for the VM refuses the session."""
     kh = tmp_path / "vm_known_hosts"
 
-    def edit(cfg: dict[str, Any]) -> None:
-        vm0 = cfg["vms"][0]
-        stranger = cfg["vms"][2]["host_key"]  # bad01's inventory key is not the VM's
-        kh.write_text(f"[{vm0['address']}]:{vm0['ssh_port']} {stranger}\n")
-        entry = {k: v for k, v in vm0.items() if k != "host_key"} | {"name": "khvm", "known_hosts": str(kh)}
-        cfg["vms"].append(entry)
-        cfg["rules"][0]["vms"].append("khvm")
-
-    async with make_gateway(edit) as gw:
+    async with make_gateway(add_known_hosts_vm(kh, key_of_vm=2)) as gw:  # bad01's key is not the VM's
         r = await gw.ssh("alice+khvm", "echo should-not-run")
         assert r.rc == 255
         assert "identity of VM 'khvm' could not be verified" in r.errtext

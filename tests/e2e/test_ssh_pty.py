@@ -9,22 +9,9 @@ import pty
 import re
 import struct
 import termios
-from collections.abc import Callable
 
+from gateway.demo import session_leader_on
 from tests.e2e.conftest import Gateway
-
-
-def _session_leader_on(tty_fd: int) -> Callable[[], None]:
-    """For preexec_fn: a new session whose controlling terminal is `tty_fd`.
-
-    uvloop runs preexec_fn before it moves the pipes onto 0, 1, 2, so the pty's own fd is used.
-    """
-
-    def child() -> None:
-        os.setsid()
-        fcntl.ioctl(tty_fd, termios.TIOCSCTTY, 0)
-
-    return child
 
 
 class Terminal:
@@ -48,7 +35,7 @@ class Terminal:
             stdin=self.slave,
             stdout=self.slave,
             stderr=self.slave,
-            preexec_fn=_session_leader_on(self.slave),
+            preexec_fn=session_leader_on(self.slave),
         )
         os.close(self.slave)
         asyncio.get_running_loop().add_reader(self.master, self._readable)
