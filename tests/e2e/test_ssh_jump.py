@@ -207,3 +207,26 @@ async def test_jump_session_is_in_the_registry_while_open(make_gateway: GatewayF
             await wait_for(lambda: not [x for x in gw.app.registry.list() if x.vm == "echo01"])
         finally:
             await stop(proc)
+
+
+async def test_connection_churn_through_a_forward(make_gateway: GatewayFactory, echo: Echo) -> None:
+    """200 short half-closed connections (20 at a time) through one -L forward all come back intact,
+    and every session leaves the registry (guards the uvloop half-close crash noted in DESIGN.md)."""
+    async with make_gateway(with_echo_vm(echo.port)) as gw:
+        lport = free_port()
+        proc = await open_forward(gw, "alice", f"{lport}:echo01:{echo.port}", "-N")
+        try:
+            sem = asyncio.Semaphore(20)
+
+            async def one(i: int) -> bool:
+                async with sem:
+                    payload = os.urandom(1000 + i)
+                    return await roundtrip(lport, payload) == payload
+
+            async with asyncio.timeout(120):
+                results = await asyncio.gather(*(one(i) for i in range(200)))
+            assert all(results)
+            await wait_for(lambda: not gw.app.registry.list(), timeout=30)
+            assert gw.app.registry.totals().closed >= 201
+        finally:
+            await stop(proc)

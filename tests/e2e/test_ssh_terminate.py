@@ -136,3 +136,37 @@ async def test_host_key_mismatch_refuses_and_logs_an_error(gw: Gateway) -> None:
     errors = gw.logs.events("upstream_host_key_mismatch")
     assert errors and errors[0]["level"] == "error" and errors[0]["vm"] == "bad01"
     await wait_for(lambda: not gw.app.registry.list())
+
+
+async def test_client_killed_mid_session_leaves_no_session_behind(gw: Gateway) -> None:
+    """An ssh client that dies (SIGKILL) mid-command: the session leaves the registry and is logged."""
+    events = gw.app.registry.subscribe()
+    proc = await asyncio.create_subprocess_exec(*gw.ssh_argv("alice+web01"), "sleep 60", stdin=PIPE, stdout=PIPE, stderr=PIPE)
+    try:
+        async with asyncio.timeout(20):
+            opened = await events.get()
+        assert opened is not None and opened.kind == "opened"
+    finally:
+        proc.kill()
+        await proc.wait()
+    async with asyncio.timeout(20):
+        closed = await events.get()
+    assert closed is not None and closed.kind == "closed"
+    assert closed.reason == "client_closed"
+    assert not gw.app.registry.list()
+
+
+async def test_command_without_vm_is_answered_by_the_gateway(gw: Gateway) -> None:
+    """`ssh alice@gw CMD` names no VM: the gateway says how to name one and exits 2."""
+    r = await gw.ssh("alice", "uptime")
+    assert r.rc == 2
+    assert "no VM named; connect as alice+VM" in r.errtext
+
+
+async def test_malformed_user_name_is_just_a_failed_login(gw: Gateway) -> None:
+    """A user name the gateway cannot parse is denied like any unknown user; the gateway keeps serving."""
+    r = await gw.ssh("alice+web01+root+extra", "true")
+    assert r.rc == 255
+    assert "Permission denied (publickey)" in r.errtext
+    ok = await gw.ssh("alice+web01", "echo fine")
+    assert ok.text == "fine\n"
