@@ -17,7 +17,7 @@ from structlog.typing import FilteringBoundLogger
 
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config
-from gateway.doors.https import HTTPSDoor, build_public_app
+from gateway.doors.https import HTTPSDoor
 from gateway.doors.ssh import SSHDoor
 from gateway.errors import StartupError
 from gateway.net import tls
@@ -135,7 +135,7 @@ class App:
             log=self.log,
             public_hint=hint,
         )
-        self._https = HTTPSDoor(build_public_app(cfg.gateway.node), ssl_ctx, self.log)
+        self._https = HTTPSDoor(cfg.gateway.node, ssl_ctx, self.log, header_timeout=cfg.public.header_timeout)
         await self._https.start()
         self._listener = Listener(sockets, {Door.SSH: ssh_door.handle, Door.TLS: self._https.handle}, cfg.public.detect_timeout, self.log)
         self._listener.start()

@@ -77,6 +77,7 @@ class PublicSection:
     tls_cert: Path | None
     tls_key: Path | None
     detect_timeout: float = 1.0
+    header_timeout: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -287,7 +288,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
     )
 
     pub = r.get(data, "", "public", dict, {})
-    r.table(pub, "public", {"listen", "tls_cert", "tls_key", "detect_timeout"})
+    r.table(pub, "public", {"listen", "tls_cert", "tls_key", "detect_timeout", "header_timeout"})
     listen: list[ListenAddress] = []
     for i, item in enumerate(r.str_list(pub, "public", "listen") or ("0.0.0.0:443",)):
         try:
@@ -306,6 +307,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         tls_cert=path_of(cert) if cert else None,
         tls_key=path_of(key) if key else None,
         detect_timeout=r.duration(pub, "public", "detect_timeout", 1.0),
+        header_timeout=r.duration(pub, "public", "header_timeout", 10.0),
     )
 
     s = r.get(data, "", "ssh", dict, {})

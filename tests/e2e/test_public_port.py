@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from typing import Any
 
 import aiohttp
 
-from tests.e2e.conftest import Gateway
+from tests.e2e.conftest import Gateway, GatewayFactory
 
 
 async def test_healthz_over_tls_on_the_ssh_port(gw: Gateway) -> None:
@@ -42,3 +43,22 @@ async def test_plaintext_http_is_refused_and_logged(gw: Gateway) -> None:
     assert [e for e in gw.logs.events("connection_refused") if e["reason"] == "unknown_protocol"]
     ok = await gw.ssh("alice+web01", "echo still-serving")
     assert ok.text == "still-serving\n"
+
+
+async def test_https_client_that_never_sends_headers_is_dropped(make_gateway: GatewayFactory) -> None:
+    """A TLS client that completes the handshake and then trickles nothing is closed after header_timeout."""
+
+    def edit(cfg: dict[str, Any]) -> None:
+        cfg["public"]["header_timeout"] = "1s"
+
+    async with make_gateway(edit) as gw:
+        ctx = ssl.create_default_context(cafile=str(gw.tmp / "state" / "tls.crt"))
+        r, w = await asyncio.open_connection("127.0.0.1", gw.port, ssl=ctx)
+        w.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+        try:
+            async with asyncio.timeout(15):
+                with contextlib.suppress(ConnectionResetError, ssl.SSLError):
+                    assert await r.read() == b""
+        finally:
+            w.close()
+        assert gw.logs.events("http_request_timeout")
