@@ -108,10 +108,13 @@ class SSHDoor:
 
 
 def _slug(exc: BaseException) -> str:
+    """A closed-set reason for a connection that ended before authentication completed."""
     if isinstance(exc, asyncssh.PermissionDenied):
         return "auth_failed"
-    if isinstance(exc, TimeoutError | asyncssh.ConnectionLost) or "timeout" in str(exc).lower():
-        return "login_timeout" if isinstance(exc, TimeoutError) or "timeout" in str(exc).lower() else "connection_lost"
+    if isinstance(exc, TimeoutError) or (isinstance(exc, asyncssh.DisconnectError) and "timeout" in exc.reason.lower()):
+        return "login_timeout"
+    if isinstance(exc, asyncssh.ConnectionLost | ConnectionError):
+        return "connection_lost"
     if isinstance(exc, asyncssh.DisconnectError):
         return "client_disconnected"
     return "handshake_failed"
@@ -259,21 +262,7 @@ class GatewaySSHServer(asyncssh.SSHServer):
                 "forward_refused", user=client.principal.name, target=dest_host[:64], port=dest_port, protocol="ssh-jump", reason=exc.reason
             )
             raise refuse(exc) from None
-        return self._open_forward(grant, client)
-
-    async def _open_forward(self, grant: Any, client: Client) -> asyncssh.SSHTCPSession[bytes]:
-        from gateway.net.upstream import dial
-
-        try:
-            sock = await dial(grant.vm.address, grant.port, self._door.connect_timeout)
-        except GatewayError as exc:
-            self._log.warning(
-                "upstream_dial_failed", user=client.principal.name, vm=grant.vm.name, port=grant.port, reason=exc.reason, error=exc.message
-            )
-            raise asyncssh.ChannelOpenError(
-                asyncssh.OPEN_CONNECT_FAILED, f"cannot reach VM {grant.vm.name!r} port {grant.port}: {exc.message}"
-            ) from None
-        return await self._door.jump.open(grant, client, self, sock)
+        return self._door.jump.open(grant, client, self)
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
         self._log.info("forward_refused", user=self.username, kind="remote", reason="not_allowed")

@@ -11,13 +11,13 @@ once (uvloop crashed on half-closed transports left open under churn).
 from __future__ import annotations
 
 import asyncio
-import socket
 from typing import cast
 
 import asyncssh
 from structlog.typing import FilteringBoundLogger
 
 from gateway.errors import GatewayError
+from gateway.net.upstream import dial
 from gateway.policy import Grant
 from gateway.protocols.base import Client, Spawner
 from gateway.sessions.model import SessionSpec
@@ -154,13 +154,22 @@ class SSHJumpHandler:
         self._timeout = connect_timeout
         self._log = log
 
-    async def open(self, grant: Grant, client: Client, owner: Spawner, dial_sock: socket.socket) -> ChannelSide:
-        """Start relaying over an already-dialled socket; return the channel's session object.
+    async def open(self, grant: Grant, client: Client, owner: Spawner) -> ChannelSide:
+        """Dial the granted inventory address, start relaying, return the channel's session object.
 
         The session is in the registry before this returns, so no byte goes uncounted.
-        Raises asyncssh.ChannelOpenError if the relay could not start.
+        Raises asyncssh.ChannelOpenError (which the client prints) if the VM cannot be reached.
         """
         loop = asyncio.get_running_loop()
+        try:
+            dial_sock = await dial(grant.vm.address, grant.port, self._timeout)
+        except GatewayError as exc:
+            self._log.warning(
+                "upstream_dial_failed", user=client.principal.name, vm=grant.vm.name, port=grant.port, reason=exc.reason, error=exc.message
+            )
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_CONNECT_FAILED, f"cannot reach VM {grant.vm.name!r} port {grant.port}: {exc.message}"
+            ) from None
         pair = _Pair()
         try:
             await loop.create_connection(lambda: SocketSide(pair), sock=dial_sock)

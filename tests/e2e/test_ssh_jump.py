@@ -230,3 +230,15 @@ async def test_connection_churn_through_a_forward(make_gateway: GatewayFactory, 
             assert gw.app.registry.totals().closed >= 201
         finally:
             await stop(proc)
+
+
+async def test_unreachable_vm_port_is_reported(make_gateway: GatewayFactory) -> None:
+    """A granted VM port where nothing listens: the client is told the VM cannot be reached, and it is logged."""
+    dead = free_port()
+    async with make_gateway(with_echo_vm(dead)) as gw:
+        r = await gw.ssh("alice", opts=("-W", f"echo01:{dead}"))
+        assert r.rc == 255
+        assert f"cannot reach VM 'echo01' port {dead}: connection refused" in r.errtext
+        [failed] = gw.logs.events("upstream_dial_failed")
+        assert (failed["vm"], failed["reason"]) == ("echo01", "upstream_refused")
+        assert not gw.app.registry.list()
