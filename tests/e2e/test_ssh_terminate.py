@@ -6,8 +6,10 @@ import asyncio
 import hashlib
 import os
 from asyncio.subprocess import PIPE
+from typing import Any
 
-from tests.e2e.conftest import Gateway, wait_for
+from tests.e2e.conftest import Gateway, GatewayFactory, wait_for
+from tests.support.peers import free_port
 
 
 async def test_exec_passes_output_and_exit_status(gw: Gateway) -> None:
@@ -170,3 +172,21 @@ async def test_malformed_user_name_is_just_a_failed_login(gw: Gateway) -> None:
     assert "Permission denied (publickey)" in r.errtext
     ok = await gw.ssh("alice+web01", "echo fine")
     assert ok.text == "fine\n"
+
+
+async def test_unreachable_vm_is_reported_to_the_user(make_gateway: GatewayFactory) -> None:
+    """A VM whose SSH port refuses connections: the user reads why, the failure is logged, no session stays."""
+    dead = free_port()
+
+    def edit(cfg: dict[str, Any]) -> None:
+        down = dict(cfg["vms"][0]) | {"name": "down01", "ssh_port": dead}
+        cfg["vms"].append(down)
+        cfg["rules"][0]["vms"].append("down01")
+
+    async with make_gateway(edit) as gw:
+        r = await gw.ssh("alice+down01", "true")
+        assert r.rc == 255
+        assert "bastion: cannot reach VM 'down01': connection refused" in r.errtext
+        [failed] = gw.logs.events("upstream_dial_failed")
+        assert (failed["vm"], failed["reason"]) == ("down01", "upstream_refused")
+        assert not gw.app.registry.list()
