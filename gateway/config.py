@@ -128,6 +128,26 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class ControlSection:
+    listen: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 4443),)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    metrics_public: bool = False
+    header_timeout: float = 10.0
+
+
+ROLES = frozenset({"viewer", "operator"})
+
+
+@dataclass(frozen=True)
+class Operator:
+    name: str
+    role: str
+    # The SHA-256 of the bearer token, never the token. Kept out of reprs all the same.
+    token_sha256: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
 class Config:
     gateway: GatewaySection
     public: PublicSection
@@ -135,6 +155,8 @@ class Config:
     vms: Mapping[str, VM]
     users: Mapping[str, User]
     rules: tuple[Rule, ...]
+    control: ControlSection = field(default_factory=ControlSection)
+    operators: tuple[Operator, ...] = ()
 
 
 T = TypeVar("T")
@@ -274,7 +296,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         pth = Path(value).expanduser()
         return pth if pth.is_absolute() else (base / pth)
 
-    r.table(data, "", {"gateway", "public", "ssh", "vms", "users", "rules"})
+    r.table(data, "", {"gateway", "public", "ssh", "vms", "users", "rules", "control", "operators"})
 
     g = r.get(data, "", "gateway", dict, {})
     r.table(g, "gateway", {"node", "state_dir", "connect_timeout"})
@@ -412,9 +434,64 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
             )
         )
 
+    control, operators = _parse_control(r, data, path_of)
+
     if r.problems:
         raise ConfigError(r.problems)
-    return Config(gateway=gateway, public=public, ssh=ssh, vms=vms, users=users, rules=tuple(rules))
+    return Config(gateway=gateway, public=public, ssh=ssh, vms=vms, users=users, rules=tuple(rules), control=control, operators=operators)
+
+
+def _parse_control(r: _Reader, data: Mapping[str, Any], path_of: Callable[[str], Path]) -> tuple[ControlSection, tuple[Operator, ...]]:
+    c = r.get(data, "", "control", dict, {})
+    r.table(c, "control", {"listen", "tls_cert", "tls_key", "metrics_public", "header_timeout"})
+    listen: list[ListenAddress] = []
+    for i, item in enumerate(r.str_list(c, "control", "listen") or ("127.0.0.1:4443",)):
+        try:
+            listen.append(parse_listen(item))
+        except ValueError as exc:
+            r.problem(f"control.listen[{i}]", str(exc))
+    cert = r.get(c, "control", "tls_cert", str)
+    key = r.get(c, "control", "tls_key", str)
+    for k, v in (("tls_cert", cert), ("tls_key", key)):
+        if v is not None and not v.strip():
+            r.problem(f"control.{k}", f"must be a file path, got {v!r}")
+    if (cert is None) != (key is None):
+        r.problem("control.tls_cert" if cert is None else "control.tls_key", "tls_cert and tls_key go together")
+    control = ControlSection(
+        listen=tuple(listen),
+        tls_cert=path_of(cert) if cert else None,
+        tls_key=path_of(key) if key else None,
+        metrics_public=r.get(c, "control", "metrics_public", bool, False),
+        header_timeout=r.duration(c, "control", "header_timeout", 10.0),
+    )
+    operators: list[Operator] = []
+    names: set[str] = set()
+    for i, o in enumerate(r.get(data, "", "operators", list, [])):
+        path = f"operators[{i}]"
+        if not isinstance(o, dict):
+            r.problem(path, f"expected a table, got {o!r}")
+            continue
+        r.table(o, path, {"name", "role", "token_sha256"})
+        name = r.get(o, path, "name", str, required=True)
+        role = r.get(o, path, "role", str, required=True)
+        digest = r.get(o, path, "token_sha256", str, required=True)
+        if name is not None and not NAME_RE.fullmatch(name):
+            r.problem(f"{path}.name", f"not a valid name: {name!r}")
+        if name in names:
+            r.problem(f"{path}.name", f"duplicate operator name: {name!r}")
+        if role is not None and role not in ROLES:
+            r.problem(f"{path}.role", f"must be 'viewer' or 'operator', got {role!r}")
+        raw: bytes | None = None
+        if digest is not None:
+            if re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+                raw = bytes.fromhex(digest)
+            else:
+                # Do not echo it: a token pasted here by mistake must not reach a terminal or log.
+                r.problem(f"{path}.token_sha256", "must be 64 hex digits (the output of `bastion hash-token`)")
+        if name and role in ROLES and raw is not None:
+            names.add(name)
+            operators.append(Operator(name=name, role=role, token_sha256=raw))
+    return control, tuple(operators)
 
 
 def _parse_vm(r: _Reader, v: Mapping[str, Any], path: str, path_of: Callable[[str], Path]) -> VM | None:

@@ -11,7 +11,7 @@ once (uvloop crashed on half-closed transports left open under churn).
 from __future__ import annotations
 
 import asyncio
-from typing import cast
+from typing import Any, cast
 
 import asyncssh
 from structlog.typing import FilteringBoundLogger
@@ -20,6 +20,7 @@ from gateway.errors import GatewayError
 from gateway.net.upstream import dial
 from gateway.policy import Grant
 from gateway.protocols.base import Client, Spawner
+from gateway.protocols.ssh_disconnect import disconnect_with_notice, notice_text
 from gateway.sessions.model import SessionSpec
 from gateway.sessions.registry import Session, SessionRegistry
 
@@ -188,18 +189,28 @@ class SSHJumpHandler:
         )
         ready = loop.create_future()
 
+        ended: asyncio.Future[tuple[str, float]] = loop.create_future()
+
         async def terminate(reason: str, grace: float) -> None:
-            if pair.chan is not None:
-                pair.chan.close()
-            if pair.transport is not None:
-                pair.transport.close()
-            pair.finish("terminated_by_operator")
+            # Jump users see no channel text (the stream is their own SSH): after the
+            # grace period the reason travels in the SSH DISCONNECT message.
+            if not ended.done():
+                ended.set_result((reason, grace))
 
         async def run() -> None:
             try:
                 async with self._registry.open(spec, terminate=terminate) as session:
                     pair.session = session
                     ready.set_result(None)
+                    watched: set[asyncio.Future[Any]] = {pair.done, ended}
+                    await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+                    if ended.done() and not pair.done.done():
+                        text, grace = ended.result()
+                        if grace > 0:
+                            await asyncio.wait({pair.done}, timeout=grace)
+                        if not pair.done.done():
+                            await disconnect_with_notice(pair.chan, notice_text(text), pty=False)
+                            pair.finish("terminated_by_operator")
                     reason = await pair.done
                     if session.close_reason is None:
                         session.close_reason = reason

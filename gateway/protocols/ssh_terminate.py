@@ -20,6 +20,7 @@ from structlog.typing import FilteringBoundLogger
 from gateway.errors import GatewayError, UpstreamHostKeyMismatch
 from gateway.policy import Grant, env_allowed
 from gateway.protocols.base import Client
+from gateway.protocols.ssh_disconnect import disconnect_with_notice, notice_text, warning_text
 from gateway.protocols.upstream_ssh import Credentials, HostKeys, connect_vm
 from gateway.sessions.model import SessionSpec
 from gateway.sessions.registry import Session, SessionRegistry
@@ -153,15 +154,19 @@ class UserSide(asyncssh.SSHServerSession[bytes]):
         self.chan.write(f"bastion: {message}\r\n".encode(), asyncssh.EXTENDED_DATA_STDERR)
         self.chan.exit(status)
 
-    def notice(self, text: str) -> None:
-        """Write a line into the user's terminal (stdout with a PTY, else stderr)."""
+    def notice(self, text: str) -> bool:
+        """Write a line into the user's terminal (stdout with a PTY, else stderr). False if it is gone."""
         if self.chan is None or self.closed.done():
-            return
+            return False
         data = f"\r\n{text}\r\n".encode()
-        if self.request.term_type is not None:
-            self.chan.write(data)
-        else:
-            self.chan.write(data, asyncssh.EXTENDED_DATA_STDERR)
+        try:
+            if self.request.term_type is not None:
+                self.chan.write(data)
+            else:
+                self.chan.write(data, asyncssh.EXTENDED_DATA_STDERR)
+        except (asyncssh.Error, OSError, RuntimeError):
+            return False
+        return True
 
 
 class VMSide(asyncssh.SSHClientSession[bytes]):
@@ -272,13 +277,20 @@ class SSHTerminateHandler:
         if user.chan is not None:
             env = {k: v for k, v in user.chan.get_environment().items() if env_allowed(k, grant.env)}
 
+        ended: asyncio.Future[tuple[str, float]] = asyncio.get_running_loop().create_future()
+
         async def terminate(reason: str, grace: float) -> None:
-            user.notice("You have been disconnected." + (f" {reason}" if reason else ""))
-            if user.chan is not None:
-                user.chan.close()
+            # Runs in the operator's request; the session's own task does the ending.
+            if grace > 0:
+                user.notice(warning_text(reason, grace))
+            if not ended.done():
+                ended.set_result((reason, grace))
+
+        async def notice(message: str) -> bool:
+            return user.notice(message)
 
         try:
-            async with self._registry.open(spec, terminate=terminate) as session:
+            async with self._registry.open(spec, terminate=terminate, notice=notice) as session:
                 try:
                     vm_side = VMSide(user, session)
                     vm_chan, _ = await conn.create_session(
@@ -301,7 +313,14 @@ class SSHTerminateHandler:
                     user.fail(f"VM {vm.name!r} refused the request: {exc}")
                     return
                 user.attach(vm_chan, session)
-                done, _ = await asyncio.wait({user.closed, vm_side.closed}, return_when=asyncio.FIRST_COMPLETED)
+                watched: set[asyncio.Future[Any]] = {user.closed, vm_side.closed, ended}
+                done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+                if ended in done:
+                    reason, grace = ended.result()
+                    if grace > 0:
+                        await asyncio.wait({user.closed, vm_side.closed}, timeout=grace)
+                    if not user.closed.done():
+                        await disconnect_with_notice(user.chan, notice_text(reason), pty=user.request.term_type is not None)
                 if session.close_reason is None:
                     session.close_reason = "client_closed" if user.closed in done and not vm_side.closed.done() else "vm_closed"
                 # Let the exit status and close reach the user before the VM connection goes.

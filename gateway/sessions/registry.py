@@ -13,6 +13,7 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 from structlog.typing import FilteringBoundLogger
 
@@ -21,14 +22,44 @@ from gateway.errors import GatewayError
 from gateway.sessions.model import SessionEvent, SessionInfo, SessionSpec
 
 TerminateCallback = Callable[[str, float], Awaitable[None]]
+NoticeCallback = Callable[[str], Awaitable[bool]]
+
+
+class SessionObserver(Protocol):
+    """Told about every session's start and end (metrics implement this)."""
+
+    def session_opened(self, info: SessionInfo) -> None: ...
+
+    def session_closed(self, info: SessionInfo, reason: str, duration_s: float) -> None: ...
 
 
 class Session:
     """A live session. Mutable state is owned here; handlers only add bytes and set a close reason."""
 
-    __slots__ = ("_spec", "bytes_down", "bytes_up", "close_reason", "id", "node", "started_at", "started_mono", "state", "terminate_cb")
+    __slots__ = (
+        "_spec",
+        "bytes_down",
+        "bytes_up",
+        "close_reason",
+        "id",
+        "node",
+        "notice_cb",
+        "started_at",
+        "started_mono",
+        "state",
+        "terminate_cb",
+    )
 
-    def __init__(self, sid: str, spec: SessionSpec, node: str, clock: Clock, terminate: TerminateCallback | None) -> None:
+    def __init__(
+        self,
+        sid: str,
+        spec: SessionSpec,
+        node: str,
+        clock: Clock,
+        *,
+        terminate: TerminateCallback | None = None,
+        notice: NoticeCallback | None = None,
+    ) -> None:
         self.id = sid
         self._spec = spec
         self.node = node
@@ -39,6 +70,7 @@ class Session:
         self.state = "active"
         self.close_reason: str | None = None
         self.terminate_cb = terminate
+        self.notice_cb = notice
 
     @property
     def spec(self) -> SessionSpec:
@@ -78,7 +110,15 @@ class Totals:
 
 
 class SessionRegistry:
-    def __init__(self, node: str, clock: Clock, log: FilteringBoundLogger, event_queue_size: int = 256) -> None:
+    def __init__(
+        self,
+        node: str,
+        clock: Clock,
+        log: FilteringBoundLogger,
+        event_queue_size: int = 256,
+        observer: SessionObserver | None = None,
+    ) -> None:
+        self._observer = observer
         self._node = node
         self._clock = clock
         self._log = log
@@ -87,9 +127,15 @@ class SessionRegistry:
         self._queue_size = event_queue_size
         self._opened = 0
         self._closed = 0
+        self._closed_bytes: dict[tuple[str, str], int] = {}
+
+    def set_observer(self, observer: SessionObserver) -> None:
+        self._observer = observer
 
     @asynccontextmanager
-    async def open(self, spec: SessionSpec, terminate: TerminateCallback | None = None) -> AsyncIterator[Session]:
+    async def open(
+        self, spec: SessionSpec, terminate: TerminateCallback | None = None, notice: NoticeCallback | None = None
+    ) -> AsyncIterator[Session]:
         """Track a session for the duration of the block.
 
         On exit the session leaves the registry and one `session_closed` line is
@@ -97,10 +143,12 @@ class SessionRegistry:
         else the exception's reason slug, else `closed`. Exceptions propagate.
         """
         sid = secrets.token_hex(8)
-        session = Session(sid, spec, self._node, self._clock, terminate)
+        session = Session(sid, spec, self._node, self._clock, terminate=terminate, notice=notice)
         self._sessions[sid] = session
         self._opened += 1
         self._publish(SessionEvent("opened", session.snapshot()))
+        if self._observer is not None:
+            self._observer.session_opened(session.snapshot())
         self._log.info("session_opened", **_fields(session.snapshot()))
         error: BaseException | None = None
         try:
@@ -123,9 +171,14 @@ class SessionRegistry:
                 else:
                     reason = "closed"
             info = session.snapshot()
+            for direction, n in (("up", info.bytes_up), ("down", info.bytes_down)):
+                key = (info.protocol, direction)
+                self._closed_bytes[key] = self._closed_bytes.get(key, 0) + n
             duration = round(self._clock.monotonic() - session.started_mono, 3)
             self._publish(SessionEvent("closed", info, reason))
             self._log.info("session_closed", **_fields(info), duration_s=duration, reason=reason)
+            if self._observer is not None:
+                self._observer.session_closed(info, reason, duration)
 
     def list(self) -> list[SessionInfo]:
         return [s.snapshot() for s in self._sessions.values()]
@@ -135,10 +188,12 @@ class SessionRegistry:
         return s.snapshot() if s else None
 
     async def terminate(self, sid: str, reason: str, grace: float = 0.0) -> bool:
-        """Ask a session to end. Returns False if there is no such session.
+        """Ask a session to end, after `grace` seconds. Returns False if there is no such session.
 
-        Repeating it is harmless. The handler's callback shows the user a notice
-        and makes the session's block exit.
+        Repeating it is harmless (a second request while one is pending changes
+        nothing). The handler's callback warns the user when there is a grace
+        period, then shows the notice and makes the session's block exit; it
+        returns once the request is accepted, not when the session has ended.
         """
         s = self._sessions.get(sid)
         if s is None:
@@ -147,9 +202,45 @@ class SessionRegistry:
             return True
         s.state = "terminating"
         s.close_reason = "terminated_by_operator"
+        self._publish(SessionEvent("updated", s.snapshot()))
         if s.terminate_cb is not None:
             await s.terminate_cb(reason, grace)
         return True
+
+    async def notify(self, sid: str, message: str) -> bool | None:
+        """Show `message` to a session's user. None: no such session; False: its protocol cannot show text."""
+        s = self._sessions.get(sid)
+        if s is None:
+            return None
+        if s.notice_cb is None:
+            return False
+        return await s.notice_cb(message)
+
+    async def wait_closed(self, sid: str, timeout: float) -> bool:
+        """Wait (bounded) until a session has left the registry. True if it has."""
+        if sid not in self._sessions:
+            return True
+        q = self.subscribe()
+        try:
+            async with asyncio.timeout(timeout):
+                while sid in self._sessions:
+                    ev = await q.get()
+                    if ev is None:  # fell behind: poll instead
+                        q = self.subscribe()
+        except TimeoutError:
+            return sid not in self._sessions
+        finally:
+            self.unsubscribe(q)
+        return True
+
+    def bytes_by_protocol(self) -> dict[tuple[str, str], int]:
+        """Bytes relayed so far, by (protocol, direction), live sessions included."""
+        out = dict(self._closed_bytes)
+        for sess in self._sessions.values():
+            p = sess.spec.protocol
+            out[(p, "up")] = out.get((p, "up"), 0) + sess.bytes_up
+            out[(p, "down")] = out.get((p, "down"), 0) + sess.bytes_down
+        return out
 
     def subscribe(self) -> asyncio.Queue[SessionEvent | None]:
         """A bounded event stream. A subscriber that falls behind gets `None` and is dropped."""

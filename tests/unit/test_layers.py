@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[2] / "gateway"
-SHARED_PROTOCOL_MODULES = {"gateway.protocols.base", "gateway.protocols.upstream_ssh"}
+SHARED_PROTOCOL_MODULES = {"gateway.protocols.base", "gateway.protocols.upstream_ssh", "gateway.protocols.ssh_disconnect"}
 
 # module prefix -> prefixes it must not import
 FORBIDDEN = {
