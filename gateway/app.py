@@ -17,11 +17,14 @@ from structlog.typing import FilteringBoundLogger
 
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config
-from gateway.doors.https import HTTPSDoor
+from gateway.control.api import ControlAPI
+from gateway.doors.https import public_https
 from gateway.doors.ssh import SSHDoor
 from gateway.errors import StartupError
+from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.net import tls
 from gateway.net.detect import Door
+from gateway.net.https import HTTPSServer
 from gateway.net.listener import Listener, bind
 from gateway.policy import Policy
 from gateway.protocols.ssh_jump import SSHJumpHandler
@@ -91,14 +94,23 @@ class App:
         self.log = log
         self.clock = clock or SystemClock()
         self.registry = SessionRegistry(config.gateway.node, self.clock, log)
+        self.metrics = Metrics(self.registry, config.vms)
+        self.registry.set_observer(self.metrics)
         self.policy = Policy(config.vms, config.users, config.rules)
+        self._control: Listener | None = None
+        self._control_https: HTTPSServer | None = None
+        self._ready = False
         self._listener: Listener | None = None
-        self._https: HTTPSDoor | None = None
+        self._https: HTTPSServer | None = None
         self.host_keys: list[asyncssh.SSHKey] = []
 
     @property
     def public_addresses(self) -> list[tuple[str, int]]:
         return self._listener.addresses if self._listener else []
+
+    @property
+    def control_addresses(self) -> list[tuple[str, int]]:
+        return self._control.addresses if self._control else []
 
     async def start(self) -> None:
         """Validate files, bind every port, then start serving. Raises StartupError, binding nothing on failure."""
@@ -108,16 +120,24 @@ class App:
         ssl_ctx = load_tls(cfg, state_dir, self.log)
         credentials = Credentials.load(cfg.vms)
         host_keys = HostKeys(cfg.vms, state_dir / "known_hosts_tofu", self.log)
+        control_ssl = (
+            tls.server_context(cfg.control.tls_cert, cfg.control.tls_key, label="control")
+            if cfg.control.tls_cert is not None and cfg.control.tls_key is not None
+            else ssl_ctx
+        )
         sockets: list[socket.socket] = []
+        control_sockets: list[socket.socket] = []
         try:
             for addr in cfg.public.listen:
                 sockets.append(bind(addr))
+            for addr in cfg.control.listen:
+                control_sockets.append(bind(addr))
         except StartupError:
-            for s in sockets:
+            for s in sockets + control_sockets:
                 s.close()
             raise
-        terminate = SSHTerminateHandler(self.registry, credentials, host_keys, cfg.gateway.connect_timeout, self.log)
-        jump = SSHJumpHandler(self.registry, cfg.gateway.connect_timeout, self.log)
+        terminate = SSHTerminateHandler(self.registry, credentials, host_keys, cfg.gateway.connect_timeout, self.log, observer=self.metrics)
+        jump = SSHJumpHandler(self.registry, cfg.gateway.connect_timeout, self.log, observer=self.metrics)
         first = cfg.public.listen[0] if cfg.public.listen else None
         hint = first.host if first and first.host not in ("0.0.0.0", "::") else "GATEWAY"
         ssh_door = SSHDoor(
@@ -134,21 +154,45 @@ class App:
             connect_timeout=cfg.gateway.connect_timeout,
             log=self.log,
             public_hint=hint,
+            observer=self.metrics,
         )
-        self._https = HTTPSDoor(cfg.gateway.node, ssl_ctx, self.log, header_timeout=cfg.public.header_timeout)
+        self._https = public_https(cfg.gateway.node, ssl_ctx, self.log, cfg.public.header_timeout)
         await self._https.start()
         self._listener = Listener(sockets, {Door.SSH: ssh_door.handle, Door.TLS: self._https.handle}, cfg.public.detect_timeout, self.log)
         self._listener.start()
+        api = ControlAPI(
+            self.registry,
+            cfg.operators,
+            self.clock,
+            self.log,
+            metrics=self.metrics.render,
+            metrics_content_type=CONTENT_TYPE,
+            metrics_public=cfg.control.metrics_public,
+            node=cfg.gateway.node,
+            ready=lambda: self._ready,
+        )
+        self._control_https = HTTPSServer(api.build(), control_ssl, self.log, header_timeout=cfg.control.header_timeout)
+        await self._control_https.start()
+        self._control = Listener(control_sockets, {Door.TLS: self._control_https.handle}, cfg.public.detect_timeout, self.log)
+        self._control.start()
+        self._ready = True
         self.log.info(
             "gateway_started",
             node=cfg.gateway.node,
             public=[f"{h}:{p}" for h, p in self.public_addresses],
+            control=[f"{h}:{p}" for h, p in self.control_addresses],
+            operators=len(cfg.operators),
             vms=len(cfg.vms),
             users=len(cfg.users),
             rules=len(cfg.rules),
         )
 
     async def stop(self) -> None:
+        self._ready = False
+        if self._control is not None:
+            await self._control.stop()
+        if self._control_https is not None:
+            await self._control_https.stop()
         if self._listener is not None:
             await self._listener.stop()
         if self._https is not None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 import asyncssh
 from structlog.typing import FilteringBoundLogger
@@ -27,7 +27,21 @@ from gateway.protocols.base import Client
 from gateway.protocols.ssh_jump import SSHJumpHandler, refuse
 from gateway.protocols.ssh_terminate import SSHTerminateHandler, UserSide
 
-_UNKNOWN = object()
+
+class DoorObserver(Protocol):
+    """Told about authentication failures and refusals (metrics implement this)."""
+
+    def auth_failed(self, method: str, reason: str) -> None: ...
+
+    def refused(self, reason: str) -> None: ...
+
+
+class _NullObserver:
+    def auth_failed(self, method: str, reason: str) -> None:
+        return None
+
+    def refused(self, reason: str) -> None:
+        return None
 
 
 class SSHDoor:
@@ -49,7 +63,9 @@ class SSHDoor:
         connect_timeout: float,
         log: FilteringBoundLogger,
         public_hint: str = "GATEWAY",
+        observer: DoorObserver | None = None,
     ) -> None:
+        self.observer: DoorObserver = observer or _NullObserver()
         self.policy = policy
         self.user_ca_keys = user_ca_keys
         self.terminate = terminate
@@ -84,6 +100,7 @@ class SSHDoor:
         log = self.log.bind(source_ip=peer[0], source_port=peer[1])
         if self.unauthenticated >= self.max_startups:
             log.warning("connection_refused", reason="max_startups", limit=self.max_startups)
+            self.observer.refused("max_startups")
             sock.close()
             return
         self.unauthenticated += 1
@@ -218,6 +235,7 @@ class GatewaySSHServer(asyncssh.SSHServer):
 
     def _auth_failed(self, reason: str, method: str) -> None:
         self._failures += 1
+        self._door.observer.auth_failed(method, reason)
         self._log.info("auth_failed", user=self.username, method=method, reason=reason, attempt=self._failures)
         if self._failures >= self._door.max_auth_tries and self._conn is not None:
             self._log.warning("auth_tries_exceeded", user=self.username, limit=self._door.max_auth_tries)
@@ -244,6 +262,7 @@ class GatewaySSHServer(asyncssh.SSHServer):
             grant = self._door.policy.check_ssh(client.principal, self._vm, self._login)
         except PolicyDenied as exc:
             self._log.info("session_refused", user=client.principal.name, vm=self._vm, login=self._login, protocol="ssh", reason=exc.reason)
+            self._door.observer.refused(exc.reason)
             # Accept the channel and say why on stderr: a channel-open failure is
             # only printed at OpenSSH's INFO log level, which `-q` hides.
             return RefusedSession(exc.message)
@@ -261,6 +280,7 @@ class GatewaySSHServer(asyncssh.SSHServer):
             self._log.info(
                 "forward_refused", user=client.principal.name, target=dest_host[:64], port=dest_port, protocol="ssh-jump", reason=exc.reason
             )
+            self._door.observer.refused(exc.reason)
             raise refuse(exc) from None
         return self._door.jump.open(grant, client, self)
 

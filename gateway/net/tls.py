@@ -16,13 +16,13 @@ from cryptography.x509.oid import NameOID
 from gateway.errors import StartupError
 
 
-def server_context(cert: Path, key: Path) -> ssl.SSLContext:
-    """A TLS 1.2+ server context. Raises StartupError naming the file at fault."""
-    for label, path in (("public.tls_cert", cert), ("public.tls_key", key)):
+def server_context(cert: Path, key: Path, label: str = "public") -> ssl.SSLContext:
+    """A TLS 1.2+ server context. Raises StartupError naming the config key and file at fault."""
+    for key_name, path in ((f"{label}.tls_cert", cert), (f"{label}.tls_key", key)):
         if not path.is_file():
-            raise StartupError(f"{label}: file not found: {str(path)!r}")
+            raise StartupError(f"{key_name}: file not found: {str(path)!r}")
         if not os.access(path, os.R_OK):
-            raise StartupError(f"{label}: file not readable: {str(path)!r}")
+            raise StartupError(f"{key_name}: file not readable: {str(path)!r}")
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:

@@ -29,3 +29,19 @@ class ProtocolHandler(Protocol):
     """One way of reaching a VM. `kind` is the session protocol it records."""
 
     kind: str
+
+
+class UpstreamObserver(Protocol):
+    """Told how reaching VMs went (metrics implement this). VM names are inventory names."""
+
+    def dial_succeeded(self, vm: str, seconds: float) -> None: ...
+
+    def dial_failed(self, vm: str, reason: str) -> None: ...
+
+
+class NullUpstreamObserver:
+    def dial_succeeded(self, vm: str, seconds: float) -> None:
+        return None
+
+    def dial_failed(self, vm: str, reason: str) -> None:
+        return None

@@ -19,7 +19,7 @@ from structlog.typing import FilteringBoundLogger
 from gateway.errors import GatewayError
 from gateway.net.upstream import dial
 from gateway.policy import Grant
-from gateway.protocols.base import Client, Spawner
+from gateway.protocols.base import Client, NullUpstreamObserver, Spawner, UpstreamObserver
 from gateway.protocols.ssh_disconnect import disconnect_with_notice, notice_text
 from gateway.sessions.model import SessionSpec
 from gateway.sessions.registry import Session, SessionRegistry
@@ -150,7 +150,10 @@ class SSHJumpHandler:
 
     kind = "ssh-jump"
 
-    def __init__(self, registry: SessionRegistry, connect_timeout: float, log: FilteringBoundLogger) -> None:
+    def __init__(
+        self, registry: SessionRegistry, connect_timeout: float, log: FilteringBoundLogger, observer: UpstreamObserver | None = None
+    ) -> None:
+        self._observer = observer or NullUpstreamObserver()
         self._registry = registry
         self._timeout = connect_timeout
         self._log = log
@@ -162,15 +165,18 @@ class SSHJumpHandler:
         Raises asyncssh.ChannelOpenError (which the client prints) if the VM cannot be reached.
         """
         loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             dial_sock = await dial(grant.vm.address, grant.port, self._timeout)
         except GatewayError as exc:
+            self._observer.dial_failed(grant.vm.name, exc.reason)
             self._log.warning(
                 "upstream_dial_failed", user=client.principal.name, vm=grant.vm.name, port=grant.port, reason=exc.reason, error=exc.message
             )
             raise asyncssh.ChannelOpenError(
                 asyncssh.OPEN_CONNECT_FAILED, f"cannot reach VM {grant.vm.name!r} port {grant.port}: {exc.message}"
             ) from None
+        self._observer.dial_succeeded(grant.vm.name, loop.time() - started)
         pair = _Pair()
         try:
             await loop.create_connection(lambda: SocketSide(pair), sock=dial_sock)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,7 @@ from structlog.typing import FilteringBoundLogger
 
 from gateway.errors import GatewayError, UpstreamHostKeyMismatch
 from gateway.policy import Grant, env_allowed
-from gateway.protocols.base import Client
+from gateway.protocols.base import Client, NullUpstreamObserver, UpstreamObserver
 from gateway.protocols.ssh_disconnect import disconnect_with_notice, notice_text, warning_text
 from gateway.protocols.upstream_ssh import Credentials, HostKeys, connect_vm
 from gateway.sessions.model import SessionSpec
@@ -234,7 +235,10 @@ class SSHTerminateHandler:
         host_keys: HostKeys,
         connect_timeout: float,
         log: FilteringBoundLogger,
+        *,
+        observer: UpstreamObserver | None = None,
     ) -> None:
+        self._observer = observer or NullUpstreamObserver()
         self._registry = registry
         self._credentials = credentials
         self._host_keys = host_keys
@@ -249,16 +253,26 @@ class SSHTerminateHandler:
         vm = grant.vm
         assert grant.login is not None
         log = self._log.bind(user=client.principal.name, source_ip=client.source_ip, vm=vm.name, login=grant.login)
+        started = time.monotonic()
         try:
             conn = await connect_vm(vm, grant.login, self._credentials, self._host_keys, self._timeout)
-        except UpstreamHostKeyMismatch as exc:
-            log.error("upstream_host_key_mismatch", reason=exc.reason, error=exc.message)
-            user.fail(f"the identity of VM {vm.name!r} could not be verified; the session was refused and the operator alerted")
-            return
         except GatewayError as exc:
-            log.warning("upstream_dial_failed", reason=exc.reason, error=exc.message)
-            user.fail(f"cannot reach VM {vm.name!r}: {exc.message}")
+            self._observer.dial_failed(vm.name, exc.reason)
+            self._report(exc, vm.name, log, user)
             return
+        self._observer.dial_succeeded(vm.name, time.monotonic() - started)
+        await self._relay(grant, client, user, conn)
+
+    def _report(self, exc: GatewayError, vm_name: str, log: FilteringBoundLogger, user: UserSide) -> None:
+        if isinstance(exc, UpstreamHostKeyMismatch):
+            log.error("upstream_host_key_mismatch", reason=exc.reason, error=exc.message)
+            user.fail(f"the identity of VM {vm_name!r} could not be verified; the session was refused and the operator alerted")
+            return
+        log.warning("upstream_dial_failed", reason=exc.reason, error=exc.message)
+        user.fail(f"cannot reach VM {vm_name!r}: {exc.message}")
+
+    async def _relay(self, grant: Grant, client: Client, user: UserSide, conn: asyncssh.SSHClientConnection) -> None:
+        vm = grant.vm
         if user.closed.done():
             conn.close()
             return

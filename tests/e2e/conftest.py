@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import io
 import json
 import shutil
@@ -144,11 +145,20 @@ class Gateway:
         ]  # fmt: skip
 
 
+OPERATOR_TOKEN = "op-" + "t" * 40
+VIEWER_TOKEN = "view-" + "v" * 40
+
+
 def base_config(tmp: Path, keys: Keys, vm: SSHD) -> dict[str, Any]:
     login = vm.login
     return {
         "gateway": {"node": "test-node", "state_dir": str(tmp / "state"), "connect_timeout": "5s"},
         "public": {"listen": ["127.0.0.1:0"]},
+        "control": {"listen": ["127.0.0.1:0"]},
+        "operators": [
+            {"name": "noc", "role": "operator", "token_sha256": hashlib.sha256(OPERATOR_TOKEN.encode()).hexdigest()},
+            {"name": "watcher", "role": "viewer", "token_sha256": hashlib.sha256(VIEWER_TOKEN.encode()).hexdigest()},
+        ],
         "ssh": {"login_grace_time": "20s", "max_auth_tries": 6, "max_startups": 50, "user_ca_keys": [keys.ca.public]},
         "vms": [
             {

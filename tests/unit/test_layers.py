@@ -28,6 +28,8 @@ FORBIDDEN = {
     "gateway.policy": ("gateway.doors", "gateway.protocols", "gateway.app", "gateway.cli", "gateway.net"),
     "gateway.protocols": ("gateway.doors", "gateway.app", "gateway.cli", "gateway.control", "gateway.metrics"),
     "gateway.doors": ("gateway.app", "gateway.cli", "gateway.control"),
+    "gateway.control": ("gateway.protocols", "gateway.doors", "gateway.app", "gateway.cli"),
+    "gateway.metrics": ("gateway.protocols", "gateway.doors", "gateway.app", "gateway.cli", "gateway.control"),
 }
 
 

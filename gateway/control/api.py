@@ -1,0 +1,347 @@
+"""The control port's HTTP API: sessions, forced disconnects, notices, events, metrics, health, the page.
+
+Access: every route but health (and /metrics when `metrics_public`) and the
+static page needs `Authorization: Bearer TOKEN`. Tokens are matched by SHA-256
+in constant time against every configured operator. A missing or wrong token
+gets 401, a viewer on an operator route 403; neither reaches a handler. The
+page's own files carry no data and load without a token; the page then sends
+the token the operator types with every request (a header, never a cookie, so
+other sites cannot make a browser send it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import math
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from structlog.typing import FilteringBoundLogger
+
+from gateway.clock import Clock
+from gateway.config import Operator
+from gateway.control.openapi import OPENAPI
+from gateway.sessions.model import SessionEvent, SessionInfo
+from gateway.sessions.registry import SessionRegistry
+
+MAX_BODY = 16 * 1024
+MAX_REASON = 400
+MAX_IDS = 1000
+MAX_GRACE = 3600.0
+_ROLE_RANK = {"viewer": 1, "operator": 2}
+_OPERATOR_KEY = "bastion_operator"
+
+
+@dataclass(frozen=True)
+class Route:
+    role: str | None  # None: no token needed
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.message = message
+
+
+def _err(status: int, error: str, message: str, **headers: str) -> web.Response:
+    return web.json_response({"error": error, "message": message}, status=status, headers=headers or None)
+
+
+class ControlAPI:
+    """Builds the aiohttp application. Reads the registry; never imports a protocol."""
+
+    def __init__(
+        self,
+        registry: SessionRegistry,
+        operators: Iterable[Operator],
+        clock: Clock,
+        log: FilteringBoundLogger,
+        *,
+        metrics: Callable[[], bytes] | None = None,
+        metrics_content_type: str = "text/plain; version=0.0.4; charset=utf-8",
+        metrics_public: bool = False,
+        node: str = "",
+        ready: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self._registry = registry
+        self._operators = tuple(operators)
+        self._clock = clock
+        self._log = log
+        self._metrics = metrics
+        self._metrics_type = metrics_content_type
+        self._metrics_public = metrics_public
+        self._node = node
+        self._ready = ready
+        self._routes: dict[str, Route] = {}
+
+    # -- access --
+    def _who(self, request: web.Request) -> Operator | None:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        digest = hashlib.sha256(token.strip().encode()).digest()
+        found: Operator | None = None
+        for op in self._operators:  # compare against every operator, in constant time each
+            if hmac.compare_digest(digest, op.token_sha256):
+                found = op
+        return found
+
+    @web.middleware
+    async def _access(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        route = self._routes.get(request.match_info.route.resource.canonical if request.match_info.route.resource else "", Route("viewer"))
+        try:
+            if route.role is not None:
+                op = self._who(request)
+                if op is None:
+                    self._log.info("control_auth_failed", source_ip=request.remote, path=request.path[:100])
+                    return _err(401, "unauthorized", "a valid bearer token is required", **{"WWW-Authenticate": 'Bearer realm="bastion"'})
+                if _ROLE_RANK[op.role] < _ROLE_RANK[route.role]:
+                    return _err(403, "forbidden", f"role {op.role!r} may not do this; it needs {route.role!r}")
+                request[_OPERATOR_KEY] = op
+            return await handler(request)
+        except ApiError as exc:
+            return _err(exc.status, exc.error, exc.message)
+        except web.HTTPRequestEntityTooLarge:
+            return _err(413, "too_large", f"request bodies are limited to {MAX_BODY} bytes")
+        except web.HTTPException as exc:
+            if exc.status >= 400:
+                return _err(exc.status, "http_error", exc.reason)
+            raise
+
+    def build(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._access])
+        add = self._add
+        add(app, "GET", "/healthz", self.healthz, None)
+        add(app, "GET", "/readyz", self.readyz, None)
+        add(app, "GET", "/metrics", self.metrics, None if self._metrics_public else "viewer")
+        add(app, "GET", "/v1/openapi.json", self.openapi, "viewer")
+        add(app, "GET", "/v1/sessions", self.list_sessions, "viewer")
+        add(app, "GET", "/v1/sessions/{id}", self.get_session, "viewer")
+        add(app, "DELETE", "/v1/sessions/{id}", self.delete_session, "operator")
+        add(app, "POST", "/v1/sessions/disconnect", self.disconnect_many, "operator")
+        add(app, "POST", "/v1/notices", self.notices, "operator")
+        add(app, "GET", "/v1/events", self.events, "viewer")
+        add(app, "GET", "/v1/whoami", self.whoami, "viewer")
+        add(app, "GET", "/ui", self.page, None)
+        add(app, "GET", "/ui/app.js", self.page_js, None)
+        return app
+
+    def _add(
+        self,
+        app: web.Application,
+        method: str,
+        path: str,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+        role: str | None,
+    ) -> None:
+        resource = app.router.add_resource(path)
+        resource.add_route(method, handler)
+        self._routes[resource.canonical] = Route(role)
+
+    # -- helpers --
+    def _view(self, s: SessionInfo) -> dict[str, Any]:
+        d = s.as_dict()
+        d["duration_s"] = round(max(0.0, (self._clock.now() - s.started_at).total_seconds()), 3)
+        return d
+
+    async def _body(self, request: web.Request, *, required: bool) -> dict[str, Any]:
+        if not request.can_read_body:
+            if required:
+                raise ApiError(400, "bad_request", "a JSON object body is required")
+            return {}
+        raw = await request.read()
+        if not raw.strip():
+            if required:
+                raise ApiError(400, "bad_request", "a JSON object body is required")
+            return {}
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(400, "bad_request", f"body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "bad_request", "body must be a JSON object")
+        return body
+
+    @staticmethod
+    def _reason(body: dict[str, Any]) -> str:
+        reason = body.get("reason", "")
+        if not isinstance(reason, str):
+            raise ApiError(400, "bad_request", "reason must be a string")
+        reason = " ".join(reason.split())  # no control characters or line breaks into terminals
+        if len(reason) > MAX_REASON:
+            raise ApiError(400, "bad_request", f"reason is limited to {MAX_REASON} characters")
+        return reason
+
+    @staticmethod
+    def _grace(body: dict[str, Any]) -> float:
+        grace = body.get("grace_s", 0)
+        if isinstance(grace, bool) or not isinstance(grace, int | float) or not math.isfinite(grace) or not 0 <= grace <= MAX_GRACE:
+            raise ApiError(400, "bad_request", f"grace_s must be a number from 0 to {MAX_GRACE:g}")
+        return float(grace)
+
+    def _audit(self, request: web.Request, action: str, **fields: Any) -> None:
+        op = request.get(_OPERATOR_KEY)
+        assert isinstance(op, Operator)
+        self._log.info("operator_action", action=action, operator=op.name, role=op.role, source_ip=request.remote, **fields)
+
+    async def _disconnect(self, sid: str, reason: str, grace: float) -> str:
+        try:
+            found = await self._registry.terminate(sid, reason, grace)
+        except Exception as exc:  # a handler's callback failing must not fail the whole request
+            self._log.warning("disconnect_failed", session_id=sid, error=str(exc)[:200])
+            return "failed"
+        if not found:
+            return "not_found"
+        if grace == 0:
+            await self._registry.wait_closed(sid, 3.0)
+        return "disconnected"
+
+    # -- handlers --
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "node": self._node})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        if self._ready():
+            return web.json_response({"status": "ready", "node": self._node})
+        return web.json_response({"status": "starting", "node": self._node}, status=503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        if self._metrics is None:
+            raise ApiError(404, "not_found", "metrics are not enabled")
+        return web.Response(body=self._metrics(), headers={"Content-Type": self._metrics_type})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(OPENAPI)
+
+    async def whoami(self, request: web.Request) -> web.Response:
+        op = request[_OPERATOR_KEY]
+        assert isinstance(op, Operator)
+        return web.json_response({"name": op.name, "role": op.role, "node": self._node})
+
+    async def list_sessions(self, request: web.Request) -> web.Response:
+        q = request.query
+        unknown = set(q) - {"user", "vm", "protocol"}
+        if unknown:
+            raise ApiError(400, "bad_request", f"unknown filter: {sorted(unknown)[0]!r} (allowed: user, vm, protocol)")
+        rows = [
+            self._view(s)
+            for s in self._registry.list()
+            if all(q.get(k) is None or getattr(s, k) == q[k] for k in ("user", "vm", "protocol"))
+        ]
+        rows.sort(key=lambda r: r["started_at"])
+        return web.json_response({"sessions": rows, "node": self._node})
+
+    async def get_session(self, request: web.Request) -> web.Response:
+        s = self._registry.get(request.match_info["id"])
+        if s is None:
+            raise ApiError(404, "not_found", "no such session")
+        return web.json_response(self._view(s))
+
+    async def delete_session(self, request: web.Request) -> web.Response:
+        sid = request.match_info["id"]
+        body = await self._body(request, required=False)
+        reason, grace = self._reason(body), self._grace(body)
+        result = await self._disconnect(sid, reason, grace)
+        self._audit(request, "disconnect", session_ids=[sid], reason=reason, grace_s=grace, results={sid: result})
+        if result == "not_found":
+            raise ApiError(404, "not_found", "no such session")
+        return web.json_response({"id": sid, "result": result}, status=200 if result != "failed" else 500)
+
+    async def disconnect_many(self, request: web.Request) -> web.Response:
+        body = await self._body(request, required=True)
+        ids = body.get("ids")
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) and 0 < len(i) <= 64 for i in ids) or len(ids) > MAX_IDS:
+            raise ApiError(400, "bad_request", f"ids must be a non-empty list of up to {MAX_IDS} session id strings")
+        reason, grace = self._reason(body), self._grace(body)
+        unique = list(dict.fromkeys(ids))
+        outcomes = await asyncio.gather(*(self._disconnect(sid, reason, grace) for sid in unique))
+        results = dict(zip(unique, outcomes, strict=True))
+        self._audit(request, "disconnect", session_ids=unique, reason=reason, grace_s=grace, results=results)
+        return web.json_response({"results": results})
+
+    async def notices(self, request: web.Request) -> web.Response:
+        body = await self._body(request, required=True)
+        message = body.get("message")
+        if not isinstance(message, str) or not message.strip():
+            raise ApiError(400, "bad_request", "message must be a non-empty string")
+        message = " ".join(message.split())
+        if len(message) > MAX_REASON:
+            raise ApiError(400, "bad_request", f"message is limited to {MAX_REASON} characters")
+        ids = body.get("ids")
+        if ids is None:
+            targets = [s.id for s in self._registry.list()]
+        elif isinstance(ids, list) and all(isinstance(i, str) for i in ids) and len(ids) <= MAX_IDS:
+            targets = list(dict.fromkeys(ids))
+        else:
+            raise ApiError(400, "bad_request", f"ids must be a list of up to {MAX_IDS} session id strings")
+        results: dict[str, str] = {}
+        for sid in targets:
+            shown = await self._registry.notify(sid, message)
+            results[sid] = "not_found" if shown is None else ("delivered" if shown else "unsupported")
+        self._audit(request, "notice", session_ids=targets, message=message, results=results)
+        return web.json_response({"results": results})
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """Server-Sent Events: a `snapshot` first, then `opened`, `updated` and `closed` as they happen."""
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+        await resp.prepare(request)
+        q = self._registry.subscribe()
+        try:
+            await resp.write(_sse("snapshot", {"sessions": [self._view(s) for s in self._registry.list()]}))
+            while True:
+                try:
+                    async with asyncio.timeout(15):
+                        ev = await q.get()
+                except TimeoutError:
+                    await resp.write(b": keep-alive\n\n")
+                    continue
+                if ev is None:  # fell behind: tell the client to reload
+                    await resp.write(_sse("resync", {}))
+                    q = self._registry.subscribe()
+                    continue
+                await resp.write(_sse(ev.kind, _event_payload(self._view(ev.session), ev)))
+        finally:
+            self._registry.unsubscribe(q)
+
+    async def page(self, request: web.Request) -> web.Response:
+        return web.Response(body=_static("index.html"), content_type="text/html", headers=_PAGE_HEADERS)
+
+    async def page_js(self, request: web.Request) -> web.Response:
+        return web.Response(body=_static("app.js"), content_type="application/javascript", headers=_PAGE_HEADERS)
+
+
+_PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; connect-src 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+def _static(name: str) -> bytes:
+    return resources.files("gateway.control").joinpath("static", name).read_bytes()
+
+
+def _sse(kind: str, data: dict[str, Any]) -> bytes:
+    return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def _event_payload(view: dict[str, Any], ev: SessionEvent) -> dict[str, Any]:
+    out: dict[str, Any] = {"session": view}
+    if ev.reason is not None:
+        out["reason"] = ev.reason
+    return out

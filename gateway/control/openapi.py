@@ -1,0 +1,167 @@
+"""The control API's OpenAPI 3.1 document, served at /v1/openapi.json and used by the tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_SESSION: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": [
+        "id", "user", "source_ip", "source_port", "vm", "target_address", "target_port", "protocol",
+        "login", "started_at", "duration_s", "bytes_up", "bytes_down", "node", "state",
+    ],
+    "properties": {
+        "id": {"type": "string"},
+        "user": {"type": "string"},
+        "source_ip": {"type": "string"},
+        "source_port": {"type": "integer", "minimum": 0, "maximum": 65535},
+        "vm": {"type": "string"},
+        "target_address": {"type": "string"},
+        "target_port": {"type": "integer", "minimum": 1, "maximum": 65535},
+        "protocol": {"type": "string", "enum": ["ssh", "ssh-jump"]},
+        "login": {"type": ["string", "null"]},
+        "started_at": {"type": "string", "format": "date-time", "pattern": "Z$"},
+        "duration_s": {"type": "number", "minimum": 0},
+        "bytes_up": {"type": "integer", "minimum": 0},
+        "bytes_down": {"type": "integer", "minimum": 0},
+        "node": {"type": "string"},
+        "state": {"type": "string", "enum": ["active", "terminating", "closed"]},
+    },
+}  # fmt: skip
+
+_ERROR: dict[str, Any] = {
+    "type": "object",
+    "required": ["error", "message"],
+    "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
+}
+
+_DISCONNECT_BODY: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "reason": {"type": "string", "maxLength": 400},
+        "grace_s": {"type": "number", "minimum": 0, "maximum": 3600},
+    },
+}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+_ERRORS = {
+    "400": _json(_ref("Error"), "Bad request: the message names what is wrong"),
+    "401": _json(_ref("Error"), "Missing or wrong bearer token"),
+    "403": _json(_ref("Error"), "The operator's role may not do this"),
+    "413": _json(_ref("Error"), "Body too large"),
+}
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {"title": "Bastion gateway control API", "version": "1"},
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "schemas": {
+            "Session": _SESSION,
+            "Error": _ERROR,
+            "SessionList": {
+                "type": "object",
+                "required": ["sessions", "node"],
+                "properties": {"sessions": {"type": "array", "items": _ref("Session")}, "node": {"type": "string"}},
+            },
+            "DisconnectResult": {
+                "type": "object",
+                "required": ["id", "result"],
+                "properties": {"id": {"type": "string"}, "result": {"type": "string", "enum": ["disconnected", "failed"]}},
+            },
+            "BulkDisconnect": {
+                "type": "object",
+                "required": ["ids"],
+                "properties": {
+                    "ids": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1000},
+                    **_DISCONNECT_BODY["properties"],
+                },
+            },
+            "BulkResults": {
+                "type": "object",
+                "required": ["results"],
+                "properties": {
+                    "results": {
+                        "type": "object",
+                        "additionalProperties": {"type": "string", "enum": ["disconnected", "not_found", "failed"]},
+                    }
+                },
+            },
+            "Notice": {
+                "type": "object",
+                "required": ["message"],
+                "properties": {
+                    "message": {"type": "string", "minLength": 1, "maxLength": 400},
+                    "ids": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+            "NoticeResults": {
+                "type": "object",
+                "required": ["results"],
+                "properties": {
+                    "results": {
+                        "type": "object",
+                        "additionalProperties": {"type": "string", "enum": ["delivered", "not_found", "unsupported"]},
+                    }
+                },
+            },
+        },
+    },
+    "security": [{"bearer": []}],
+    "paths": {
+        "/healthz": {"get": {"security": [], "responses": {"200": {"description": "Alive"}}}},
+        "/readyz": {"get": {"security": [], "responses": {"200": {"description": "Serving"}, "503": {"description": "Starting"}}}},
+        "/metrics": {"get": {"responses": {"200": {"description": "Prometheus text exposition"}}}},
+        "/v1/sessions": {
+            "get": {
+                "summary": "Every live session (fresh on every call)",
+                "parameters": [
+                    {"name": n, "in": "query", "required": False, "schema": {"type": "string"}} for n in ("user", "vm", "protocol")
+                ],
+                "responses": {"200": _json(_ref("SessionList"), "Live sessions"), **_ERRORS},
+            }
+        },
+        "/v1/sessions/{id}": {
+            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "get": {"responses": {"200": _json(_ref("Session"), "The session"), "404": _json(_ref("Error"), "No such session"), **_ERRORS}},
+            "delete": {
+                "summary": "Force a disconnect (operator)",
+                "requestBody": {"required": False, "content": {"application/json": {"schema": _DISCONNECT_BODY}}},
+                "responses": {
+                    "200": _json(_ref("DisconnectResult"), "Accepted"),
+                    "404": _json(_ref("Error"), "No such session"),
+                    **_ERRORS,
+                },
+            },
+        },
+        "/v1/sessions/disconnect": {
+            "post": {
+                "summary": "Force several disconnects (operator)",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("BulkDisconnect")}}},
+                "responses": {"200": _json(_ref("BulkResults"), "Result per id"), **_ERRORS},
+            }
+        },
+        "/v1/notices": {
+            "post": {
+                "summary": "Write a message into live SSH terminals (operator)",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("Notice")}}},
+                "responses": {"200": _json(_ref("NoticeResults"), "Result per id"), **_ERRORS},
+            }
+        },
+        "/v1/events": {
+            "get": {
+                "summary": "Server-Sent Events: snapshot, opened, updated, closed, resync",
+                "responses": {"200": {"description": "text/event-stream"}, **_ERRORS},
+            }
+        },
+    },
+}

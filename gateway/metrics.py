@@ -1,0 +1,118 @@
+"""Prometheus metrics on the gateway's own CollectorRegistry.
+
+Gauges and byte counters are computed from the session registry at scrape
+time, so they cannot drift from it. Label values come only from closed sets
+(protocol, reason slugs, auth method, direction) and the inventory (VM names);
+never from what a client typed.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from gateway import __version__
+from gateway.sessions.model import SessionInfo
+from gateway.sessions.registry import SessionRegistry
+
+PROTOCOLS = ("ssh", "ssh-jump")
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _RegistryCollector(Collector):
+    def __init__(self, sessions: SessionRegistry, vms: Iterable[str]) -> None:
+        self._sessions = sessions
+        self._vms = tuple(vms)
+
+    def collect(self) -> Iterator[Metric]:
+        active = GaugeMetricFamily("bastion_sessions_active", "Sessions relaying now, by protocol and VM.", labels=["protocol", "vm"])
+        counts: dict[tuple[str, str], int] = {(p, vm): 0 for p in PROTOCOLS for vm in self._vms}
+        for s in self._sessions.list():
+            counts[(s.protocol, s.vm)] = counts.get((s.protocol, s.vm), 0) + 1
+        for (protocol, vm), n in sorted(counts.items()):
+            active.add_metric([protocol, vm], n)
+        yield active
+        relayed = CounterMetricFamily(
+            "bastion_relayed_bytes", "Bytes relayed, by protocol and direction (up: user to VM).", labels=["protocol", "direction"]
+        )
+        totals = self._sessions.bytes_by_protocol()
+        for protocol in PROTOCOLS:
+            for direction in ("up", "down"):
+                relayed.add_metric([protocol, direction], totals.get((protocol, direction), 0))
+        yield relayed
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+class Metrics:
+    """Owns the CollectorRegistry. Implements the session and upstream observer protocols."""
+
+    def __init__(self, sessions: SessionRegistry, vms: Iterable[str]) -> None:
+        self.registry = CollectorRegistry()
+        vm_names = tuple(vms)
+        self._vms = set(vm_names)
+        reg = self.registry
+        ProcessCollector(registry=reg)
+        reg.register(_RegistryCollector(sessions, vm_names))
+        build = Gauge("bastion_build_info", "Build information; the value is always 1.", ["version", "python"], registry=reg)
+        build.labels(__version__, platform.python_version()).set(1)
+        self.started = Counter("bastion_sessions_started", "Sessions started, by protocol.", ["protocol"], registry=reg)
+        self.ended = Counter("bastion_sessions_ended", "Sessions ended, by protocol and reason.", ["protocol", "reason"], registry=reg)
+        self.duration = Histogram(
+            "bastion_session_duration_seconds",
+            "How long sessions lasted, by protocol.",
+            ["protocol"],
+            buckets=(1, 10, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 24 * 3600),
+            registry=reg,
+        )
+        self.auth_failures = Counter(
+            "bastion_auth_failures", "Failed authentication attempts, by method and reason.", ["method", "reason"], registry=reg
+        )
+        self.refusals = Counter("bastion_refusals", "Requests refused after authentication, by reason.", ["reason"], registry=reg)
+        self.forced = Counter("bastion_forced_disconnects", "Sessions ended by an operator.", registry=reg)
+        self.dial_seconds = Histogram(
+            "bastion_upstream_dial_seconds",
+            "Time to reach a VM (TCP connect, and for terminating SSH the handshake and login), by VM.",
+            ["vm"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=reg,
+        )
+        self.dial_failures = Counter(
+            "bastion_upstream_dial_failures", "Failures to reach a VM, by VM and reason.", ["vm", "reason"], registry=reg
+        )
+        for p in PROTOCOLS:
+            self.started.labels(p)
+
+    # -- SessionObserver --
+    def session_opened(self, info: SessionInfo) -> None:
+        self.started.labels(info.protocol).inc()
+
+    def session_closed(self, info: SessionInfo, reason: str, duration_s: float) -> None:
+        self.ended.labels(info.protocol, reason).inc()
+        self.duration.labels(info.protocol).observe(duration_s)
+        if reason == "terminated_by_operator":
+            self.forced.inc()
+
+    # -- UpstreamObserver --
+    def dial_succeeded(self, vm: str, seconds: float) -> None:
+        if vm in self._vms:
+            self.dial_seconds.labels(vm).observe(seconds)
+
+    def dial_failed(self, vm: str, reason: str) -> None:
+        if vm in self._vms:
+            self.dial_failures.labels(vm, reason).inc()
+
+    # -- door events --
+    def auth_failed(self, method: str, reason: str) -> None:
+        self.auth_failures.labels(method, reason).inc()
+
+    def refused(self, reason: str) -> None:
+        self.refusals.labels(reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
