@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import os
 import signal
 import sys
@@ -73,7 +75,132 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
-    return _run(lambda stop: run_demo(stop, state_dir=args.state_dir, port=args.port))
+    return _run(lambda stop: run_demo(stop, state_dir=args.state_dir, port=args.port, control_port=args.control_port))
+
+
+def cmd_hash_token(args: argparse.Namespace) -> int:
+    import hashlib
+
+    token = sys.stdin.readline().strip()
+    if not token:
+        print("bastion hash-token: give the token on standard input", file=sys.stderr)
+        return 2
+    if len(token) < 20:
+        print("bastion hash-token: warning: tokens shorter than 20 characters are easy to guess", file=sys.stderr)
+    print(hashlib.sha256(token.encode()).hexdigest())
+    return 0
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from gateway.client.api import ControlClient
+
+    url = args.url or os.environ.get("BASTION_CONTROL_URL")
+    token = args.token or os.environ.get("BASTION_TOKEN")
+    if not url or not token:
+        raise SystemExit("bastion: set --url/BASTION_CONTROL_URL and --token/BASTION_TOKEN")
+    return ControlClient(url=url, token=token, ca_file=args.ca_file, insecure=args.insecure)
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m{sec:02d}s" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
+
+
+def render_sessions(rows: list[dict[str, Any]]) -> str:
+    """The `bastion sessions` table."""
+    header = ("ID", "USER", "VM", "SOURCE IP", "PROTOCOL", "STARTED", "DURATION", "UP", "DOWN")
+    table = [header] + [
+        (
+            r["id"],
+            r["user"],
+            r["vm"],
+            r["source_ip"],
+            r["protocol"],
+            r["started_at"].replace("T", " ")[:19],
+            _duration(r["duration_s"]),
+            _human_bytes(r["bytes_up"]),
+            _human_bytes(r["bytes_down"]),
+        )
+        for r in rows
+    ]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table]
+    if not rows:
+        lines.append("(no sessions)")
+    return "\n".join(lines)
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    from gateway.client.api import ControlError
+
+    client = _client(args)
+    params = {k: v for k, v in (("user", args.user), ("vm", args.vm), ("protocol", args.protocol)) if v}
+    path = "v1/sessions" + ("?" + "&".join(f"{k}={v}" for k, v in params.items()) if params else "")
+
+    async def once() -> list[dict[str, Any]]:
+        data = await client.request("GET", path)
+        rows: list[dict[str, Any]] = data["sessions"]
+        return rows
+
+    async def run(stop: asyncio.Event) -> int:
+        try:
+            rows = await once()
+            if args.json:
+                print(json.dumps(rows, indent=2))
+                return 0
+            if not args.watch:
+                print(render_sessions(rows))
+                return 0
+            while not stop.is_set():
+                print("\033[H\033[2J" + render_sessions(rows), flush=True)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(args.interval):
+                        await stop.wait()
+                if not stop.is_set():
+                    rows = await once()
+        except ControlError as exc:
+            print(f"bastion: {exc.message}", file=sys.stderr)
+            return 1
+        return 0
+
+    return _run(run)
+
+
+def cmd_disconnect(args: argparse.Namespace) -> int:
+    from gateway.client.api import ControlError
+
+    client = _client(args)
+
+    async def run(stop: asyncio.Event) -> int:
+        try:
+            data = await client.request("POST", "v1/sessions/disconnect", {"ids": args.ids, "reason": args.reason, "grace_s": args.grace})
+        except ControlError as exc:
+            print(f"bastion: {exc.message}", file=sys.stderr)
+            return 1
+        results: dict[str, str] = data["results"]
+        for sid in args.ids:
+            print(f"{sid}: {results.get(sid, 'not_found')}")
+        return 0 if all(r == "disconnected" for r in results.values()) else 3
+
+    return _run(run)
+
+
+def _control_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", help="control URL, e.g. https://127.0.0.1:4443 (env BASTION_CONTROL_URL)")
+    p.add_argument("--token", help="operator token (env BASTION_TOKEN)")
+    p.add_argument("--ca-file", help="CA or certificate to verify the control port with")
+    p.add_argument("--insecure", action="store_true", help="do not verify the control port's certificate (tests only)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,7 +221,28 @@ def build_parser() -> argparse.ArgumentParser:
     default_state = os.path.join(os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "bastion-demo")
     d.add_argument("--state-dir", default=default_state)
     d.add_argument("--port", type=int, default=10443, help="public port on 127.0.0.1 (default 10443)")
+    d.add_argument("--control-port", type=int, default=10444, help="control port on 127.0.0.1 (default 10444)")
     d.set_defaults(func=cmd_demo)
+
+    h = sub.add_parser("hash-token", help="read a token on stdin, print its SHA-256 for [[operators]] token_sha256")
+    h.set_defaults(func=cmd_hash_token)
+
+    ls = sub.add_parser("sessions", help="list live sessions from the control port")
+    _control_flags(ls)
+    ls.add_argument("--json", action="store_true", help="print JSON")
+    ls.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    ls.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch")
+    ls.add_argument("--user")
+    ls.add_argument("--vm")
+    ls.add_argument("--protocol")
+    ls.set_defaults(func=cmd_sessions)
+
+    dc = sub.add_parser("disconnect", help="force sessions to end, with a notice to their users")
+    _control_flags(dc)
+    dc.add_argument("ids", nargs="+", metavar="ID")
+    dc.add_argument("--reason", default="", help="shown to the users")
+    dc.add_argument("--grace", type=float, default=0.0, help="seconds of warning before the disconnect")
+    dc.set_defaults(func=cmd_disconnect)
     return p
 
 

@@ -11,9 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import os
 import pty
+import secrets
 import shlex
+import shutil
 import struct
 import sys
 import termios
@@ -188,7 +191,7 @@ async def start_demo_vm(name: str, host_key: asyncssh.SSHKey, authorized: str) -
     )
 
 
-async def run_demo(stop: asyncio.Event, state_dir: str, port: int) -> int:
+async def run_demo(stop: asyncio.Event, state_dir: str, port: int, control_port: int = 10444) -> int:
     state = Path(state_dir)
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     keys = state / "keys"
@@ -196,6 +199,12 @@ async def run_demo(stop: asyncio.Event, state_dir: str, port: int) -> int:
     alice = _key(keys / "alice")
     gw_login = _key(keys / "gateway-to-vm")
     authorized = "".join(k.export_public_key().decode() for k in (gw_login, alice))
+    token_file = state / "operator.token"
+    if not token_file.exists():
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+    token = token_file.read_text().strip()
     vms: dict[str, tuple[asyncssh.SSHAcceptor, asyncssh.SSHKey]] = {}
     for name in VMS:
         hk = _key(keys / f"{name}-host")
@@ -204,6 +213,8 @@ async def run_demo(stop: asyncio.Event, state_dir: str, port: int) -> int:
         config: dict[str, Any] = {
             "gateway": {"node": "demo", "state_dir": str(state / "gateway")},
             "public": {"listen": [f"127.0.0.1:{port}"]},
+            "control": {"listen": [f"127.0.0.1:{control_port}"]},
+            "operators": [{"name": "demo-operator", "role": "operator", "token_sha256": hashlib.sha256(token.encode()).hexdigest()}],
             "ssh": {"max_startups": 20},
             "vms": [
                 {
@@ -244,7 +255,7 @@ async def run_demo(stop: asyncio.Event, state_dir: str, port: int) -> int:
                 return 1
             try:
                 _write_client_files(state, port, app, vms)
-                _print_howto(state, port, logfile)
+                _print_howto(state, port, logfile, control_port)
                 await stop.wait()
             finally:
                 await app.stop()
@@ -285,8 +296,11 @@ def _write_client_files(state: Path, port: int, app: App, vms: dict[str, tuple[a
     (state / "ssh_config").write_text("\n".join(lines) + "\n")
 
 
-def _print_howto(state: Path, port: int, logfile: Path) -> None:
+def _print_howto(state: Path, port: int, logfile: Path, control_port: int) -> None:
     cfg = shlex.quote(str(state / "ssh_config"))
+    bastion = shutil.which("bastion") or f"{sys.executable} -m gateway"
+    ca = shlex.quote(str(state / "gateway" / "tls.crt"))
+    tok = shlex.quote(str(state / "operator.token"))
     print(
         f"""Bastion demo is running on 127.0.0.1:{port} (SSH and HTTPS on one port). Ctrl-C stops everything.
 
@@ -300,6 +314,14 @@ Try, in another terminal:
   ssh -F {cfg} web01                                    # jump mode (ssh -J) to web01
   ssh -F {cfg} -N -L 12222:web02:$(awk '/^Host web02/{{f=1}} f&&/Port/{{print $2; exit}}' {cfg}) alice@bastion-demo
   curl -k https://127.0.0.1:{port}/healthz               # the HTTPS door on the same port
+
+Operators (control port https://127.0.0.1:{control_port}, operator token in {state / "operator.token"}):
+
+  export BASTION_CONTROL_URL=https://127.0.0.1:{control_port} BASTION_TOKEN="$(cat {tok})"
+  {bastion} sessions --ca-file {ca}                 # add --watch to follow live
+  {bastion} disconnect SESSION_ID --reason "demo over" --ca-file {ca}
+  curl --cacert {ca} -H "Authorization: Bearer $BASTION_TOKEN" https://127.0.0.1:{control_port}/metrics
+  Browser: https://127.0.0.1:{control_port}/ui (self-signed certificate; sign in with the token)
 
 Without the config file:
   ssh -i {state / "keys" / "alice"} -o UserKnownHostsFile={state / "known_hosts"} -p {port} alice+web01@127.0.0.1

@@ -15,7 +15,7 @@ async def test_demo_runs_the_commands_it_prints_and_stops_on_ctrl_c(tmp_path: Pa
     port = free_port()
     state = tmp_path / "demo-state"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "demo", "--state-dir", str(state), "--port", str(port),
+        sys.executable, "-m", "gateway", "demo", "--state-dir", str(state), "--port", str(port), "--control-port", str(free_port()),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert proc.stdout is not None
