@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the system packages the tests drive for real (OpenSSH client and server).
+# Install the system packages the tests drive for real: OpenSSH client and server, Chromium, promtool.
 # Idempotent: does nothing when they are present. Needs root (or sudo) only when something is missing.
 set -euo pipefail
 
@@ -8,6 +8,8 @@ command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v ssh-keygen >/dev/null 2>&1 || need+=(openssh-client)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+[ -x /usr/bin/chromium ] || need+=(chromium)          # the sessions page is tested in a real browser
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)   # promtool checks the /metrics exposition
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0
@@ -24,4 +26,4 @@ echo "install-test-deps: installing ${need[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-# The package starts an sshd on port 22 under systemd; the tests run their own and need none.
+# openssh-server and prometheus may start services where systemd runs; the tests start their own.

@@ -36,7 +36,7 @@ MAX_REASON = 400
 MAX_IDS = 1000
 MAX_GRACE = 3600.0
 _ROLE_RANK = {"viewer": 1, "operator": 2}
-_OPERATOR_KEY = "bastion_operator"
+_OPERATOR_KEY = web.RequestKey("operator", Operator)
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class ControlAPI:
         self._metrics_public = metrics_public
         self._node = node
         self._ready = ready
-        self._routes: dict[str, Route] = {}
+        self._routes: dict[tuple[str, str], Route] = {}
 
     # -- access --
     def _who(self, request: web.Request) -> Operator | None:
@@ -98,7 +98,9 @@ class ControlAPI:
 
     @web.middleware
     async def _access(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        route = self._routes.get(request.match_info.route.resource.canonical if request.match_info.route.resource else "", Route("viewer"))
+        resource = request.match_info.route.resource
+        # Unknown routes still need a token, so a 404 reveals nothing to strangers.
+        route = self._routes.get((request.method, resource.canonical if resource else ""), Route("viewer"))
         try:
             if route.role is not None:
                 op = self._who(request)
@@ -144,9 +146,10 @@ class ControlAPI:
         handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
         role: str | None,
     ) -> None:
-        resource = app.router.add_resource(path)
-        resource.add_route(method, handler)
-        self._routes[resource.canonical] = Route(role)
+        # The role is per method and path: GET and DELETE on /v1/sessions/{id} differ.
+        route = app.router.add_route(method, path, handler)
+        assert route.resource is not None
+        self._routes[(method, route.resource.canonical)] = Route(role)
 
     # -- helpers --
     def _view(self, s: SessionInfo) -> dict[str, Any]:
@@ -190,8 +193,7 @@ class ControlAPI:
         return float(grace)
 
     def _audit(self, request: web.Request, action: str, **fields: Any) -> None:
-        op = request.get(_OPERATOR_KEY)
-        assert isinstance(op, Operator)
+        op = request[_OPERATOR_KEY]
         self._log.info("operator_action", action=action, operator=op.name, role=op.role, source_ip=request.remote, **fields)
 
     async def _disconnect(self, sid: str, reason: str, grace: float) -> str:
@@ -225,7 +227,6 @@ class ControlAPI:
 
     async def whoami(self, request: web.Request) -> web.Response:
         op = request[_OPERATOR_KEY]
-        assert isinstance(op, Operator)
         return web.json_response({"name": op.name, "role": op.role, "node": self._node})
 
     async def list_sessions(self, request: web.Request) -> web.Response:

@@ -109,6 +109,14 @@ class Gateway:
     ssh_config: Path
     extra_tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
+    @property
+    def control_url(self) -> str:
+        return f"https://127.0.0.1:{self.app.control_addresses[0][1]}"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.tmp / "state" / "tls.crt"
+
     async def run(self, *argv: str, stdin: bytes | None = b"", timeout: float = 60) -> Result:
         """Run a command (ssh, scp, sftp, ...) with a bounded wait."""
         proc = await asyncio.create_subprocess_exec(
