@@ -163,7 +163,7 @@ async def test_delete_ends_the_session_with_the_notice_and_is_idempotent(gw: Gat
         rc, err = await live.finish()
         assert rc == 255 and "You have been disconnected. rotating keys" in err
         status, again = await api.call("DELETE", f"/v1/sessions/{live.id}")
-        assert status == 404
+        assert status == 404 and again["error"] == "not_found"
     [audit, *_] = gw.logs.events("operator_action")
     assert (audit["operator"], audit["role"], audit["action"], audit["reason"]) == ("noc", "operator", "disconnect", "rotating keys")
     assert audit["session_ids"] == [live.id] and audit["results"] == {live.id: "disconnected"} and audit["source_ip"] == "127.0.0.1"
