@@ -1,0 +1,71 @@
+"""`bastion sessions`, `bastion disconnect` and `bastion hash-token` against a running gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import sys
+from asyncio.subprocess import PIPE
+
+from tests.e2e.conftest import OPERATOR_TOKEN, VIEWER_TOKEN, Gateway
+from tests.e2e.test_control_api import Live
+
+BASTION = [sys.executable, "-m", "gateway"]
+
+
+async def cli(gw: Gateway, *args: str, token: str = OPERATOR_TOKEN, env_flags: bool = True, stdin: bytes = b"") -> tuple[int, str, str]:
+    """Run the CLI with the URL and token in the environment (as an operator's shell would have them)."""
+    env = dict(os.environ)
+    if env_flags:
+        env |= {"BASTION_CONTROL_URL": gw.control_url, "BASTION_TOKEN": token}
+    proc = await asyncio.create_subprocess_exec(*BASTION, *args, stdin=PIPE, stdout=PIPE, stderr=PIPE, env=env)
+    async with asyncio.timeout(30):
+        out, err = await proc.communicate(stdin)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_sessions_table_and_json(gw: Gateway) -> None:
+    """`bastion sessions` prints a table with the live session; --json prints the API's rows."""
+    async with Live(gw) as live:
+        rc, out, err = await cli(gw, "sessions", "--ca-file", str(gw.ca_file), token=VIEWER_TOKEN)
+        assert rc == 0, err
+        header, row = out.splitlines()[:2]
+        assert header.split() == ["ID", "USER", "VM", "SOURCE", "IP", "PROTOCOL", "STARTED", "DURATION", "UP", "DOWN"]
+        assert row.split()[:5] == [live.id, "alice", "web01", "127.0.0.1", "ssh"]
+        rc, out, _ = await cli(gw, "sessions", "--json", "--vm", "web01", "--ca-file", str(gw.ca_file))
+        assert rc == 0
+        [item] = json.loads(out)
+        assert item["id"] == live.id and item["user"] == "alice"
+
+
+async def test_disconnect_reports_each_result_and_the_user_sees_the_reason(gw: Gateway) -> None:
+    """`bastion disconnect ID MISSING --reason` reports per id; the session's user reads the reason."""
+    async with Live(gw) as live:
+        rc, out, err = await cli(gw, "disconnect", live.id, "nosuchid", "--reason", "cli test", "--ca-file", str(gw.ca_file))
+        assert rc == 3, err  # not every id was disconnected
+        assert out.splitlines() == [f"{live.id}: disconnected", "nosuchid: not_found"]
+        code, user_err = await live.finish()
+        assert code == 255 and "You have been disconnected. cli test" in user_err
+
+
+async def test_cli_verifies_the_certificate_and_explains_failures(gw: Gateway) -> None:
+    """Without --ca-file the self-signed control certificate is rejected with a hint; a viewer cannot
+    disconnect; a missing URL or token is named; --insecure is explicit."""
+    rc, _, err = await cli(gw, "sessions")
+    assert rc == 1 and "cannot verify the control port's certificate" in err and "--ca-file" in err
+    rc, _, err = await cli(gw, "disconnect", "abc", "--ca-file", str(gw.ca_file), token=VIEWER_TOKEN)
+    assert rc == 1 and err.startswith("bastion: 403")
+    rc, _, err = await cli(gw, "sessions", env_flags=False)
+    assert rc != 0 and "BASTION_CONTROL_URL" in err
+    rc, out, _ = await cli(gw, "sessions", "--insecure", "--url", gw.control_url, "--token", VIEWER_TOKEN, env_flags=False)
+    assert rc == 0 and "(no sessions)" in out
+
+
+async def test_hash_token_prints_the_sha256(gw: Gateway) -> None:
+    """`bastion hash-token` reads the token on stdin and prints the digest the config wants."""
+    rc, out, _ = await cli(gw, "hash-token", stdin=b"a-long-enough-operator-token-123\n")
+    assert rc == 0
+    assert out.strip() == hashlib.sha256(b"a-long-enough-operator-token-123").hexdigest()
