@@ -69,3 +69,23 @@ async def test_hash_token_prints_the_sha256(gw: Gateway) -> None:
     rc, out, _ = await cli(gw, "hash-token", stdin=b"a-long-enough-operator-token-123\n")
     assert rc == 0
     assert out.strip() == hashlib.sha256(b"a-long-enough-operator-token-123").hexdigest()
+
+
+async def test_sessions_watch_refreshes_until_interrupted(gw: Gateway) -> None:
+    """`bastion sessions --watch` redraws the table and a session that starts meanwhile appears; Ctrl-C ends it."""
+    env = dict(os.environ) | {"BASTION_CONTROL_URL": gw.control_url, "BASTION_TOKEN": VIEWER_TOKEN}
+    proc = await asyncio.create_subprocess_exec(
+        *BASTION, "sessions", "--watch", "--interval", "0.2", "--ca-file", str(gw.ca_file), stdout=PIPE, stderr=PIPE, env=env
+    )
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(20):
+            assert b"(no sessions)" in await proc.stdout.readuntil(b"(no sessions)")
+        async with Live(gw) as live:
+            async with asyncio.timeout(20):
+                await proc.stdout.readuntil(live.id.encode())
+    finally:
+        proc.send_signal(2)
+        async with asyncio.timeout(20):
+            await proc.wait()
+    assert proc.returncode == 0

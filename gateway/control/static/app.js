@@ -77,13 +77,13 @@
     $("all").checked = sessions.size > 0 && selected.size === sessions.size;
   }
 
-  async function refresh() {
+  async function refresh(quiet = false) {
     try {
       const data = await api("GET", "/v1/sessions");
       sessions.clear();
       for (const s of data.sessions) sessions.set(s.id, s);
       render();
-      setStatus("Updated " + new Date().toLocaleTimeString());
+      if (quiet !== true) setStatus("Updated " + new Date().toLocaleTimeString());
     } catch (e) {
       if (e.status === 401) return signOut("That token was not accepted.");
       setStatus("Refresh failed: " + e.message, true);
@@ -145,7 +145,7 @@
       const done = Object.values(data.results).filter((r) => r === "disconnected").length;
       setStatus("Disconnected " + done + " of " + ids.length + (grace ? " (after " + grace + " s)" : ""));
       selected.clear();
-      await refresh();
+      await refresh(true);
     } catch (e) {
       setStatus("Disconnect failed: " + e.message, true);
     }
@@ -179,7 +179,7 @@
   }
 
   $("login").addEventListener("submit", (ev) => { ev.preventDefault(); signIn($("token").value.trim()); });
-  $("refresh").addEventListener("click", refresh);
+  $("refresh").addEventListener("click", () => refresh());
   $("live").addEventListener("change", follow);
   $("disconnect").addEventListener("click", askDisconnect);
   $("confirm").addEventListener("close", () => { if ($("confirm").returnValue === "ok") doDisconnect(); });
