@@ -43,6 +43,13 @@ async def test_demo_runs_the_commands_it_prints_and_stops_on_ctrl_c(tmp_path: Pa
         assert (tmp_path / "copied").read_bytes() == src.read_bytes()
         rc, out = await sh("ssh", "-F", cfg, "web01", "echo jumped")
         assert (rc, out) == (0, "jumped\n")
+        # The operator commands it prints work too.
+        assert "sessions --ca-file" in banner
+        token = (state / "operator.token").read_text().strip()
+        control = banner.split("control port https://", 1)[1].split(",", 1)[0]
+        env_cmd = ["env", f"BASTION_CONTROL_URL=https://{control}", f"BASTION_TOKEN={token}"]
+        rc, out = await sh(*env_cmd, sys.executable, "-m", "gateway", "sessions", "--ca-file", str(state / "gateway" / "tls.crt"))
+        assert rc == 0 and out.startswith("ID"), out
     finally:
         proc.send_signal(signal.SIGINT)
         async with asyncio.timeout(20):
