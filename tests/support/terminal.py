@@ -53,16 +53,24 @@ class Terminal:
         os.write(self.master, text.encode())
 
     async def expect(self, pattern: str, timeout: float = 15) -> re.Match[str]:
-        """Wait until `pattern` shows up in the output after what earlier expects consumed."""
+        """Wait until `pattern` shows up in the output after what earlier expects consumed.
+
+        On a timeout the AssertionError shows the screen's tail, so a failure explains itself.
+        """
         rx = re.compile(pattern)
-        async with asyncio.timeout(timeout):
-            while True:
-                m = rx.search(self.buf.decode(errors="replace"))
-                if m:
-                    del self.buf[: len(self.buf.decode(errors="replace")[: m.end()].encode())]
-                    return m
-                self._changed.clear()
-                await self._changed.wait()
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    text = self.buf.decode(errors="replace")
+                    m = rx.search(text)
+                    if m:
+                        del self.buf[: len(text[: m.end()].encode())]
+                        return m
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            tail = self.buf.decode(errors="replace")[-600:]
+            raise AssertionError(f"{pattern!r} did not appear within {timeout}s; screen tail: {tail!r}") from None
 
     async def wait(self, timeout: float = 15) -> int:
         assert self.proc is not None
