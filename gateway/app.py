@@ -7,6 +7,7 @@ files or busy ports is checked in `start()` before anything accepts traffic.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import ssl
@@ -100,6 +101,7 @@ class App:
         self._control: Listener | None = None
         self._control_https: HTTPSServer | None = None
         self._ready = False
+        self._ticker: asyncio.Task[None] | None = None
         self._listener: Listener | None = None
         self._https: HTTPSServer | None = None
         self.host_keys: list[asyncssh.SSHKey] = []
@@ -175,6 +177,7 @@ class App:
         await self._control_https.start()
         self._control = Listener(control_sockets, {Door.TLS: self._control_https.handle}, cfg.public.detect_timeout, self.log)
         self._control.start()
+        self._ticker = asyncio.create_task(self._tick(), name="session-progress")
         self._ready = True
         self.log.info(
             "gateway_started",
@@ -187,8 +190,18 @@ class App:
             rules=len(cfg.rules),
         )
 
+    async def _tick(self, every: float = 2.0) -> None:
+        """Owned by the App: lets live views (SSE, the page) see byte counts grow."""
+        while True:
+            await asyncio.sleep(every)
+            self.registry.publish_progress()
+
     async def stop(self) -> None:
         self._ready = False
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
         if self._control is not None:
             await self._control.stop()
         if self._control_https is not None:

@@ -128,6 +128,7 @@ class SessionRegistry:
         self._opened = 0
         self._closed = 0
         self._closed_bytes: dict[tuple[str, str], int] = {}
+        self._progress: dict[str, tuple[int, int]] = {}
 
     def set_observer(self, observer: SessionObserver) -> None:
         self._observer = observer
@@ -232,6 +233,22 @@ class SessionRegistry:
         finally:
             self.unsubscribe(q)
         return True
+
+    def publish_progress(self) -> int:
+        """Publish an `updated` event for every session whose byte counts moved since the last call.
+
+        Called on a timer by the owner of the registry, so live views see bytes grow. Returns how many.
+        """
+        n = 0
+        for sess in self._sessions.values():
+            mark = (sess.bytes_up, sess.bytes_down)
+            if self._progress.get(sess.id) != mark:
+                self._progress[sess.id] = mark
+                self._publish(SessionEvent("updated", sess.snapshot()))
+                n += 1
+        for sid in [k for k in self._progress if k not in self._sessions]:
+            del self._progress[sid]
+        return n
 
     def bytes_by_protocol(self) -> dict[tuple[str, str], int]:
         """Bytes relayed so far, by (protocol, direction), live sessions included."""

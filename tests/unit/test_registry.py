@@ -383,3 +383,19 @@ async def test_totals_count_active_opened_closed() -> None:
             assert h.registry.totals() == Totals(active=2, opened=2, closed=0)
         assert h.registry.totals() == Totals(active=1, opened=2, closed=1)
     assert h.registry.totals() == Totals(active=0, opened=2, closed=2)
+
+
+async def test_publish_progress_reports_only_sessions_whose_bytes_moved() -> None:
+    """publish_progress emits `updated` for sessions with new bytes, once per change."""
+    reg = make_harness().registry
+    q = reg.subscribe()
+    async with reg.open(spec()) as a, reg.open(spec()) as b:
+        while not q.empty():
+            q.get_nowait()
+        a.add_up(10)
+        assert reg.publish_progress() == 2  # first call: both are new to it
+        b.add_down(5)
+        assert reg.publish_progress() == 1
+        assert reg.publish_progress() == 0
+        kinds = [ev.kind for ev in (q.get_nowait() for _ in range(3)) if ev is not None]
+        assert kinds == ["updated", "updated", "updated"]
