@@ -19,7 +19,7 @@ from structlog.typing import FilteringBoundLogger
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config
 from gateway.control.api import ControlAPI
-from gateway.doors.https import public_https
+from gateway.doors.https import PublicApp, public_https
 from gateway.doors.ssh import SSHDoor
 from gateway.errors import StartupError
 from gateway.metrics import CONTENT_TYPE, Metrics
@@ -30,8 +30,10 @@ from gateway.net.listener import Listener, bind
 from gateway.policy import Policy
 from gateway.protocols.ssh_jump import SSHJumpHandler
 from gateway.protocols.ssh_terminate import SSHTerminateHandler
+from gateway.protocols.tunnel import TunnelHandler
 from gateway.protocols.upstream_ssh import Credentials, HostKeys
 from gateway.sessions.registry import SessionRegistry
+from gateway.tokens import TokenService, load_or_create_key
 
 
 def ensure_state_dir(path: Path) -> Path:
@@ -158,7 +160,25 @@ class App:
             public_hint=hint,
             observer=self.metrics,
         )
-        self._https = public_https(cfg.gateway.node, ssl_ctx, self.log, cfg.public.header_timeout)
+        self.tokens = TokenService(
+            load_or_create_key(state_dir / "token.key"),
+            self.clock,
+            cfg.tunnel.token_lifetime,
+            {d: u.name for u in cfg.users.values() for d in u.token_sha256s},
+        )
+        ssh_door.tokens = self.tokens
+        public = PublicApp(
+            cfg.gateway.node,
+            policy=self.policy,
+            tokens=self.tokens,
+            tunnel=TunnelHandler(self.registry, self.log),
+            connect_timeout=cfg.gateway.connect_timeout,
+            max_message=cfg.tunnel.max_message,
+            log=self.log,
+            observer=self.metrics,
+            door_observer=self.metrics,
+        )
+        self._https = public_https(public, ssl_ctx, self.log, cfg.public.header_timeout)
         await self._https.start()
         self._listener = Listener(sockets, {Door.SSH: ssh_door.handle, Door.TLS: self._https.handle}, cfg.public.detect_timeout, self.log)
         self._listener.start()

@@ -24,7 +24,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 USER_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
 ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\*?")
 # `+` and `@` separate user, VM and login in SSH user names; keep them out of names.
-PROTOCOLS = frozenset({"ssh", "ssh-jump"})
+PROTOCOLS = frozenset({"ssh", "ssh-jump", "rdp", "tcp"})
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -114,6 +114,14 @@ class User:
     name: str
     keys: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()
+    # SHA-256 digests of long-lived tunnel tokens for automation; never the tokens.
+    token_sha256s: tuple[bytes, ...] = field(default=(), repr=False)
+
+
+@dataclass(frozen=True)
+class TunnelSection:
+    token_lifetime: float = 600.0
+    max_message: int = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -157,6 +165,7 @@ class Config:
     rules: tuple[Rule, ...]
     control: ControlSection = field(default_factory=ControlSection)
     operators: tuple[Operator, ...] = ()
+    tunnel: TunnelSection = field(default_factory=TunnelSection)
 
 
 T = TypeVar("T")
@@ -296,7 +305,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         pth = Path(value).expanduser()
         return pth if pth.is_absolute() else (base / pth)
 
-    r.table(data, "", {"gateway", "public", "ssh", "vms", "users", "rules", "control", "operators"})
+    r.table(data, "", {"gateway", "public", "ssh", "vms", "users", "rules", "control", "operators", "tunnel"})
 
     g = r.get(data, "", "gateway", dict, {})
     r.table(g, "gateway", {"node", "state_dir", "connect_timeout"})
@@ -369,7 +378,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         if not isinstance(u, dict):
             r.problem(path, f"expected a table, got {u!r}")
             continue
-        r.table(u, path, {"name", "keys", "groups"})
+        r.table(u, path, {"name", "keys", "groups", "tokens_sha256"})
         name = r.get(u, path, "name", str, required=True)
         if name is None:
             continue
@@ -382,6 +391,13 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
             name=name,
             keys=r.str_list(u, path, "keys", _key_check) or (),
             groups=r.str_list(u, path, "groups", _group_check) or (),
+            token_sha256s=tuple(
+                bytes.fromhex(t)
+                for t in r.str_list(
+                    u, path, "tokens_sha256", lambda x: None if re.fullmatch(r"[0-9a-fA-F]{64}", x) else "must be 64 hex digits"
+                )
+                or ()
+            ),
         )
 
     rules: list[Rule] = []
@@ -435,10 +451,26 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         )
 
     control, operators = _parse_control(r, data, path_of)
+    t = r.get(data, "", "tunnel", dict, {})
+    r.table(t, "tunnel", {"token_lifetime", "max_message"})
+    max_message = r.get(t, "tunnel", "max_message", int, 1024 * 1024)
+    if not 1024 <= max_message <= 16 * 1024 * 1024:
+        r.problem("tunnel.max_message", f"must be 1024 to 16777216 bytes, got {max_message!r}")
+    tunnel = TunnelSection(token_lifetime=r.duration(t, "tunnel", "token_lifetime", 600.0), max_message=max_message)
 
     if r.problems:
         raise ConfigError(r.problems)
-    return Config(gateway=gateway, public=public, ssh=ssh, vms=vms, users=users, rules=tuple(rules), control=control, operators=operators)
+    return Config(
+        gateway=gateway,
+        public=public,
+        ssh=ssh,
+        vms=vms,
+        users=users,
+        rules=tuple(rules),
+        control=control,
+        operators=operators,
+        tunnel=tunnel,
+    )
 
 
 def _parse_control(r: _Reader, data: Mapping[str, Any], path_of: Callable[[str], Path]) -> tuple[ControlSection, tuple[Operator, ...]]:

@@ -19,7 +19,7 @@ from gateway import __version__
 from gateway.sessions.model import SessionInfo
 from gateway.sessions.registry import SessionRegistry
 
-PROTOCOLS = ("ssh", "ssh-jump")
+PROTOCOLS = ("ssh", "ssh-jump", "rdp", "tcp")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 

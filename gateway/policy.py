@@ -108,11 +108,33 @@ class Policy:
                 return Grant(vm=vm, protocol=protocol, port=port, login=None, env=())
         raise PolicyDenied(f"port {port} on VM {host!r} is not granted to you", reason="port_denied")
 
+    def check_tunnel(self, principal: Principal, vm_name: str, port: int) -> Grant:
+        """May `principal` tunnel TCP (a WebSocket tunnel) to `vm_name` port `port`?
+
+        The session protocol is `rdp` when the port is the VM's rdp_port, else `tcp`;
+        a rule must grant that protocol and the port (absent `ports`: only the rdp_port,
+        for rdp). Raises PolicyDenied without revealing whether the VM exists.
+        """
+        vm = self._vms.get(vm_name)
+        if vm is None:
+            raise PolicyDenied(not_found_message(vm_name), reason="unknown_vm")
+        protocol = "rdp" if vm.rdp_port is not None and port == vm.rdp_port else "tcp"
+        rules = self._rules_for(principal, vm, protocol)
+        if not rules:
+            if self._rules_for(principal, vm, "rdp" if protocol == "tcp" else "tcp"):
+                raise PolicyDenied(f"port {port} on VM {vm_name!r} is not granted to you", reason="port_denied")
+            raise PolicyDenied(not_found_message(vm_name))
+        for rule in rules:
+            default = (vm.rdp_port,) if protocol == "rdp" and vm.rdp_port is not None else ()
+            if port in (rule.ports if rule.ports is not None else default):
+                return Grant(vm=vm, protocol=protocol, port=port, login=None, env=())
+        raise PolicyDenied(f"port {port} on VM {vm_name!r} is not granted to you", reason="port_denied")
+
     def reachable(self, principal: Principal) -> list[tuple[VM, tuple[str, ...]]]:
         """The VMs the principal may reach and by which protocols, for listings."""
         out = []
         for vm in self._vms.values():
-            protos = tuple(p for p in ("ssh", "ssh-jump") if self._rules_for(principal, vm, p))
+            protos = tuple(p for p in ("ssh", "ssh-jump", "rdp", "tcp") if self._rules_for(principal, vm, p))
             if protos:
                 out.append((vm, protos))
         return out

@@ -19,7 +19,7 @@ _SESSION: dict[str, Any] = {
         "vm": {"type": "string"},
         "target_address": {"type": "string"},
         "target_port": {"type": "integer", "minimum": 1, "maximum": 65535},
-        "protocol": {"type": "string", "enum": ["ssh", "ssh-jump"]},
+        "protocol": {"type": "string", "enum": ["ssh", "ssh-jump", "rdp", "tcp"]},
         "login": {"type": ["string", "null"]},
         "started_at": {"type": "string", "format": "date-time", "pattern": "Z$"},
         "duration_s": {"type": "number", "minimum": 0},

@@ -66,6 +66,7 @@ class SSHDoor:
         observer: DoorObserver | None = None,
     ) -> None:
         self.observer: DoorObserver = observer or _NullObserver()
+        self.tokens: Any = None  # a TokenService, set by the App
         self.policy = policy
         self.user_ca_keys = user_ca_keys
         self.terminate = terminate
@@ -331,9 +332,7 @@ class GatewayShellSession(asyncssh.SSHServerSession[bytes]):
         nl = "\r\n" if self._pty else "\n"
         name = self._client.principal.name
         if self._kind == "exec":
-            msg = f"bastion: no VM named; connect as {name}+VM to run commands on a VM{nl}"
-            self._chan.write(msg.encode(), asyncssh.EXTENDED_DATA_STDERR)
-            self._chan.exit(2)
+            self._run_gateway_command((self._command or "").strip(), nl)
             return
         lines = [
             f"Bastion {self._door.node}: signed in as {name}. No VM named in the user name.",
@@ -347,6 +346,30 @@ class GatewayShellSession(asyncssh.SSHServerSession[bytes]):
             lines.append("  (none)")
         lines.append(f"Open a shell on one with: ssh -p PORT {name}+VM@{self._door.public_hint}")
         self._chan.write((nl.join(lines) + nl).encode())
+
+    def _listing(self) -> list[str]:
+        lines = []
+        for vm, protos in self._door.policy.reachable(self._client.principal):
+            ports = [f"ssh:{vm.ssh_port}"] + ([f"rdp:{vm.rdp_port}"] if vm.rdp_port else [])
+            lines.append(f"  {vm.name:<20} {', '.join(protos):<28} {' '.join(ports)}")
+        return lines or ["  (none)"]
+
+    def _run_gateway_command(self, command: str, nl: str) -> None:
+        """The few commands the gateway itself answers: `token`, `ls`."""
+        assert self._chan is not None
+        name = self._client.principal.name
+        if command == "token" and self._door.tokens is not None:
+            token, claims = self._door.tokens.issue(name)
+            self._door.log.info("token_issued", user=name, token_id=claims.token_id, lifetime_s=self._door.tokens.lifetime)
+            self._chan.write((token + nl).encode())
+            self._chan.exit(0)
+        elif command == "ls":
+            self._chan.write((nl.join(["VMs you may reach:", *self._listing()]) + nl).encode())
+            self._chan.exit(0)
+        else:
+            msg = f"bastion: the gateway runs only `token` and `ls`; connect as {name}+VM to run commands on a VM{nl}"
+            self._chan.write(msg.encode(), asyncssh.EXTENDED_DATA_STDERR)
+            self._chan.exit(2)
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         if self._chan is not None and (b"\x03" in data or b"\x04" in data):

@@ -1,0 +1,104 @@
+"""Short-lived tunnel tokens bound to one user, signed with a key in the state directory.
+
+A token is `v1.<payload>.<mac>`: the payload is base64url JSON `{"sub", "iat", "exp", "jti"}` and the
+MAC is HMAC-SHA256 over `v1.<payload>` with a 32-byte key only the gateway holds. Users get one with
+`ssh -p 443 USER@GATEWAY token`. Tokens are never logged; their `jti` may be.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.clock import Clock
+from gateway.errors import AuthError, StartupError
+
+_PREFIX = "v1"
+
+
+@dataclass(frozen=True)
+class TokenClaims:
+    user: str
+    expires_at: float
+    token_id: str
+    static: bool = False
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def load_or_create_key(path: Path) -> bytes:
+    """The signing key, created (mode 0600) on first start. Raises StartupError if unusable."""
+    try:
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+        key = path.read_bytes()
+    except OSError as exc:
+        raise StartupError(f"token signing key {str(path)!r}: {exc.strerror}") from None
+    if len(key) < 32:
+        raise StartupError(f"token signing key {str(path)!r} is shorter than 32 bytes")
+    return key
+
+
+class TokenService:
+    """Issues and verifies tokens. `static` maps SHA-256 digests of configured per-user tokens to users."""
+
+    def __init__(self, key: bytes, clock: Clock, lifetime: float, static: Mapping[bytes, str] | None = None) -> None:
+        self._key = key
+        self._clock = clock
+        self.lifetime = lifetime
+        self._static = dict(static or {})
+
+    def __repr__(self) -> str:
+        return f"TokenService(lifetime={self.lifetime:g}s, static={len(self._static)})"
+
+    def issue(self, user: str) -> tuple[str, TokenClaims]:
+        now = self._clock.now().timestamp()
+        claims = TokenClaims(user=user, expires_at=now + self.lifetime, token_id=secrets.token_hex(8))
+        payload = _b64(
+            json.dumps(
+                {"sub": user, "iat": int(now), "exp": int(claims.expires_at), "jti": claims.token_id}, separators=(",", ":")
+            ).encode()
+        )
+        body = f"{_PREFIX}.{payload}"
+        mac = _b64(hmac.new(self._key, body.encode(), hashlib.sha256).digest())
+        return f"{body}.{mac}", claims
+
+    def verify(self, token: str) -> TokenClaims:
+        """Return the claims of a valid token. Raises AuthError (reason token_invalid or token_expired)."""
+        token = token.strip()
+        digest = hashlib.sha256(token.encode()).digest()
+        for known, user in self._static.items():
+            if hmac.compare_digest(digest, known):
+                return TokenClaims(user=user, expires_at=float("inf"), token_id="static", static=True)  # noqa: S106 - a label, not a secret
+        parts = token.split(".")
+        if len(parts) != 3 or parts[0] != _PREFIX:
+            raise AuthError("malformed token", reason="token_invalid")
+        body = f"{parts[0]}.{parts[1]}"
+        expected = hmac.new(self._key, body.encode(), hashlib.sha256).digest()
+        try:
+            given = _unb64(parts[2])
+            claims = json.loads(_unb64(parts[1]))
+        except (ValueError, json.JSONDecodeError):
+            raise AuthError("malformed token", reason="token_invalid") from None
+        if not hmac.compare_digest(expected, given):
+            raise AuthError("token signature does not verify", reason="token_invalid")
+        if not isinstance(claims, dict) or not isinstance(claims.get("sub"), str) or not isinstance(claims.get("exp"), int):
+            raise AuthError("malformed token", reason="token_invalid")
+        if claims["exp"] <= self._clock.now().timestamp():
+            raise AuthError("token expired", reason="token_expired")
+        return TokenClaims(user=claims["sub"], expires_at=float(claims["exp"]), token_id=str(claims.get("jti", "")))
