@@ -196,6 +196,70 @@ def cmd_disconnect(args: argparse.Namespace) -> int:
     return _run(run)
 
 
+def _tunnel_from_args(args: argparse.Namespace) -> tuple[Any, tuple[str, int]]:
+    from gateway.client.tunnel import TokenSource, Tunnel
+    from gateway.config import parse_listen
+
+    gateway = args.gateway or os.environ.get("BASTION_GATEWAY")
+    if not gateway:
+        raise SystemExit("bastion: set --gateway HOST:PORT (or BASTION_GATEWAY)")
+    host, _, gw_port = gateway.rpartition(":")
+    if not host or not gw_port.isdigit():
+        raise SystemExit(f"bastion: --gateway must be HOST:PORT, got {gateway!r}")
+    try:
+        local = parse_listen(args.local)
+    except ValueError as exc:
+        raise SystemExit(f"bastion: --local: {exc}") from None
+    token = args.token or os.environ.get("BASTION_TUNNEL_TOKEN")
+    ssh_argv = ["ssh", *(["-F", args.ssh_config] if args.ssh_config else []), *(["-i", args.identity] if args.identity else [])]
+    ssh_argv += ["-p", gw_port, f"{args.user or os.environ.get('USER', '')}@{host.strip('[]')}", "token"]
+    tunnel = Tunnel(gateway, args.vm, args.port, TokenSource(fixed=token, ssh_argv=ssh_argv), ca_file=args.ca_file, insecure=args.insecure)
+    return tunnel, (local.host, local.port)
+
+
+def cmd_tunnel(args: argparse.Namespace) -> int:
+    from gateway.client.tunnel import run_tunnel
+
+    tunnel, local = _tunnel_from_args(args)
+    return _run(lambda stop: run_tunnel(stop, tunnel, local))
+
+
+def cmd_rdp(args: argparse.Namespace) -> int:
+    import shutil
+
+    from gateway.client.tunnel import run_tunnel
+
+    client = shutil.which("xfreerdp") or shutil.which("mstsc")
+    if client is None:
+        print("bastion rdp: no RDP client found (install FreeRDP's xfreerdp, or use mstsc on Windows)", file=sys.stderr)
+        return 1
+    args.local = "127.0.0.1:0"
+    tunnel, local = _tunnel_from_args(args)
+    result = 0
+
+    async def launch(host: str, port: int) -> None:
+        nonlocal result
+        extra = [a for a in args.client_args if a != "--"]
+        argv = [client, f"/v:{host}:{port}", *extra] if "xfreerdp" in client else [client, f"/v:{host}:{port}"]
+        proc = await asyncio.create_subprocess_exec(*argv)
+        result = await proc.wait()
+
+    code = _run(lambda stop: run_tunnel(stop, tunnel, local, on_ready=launch))
+    return code or result
+
+
+def _tunnel_flags(p: argparse.ArgumentParser, *, vm_flag: bool = True) -> None:
+    p.add_argument("--gateway", help="the gateway's public HOST:PORT (env BASTION_GATEWAY)")
+    if vm_flag:
+        p.add_argument("--vm", required=True, help="VM name from the inventory")
+    p.add_argument("--token", help="a tunnel token (env BASTION_TUNNEL_TOKEN); default: fetched with `ssh USER@GATEWAY token`")
+    p.add_argument("--user", help="your gateway user name for fetching a token (default: $USER)")
+    p.add_argument("--identity", help="SSH private key for fetching a token (default: your ssh config and agent)")
+    p.add_argument("--ssh-config", help="ssh config file for fetching a token")
+    p.add_argument("--ca-file", help="CA or certificate to verify the gateway with")
+    p.add_argument("--insecure", action="store_true", help="do not verify the gateway's certificate (tests only)")
+
+
 def _control_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help="control URL, e.g. https://127.0.0.1:4443 (env BASTION_CONTROL_URL)")
     p.add_argument("--token", help="operator token (env BASTION_TOKEN)")
@@ -243,6 +307,19 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--reason", default="", help="shown to the users")
     dc.add_argument("--grace", type=float, default=0.0, help="seconds of warning before the disconnect")
     dc.set_defaults(func=cmd_disconnect)
+
+    tn = sub.add_parser("tunnel", help="a local port whose connections are tunnelled to a VM port through the gateway")
+    _tunnel_flags(tn)
+    tn.add_argument("--port", type=int, required=True, help="the VM's port, e.g. 3389")
+    tn.add_argument("--local", default="127.0.0.1:0", help="where to listen locally (default 127.0.0.1:0, an ephemeral port)")
+    tn.set_defaults(func=cmd_tunnel)
+
+    rd = sub.add_parser("rdp", help="tunnel to a VM's RDP port and start the RDP client (xfreerdp or mstsc)")
+    rd.add_argument("vm", metavar="VM")
+    _tunnel_flags(rd, vm_flag=False)
+    rd.add_argument("--port", type=int, default=3389, help="the VM's RDP port (default 3389)")
+    rd.add_argument("client_args", nargs=argparse.REMAINDER, help="after --: extra xfreerdp arguments")
+    rd.set_defaults(func=cmd_rdp)
     return p
 
 

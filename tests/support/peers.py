@@ -149,7 +149,7 @@ def client_config(
 ) -> Path:
     """An ssh_config for OpenSSH clients: `gw` is the gateway; each jump host goes through it."""
     lines = [
-        "Host gw",
+        "Host gw 127.0.0.1",
         "  HostName 127.0.0.1",
         f"  Port {gw_port}",
         f"  IdentityFile {identity}",

@@ -1,0 +1,249 @@
+"""The WebSocket tunnel on port 443 and the `bastion tunnel` helper, with tokens from `ssh USER@gw token`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import ssl
+import struct
+import sys
+from asyncio.subprocess import PIPE
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.clock import SystemClock
+from gateway.tokens import TokenService
+from tests.e2e.conftest import Gateway, GatewayFactory, wait_for
+from tests.e2e.test_ssh_jump import Echo, roundtrip
+from tests.support.peers import free_port
+
+BASTION = [sys.executable, "-m", "gateway"]
+
+
+def with_tcp_vm(port: int, *, grant_ports: list[int] | None = None) -> Callable[[dict[str, Any]], None]:
+    def edit(cfg: dict[str, Any]) -> None:
+        cfg["vms"].append({"name": "echo01", "address": "127.0.0.1", "ssh_port": 22, "trust_on_first_use": True})
+        cfg["rules"].append({"groups": ["ops"], "vms": ["echo01"], "protocols": ["tcp"], "ports": grant_ports or [port]})
+
+    return edit
+
+
+@pytest.fixture
+async def echo() -> AsyncIterator[Echo]:
+    e = Echo()
+    e.server = await asyncio.start_server(e.handle, "127.0.0.1", 0)
+    e.port = e.server.sockets[0].getsockname()[1]
+    try:
+        yield e
+    finally:
+        e.server.close()
+        await e.server.wait_closed()
+
+
+class Helper:
+    """`bastion tunnel` as a user runs it, fetching its token over SSH."""
+
+    def __init__(self, gw: Gateway, vm: str, port: int, *extra: str) -> None:
+        self.local = free_port()
+        self.argv = [
+            *BASTION, "tunnel", "--gateway", f"127.0.0.1:{gw.port}", "--vm", vm, "--port", str(port),
+            "--local", f"127.0.0.1:{self.local}", "--ca-file", str(gw.ca_file), "--user", "alice",
+            "--ssh-config", str(gw.ssh_config), *extra,
+        ]  # fmt: skip
+        self.proc: asyncio.subprocess.Process | None = None
+        self.err = bytearray()
+        self._reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Helper:
+        self.proc = await asyncio.create_subprocess_exec(*self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=PIPE, stderr=PIPE)
+        self._reader = asyncio.create_task(self._collect())
+        await wait_for(lambda: b"listening on" in self.err, timeout=20)
+        return self
+
+    async def _collect(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        while line := await self.proc.stderr.readline():
+            self.err.extend(line)
+
+    @property
+    def text(self) -> str:
+        return self.err.decode(errors="replace")
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                async with asyncio.timeout(10):
+                    await self.proc.wait()
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        if self._reader is not None:
+            await self._reader
+
+
+async def test_token_and_ls_from_the_gateway(make_gateway: GatewayFactory, echo: Echo) -> None:
+    """`ssh alice@gw token` prints a token bound to alice; `ssh alice@gw ls` lists what she may reach."""
+    async with make_gateway(with_tcp_vm(echo.port)) as gw:
+        r = await gw.ssh("alice", "token")
+        assert r.rc == 0, r.errtext
+        claims = gw.app.tokens.verify(r.text.strip())
+        assert claims.user == "alice" and claims.expires_at > 0
+        issued = gw.logs.events("token_issued")
+        assert issued and r.text.strip() not in str(gw.logs.events())  # the token itself is never logged
+        r = await gw.ssh("alice", "ls")
+        assert r.rc == 0
+        assert "echo01" in r.text and "tcp" in r.text and "web01" in r.text
+
+
+async def test_tunnel_carries_64mb_each_way_with_half_close(make_gateway: GatewayFactory, echo: Echo) -> None:
+    """64 MB of random bytes go through the helper and the gateway to an echo VM and come back intact;
+    the local half-close reaches the VM and its close comes back after all data; the session is tracked as tcp."""
+    async with make_gateway(with_tcp_vm(echo.port)) as gw, Helper(gw, "echo01", echo.port) as helper:
+        payload = os.urandom(64 * 1024 * 1024)
+        got = await roundtrip(helper.local, payload)
+        assert len(got) == len(payload) and got == payload
+        await wait_for(lambda: bool(gw.logs.events("session_closed")))
+        [line] = gw.logs.events("session_closed")
+        assert (line["protocol"], line["vm"], line["user"], line["target_port"]) == ("tcp", "echo01", "alice", echo.port)
+        assert line["bytes_up"] == len(payload) and line["bytes_down"] == len(payload)
+        assert line["reason"] == "vm_closed"
+
+
+async def test_vm_reset_mid_stream_closes_the_local_connection_with_an_error(make_gateway: GatewayFactory) -> None:
+    """A VM that resets the connection mid-stream: the local connection is torn down and the helper says why."""
+
+    async def resetter(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.read(1000)
+        w.write(b"partial")
+        await w.drain()
+        sock = w.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        w.transport.abort()
+
+    server = await asyncio.start_server(resetter, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with make_gateway(with_tcp_vm(port)) as gw, Helper(gw, "echo01", port) as helper:
+            r, w = await asyncio.open_connection("127.0.0.1", helper.local)
+            w.write(b"x" * 100_000)
+            got = bytearray()
+            with pytest.raises(ConnectionResetError):
+                async with asyncio.timeout(20):
+                    while data := await r.read(65536):
+                        got.extend(data)
+                    raise ConnectionResetError("closed without an error")  # a clean EOF would hide the reset
+            w.close()
+            await wait_for(lambda: "the VM reset the connection" in helper.text)
+            [line] = gw.logs.events("session_closed")
+            assert line["reason"] == "vm_reset"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def ws_status(gw: Gateway, query: str, token: str | None) -> tuple[int, str]:
+    """Try the upgrade; on a refusal read the JSON reason the way the helper does (a plain GET)."""
+    ctx = ssl.create_default_context(cafile=str(gw.ca_file))
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    url = f"127.0.0.1:{gw.port}/v1/tunnel?{query}"
+    async with aiohttp.ClientSession() as http:
+        try:
+            async with http.ws_connect("wss://" + url, headers=headers, ssl=ctx) as ws:
+                await ws.close()
+                return 101, ""
+        except aiohttp.WSServerHandshakeError as exc:
+            status = exc.status
+        async with http.get("https://" + url, headers=headers, ssl=ctx) as resp:
+            assert resp.status == status
+            return status, (await resp.json())["message"]
+
+
+async def test_refusals_happen_before_any_connection(make_gateway: GatewayFactory) -> None:
+    """No, expired, tampered or foreign tokens get 401; an ungranted VM, port or unknown VM get 403 with the
+    same wording for unknown and ungranted; the VM port is never dialled."""
+    watcher = socket.socket()
+    watcher.bind(("127.0.0.1", 0))
+    watcher.listen(8)
+    watcher.setblocking(False)
+    port = watcher.getsockname()[1]
+    try:
+        async with make_gateway(with_tcp_vm(port, grant_ports=[port + 1 if port < 65535 else port - 1])) as gw:
+            good = (await gw.ssh("alice", "token")).text.strip()
+            key = (gw.tmp / "state" / "token.key").read_bytes()
+            expired, _ = TokenService(key, SystemClock(), lifetime=-60).issue("alice")
+            foreign, _ = TokenService(os.urandom(32), SystemClock(), lifetime=600).issue("alice")
+            tampered = good[:-3] + ("AAA" if not good.endswith("AAA") else "BBB")
+            for token, words in (
+                (None, "bearer token is required"),
+                (expired, "expired"),
+                (tampered, "signature"),
+                (foreign, "signature"),
+                ("junk", "malformed"),
+            ):
+                status, message = await ws_status(gw, f"vm=echo01&port={port}", token)
+                assert status == 401 and words in message, (token, status, message)
+            status, message = await ws_status(gw, f"vm=echo01&port={port}", good)
+            assert status == 403 and f"port {port} on VM 'echo01' is not granted to you" in message
+            s1, m1 = await ws_status(gw, "vm=web02&port=22", good)
+            s2, m2 = await ws_status(gw, "vm=nosuch&port=22", good)
+            assert (s1, s2) == (403, 403)
+            assert m1 == "VM 'web02' does not exist or you may not reach it" and m2 == "VM 'nosuch' does not exist or you may not reach it"
+            status, _ = await ws_status(gw, "vm=echo01&port=http", good)
+            assert status == 400
+            with pytest.raises(BlockingIOError):
+                watcher.accept()
+            assert all(e["reason"] for e in gw.logs.events("tunnel_refused"))
+            assert good not in str(gw.logs.events())
+    finally:
+        watcher.close()
+
+
+async def test_helper_prints_a_refusal(make_gateway: GatewayFactory, echo: Echo) -> None:
+    """With a bad token the helper tells the user the gateway refused, and closes that local connection."""
+    async with make_gateway(with_tcp_vm(echo.port)) as gw, Helper(gw, "echo01", echo.port, "--token", "v1.bad.token") as helper:
+        r, w = await asyncio.open_connection("127.0.0.1", helper.local)
+        async with asyncio.timeout(20):
+            with contextlib.suppress(ConnectionResetError):  # an abort may arrive as a reset
+                assert await r.read() == b""
+        w.close()
+        await wait_for(lambda: "the gateway refused the tunnel (401)" in helper.text)
+
+
+async def test_forced_disconnect_ends_one_tunnel_with_the_notice(make_gateway: GatewayFactory, echo: Echo) -> None:
+    """An operator ends one tunnelled connection: the helper prints the notice, that connection closes,
+    the session leaves the registry, and another tunnelled connection keeps working."""
+    async with make_gateway(with_tcp_vm(echo.port)) as gw, Helper(gw, "echo01", echo.port) as helper:
+        r1, w1 = await asyncio.open_connection("127.0.0.1", helper.local)
+        w1.write(b"one")
+        async with asyncio.timeout(20):
+            assert await r1.readexactly(3) == b"one"
+        r2, w2 = await asyncio.open_connection("127.0.0.1", helper.local)
+        w2.write(b"two")
+        async with asyncio.timeout(20):
+            assert await r2.readexactly(3) == b"two"
+        await wait_for(lambda: len(gw.app.registry.list()) == 2)
+        first = min(gw.app.registry.list(), key=lambda s: s.started_at)
+        assert first.protocol == "tcp"
+        assert await gw.app.registry.terminate(first.id, "closing RDP for patching", 0)
+        await wait_for(lambda: "You have been disconnected. closing RDP for patching" in helper.text)
+        async with asyncio.timeout(20):
+            with_reset = False
+            try:
+                rest = await r1.read()
+            except ConnectionResetError:
+                with_reset, rest = True, b""
+            assert rest == b"" or with_reset
+        await wait_for(lambda: gw.app.registry.get(first.id) is None)
+        w2.write(b"still")
+        async with asyncio.timeout(20):
+            assert await r2.readexactly(5) == b"still"
+        w1.close()
+        w2.close()
