@@ -88,24 +88,30 @@ class Policy:
         return Grant(vm=vm, protocol="ssh", port=vm.ssh_port, login=chosen, env=tuple(dict.fromkeys(env)))
 
     def check_forward(self, principal: Principal, host: str, port: int, protocol: str = "ssh-jump") -> Grant:
-        """May `principal` open a TCP connection to inventory name `host` on `port`?
+        """May `principal` open a TCP connection to inventory name `host` on `port` (ssh -J/-W/-L)?
 
         `host` is what a client typed: it must be an inventory name exactly. IP
         literals and anything else are refused; the address dialled is always the
-        inventory's.
+        inventory's. A forward to the VM's rdp_port is an `rdp` session, allowed by
+        an `rdp` rule (absent `ports`: the rdp_port) or an `ssh-jump` rule listing the port.
         """
         if _is_ip_literal(host):
             raise TargetRefused(f"{host!r} is an address; name a VM from the inventory instead", reason="target_not_inventory")
         vm = self._vms.get(host)
         if vm is None:
             raise PolicyDenied(not_found_message(host), reason="unknown_vm")
-        rules = self._rules_for(principal, vm, protocol)
-        if not rules:
+        is_rdp = vm.rdp_port is not None and port == vm.rdp_port
+        session_protocol = "rdp" if is_rdp else protocol
+        candidates = [(protocol, self._rules_for(principal, vm, protocol))]
+        if is_rdp:
+            candidates.append(("rdp", self._rules_for(principal, vm, "rdp")))
+        if not any(rules for _, rules in candidates):
             raise PolicyDenied(not_found_message(host))
-        for rule in rules:
-            ports = rule.ports if rule.ports is not None else (vm.ssh_port,)
-            if port in ports:
-                return Grant(vm=vm, protocol=protocol, port=port, login=None, env=())
+        for proto, rules in candidates:
+            for rule in rules:
+                default = (vm.rdp_port,) if proto == "rdp" and vm.rdp_port is not None else (vm.ssh_port,)
+                if port in (rule.ports if rule.ports is not None else default):
+                    return Grant(vm=vm, protocol=session_protocol, port=port, login=None, env=())
         raise PolicyDenied(f"port {port} on VM {host!r} is not granted to you", reason="port_denied")
 
     def check_tunnel(self, principal: Principal, vm_name: str, port: int) -> Grant:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the system packages the tests drive for real: OpenSSH client and server, Chromium, promtool.
+# Install the system packages the tests drive for real: OpenSSH, Chromium, promtool, xrdp, FreeRDP, Xvfb.
 # Idempotent: does nothing when they are present. Needs root (or sudo) only when something is missing.
 set -euo pipefail
 
@@ -10,6 +10,10 @@ command -v ssh-keygen >/dev/null 2>&1 || need+=(openssh-client)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 [ -x /usr/bin/chromium ] || need+=(chromium)          # the sessions page is tested in a real browser
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)   # promtool checks the /metrics exposition
+command -v xrdp >/dev/null 2>&1 || need+=(xrdp)               # a real RDP server as a VM
+command -v xfreerdp >/dev/null 2>&1 || need+=(freerdp2-x11)   # a real RDP client
+command -v Xvfb >/dev/null 2>&1 || need+=(xvfb)
+command -v xterm >/dev/null 2>&1 || need+=(xterm)             # the RDP test session's foreground program
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0

@@ -1,0 +1,92 @@
+"""RDP to a real xrdp VM with a real FreeRDP client, through `bastion tunnel` and through `ssh -L`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import GatewayFactory, wait_for
+from tests.e2e.test_ssh_jump import open_forward, stop
+from tests.e2e.test_tunnel import Helper
+from tests.support.peers import free_port
+from tests.support.rdp import RDP_PASSWORD, RDP_USER, XRDP, running_xrdp, xvfb_display
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="xrdp tests create a login and need root (CI runs as root)")
+
+
+@pytest.fixture(scope="module")
+def xrdp() -> Iterator[XRDP]:
+    d = Path(tempfile.mkdtemp(prefix="bastion-xrdp-"))
+    try:
+        with running_xrdp(d) as server:
+            yield server
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def display() -> Iterator[str]:
+    with xvfb_display() as d:
+        yield d
+
+
+def with_win_vm(rdp_port: int, protocols: list[str]) -> Any:
+    def edit(cfg: dict[str, Any]) -> None:
+        cfg["vms"].append({"name": "win01", "address": "127.0.0.1", "ssh_port": 22, "rdp_port": rdp_port, "trust_on_first_use": True})
+        cfg["rules"].append({"groups": ["ops"], "vms": ["win01"], "protocols": protocols})
+
+    return edit
+
+
+async def xfreerdp(display: str, port: int, *extra: str, timeout: float = 60) -> tuple[int, str]:
+    env = dict(os.environ) | {"DISPLAY": display}
+    proc = await asyncio.create_subprocess_exec(
+        "xfreerdp", f"/v:127.0.0.1:{port}", f"/u:{RDP_USER}", f"/p:{RDP_PASSWORD}", "/cert:ignore", *extra,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(timeout):
+            out, _ = await proc.communicate()
+    except TimeoutError:
+        proc.terminate()
+        out, _ = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace")
+
+
+async def test_freerdp_logs_in_through_bastion_tunnel(make_gateway: GatewayFactory, xrdp: XRDP, display: str) -> None:
+    """xfreerdp +auth-only through `bastion tunnel` completes the RDP handshake (exit 0); a full session
+    logs in (xrdp's log says so) and shows on the registry as protocol rdp while it is open."""
+    async with make_gateway(with_win_vm(xrdp.port, ["rdp"])) as gw, Helper(gw, "win01", xrdp.port) as helper:
+        rc, out = await xfreerdp(display, helper.local, "+auth-only")
+        assert rc == 0, out
+        before = xrdp.log.read_text(errors="replace").count(f"login successful for user {RDP_USER}")
+        session = asyncio.create_task(xfreerdp(display, helper.local, "/size:800x600", timeout=12))
+        await wait_for(lambda: xrdp.log.read_text(errors="replace").count(f"login successful for user {RDP_USER}") > before, timeout=40)
+        live = [s for s in gw.app.registry.list() if s.vm == "win01"]
+        assert live and all(s.protocol == "rdp" and s.user == "alice" and s.target_port == xrdp.port for s in live)
+        await session
+        await wait_for(lambda: not gw.app.registry.list(), timeout=20)
+        closed = [e for e in gw.logs.events("session_closed") if e["vm"] == "win01"]
+        assert closed and all(e["protocol"] == "rdp" for e in closed) and max(e["bytes_down"] for e in closed) > 1000
+
+
+async def test_freerdp_through_ssh_local_forward_is_an_rdp_session(make_gateway: GatewayFactory, xrdp: XRDP, display: str) -> None:
+    """`ssh -L LOCAL:win01:RDPPORT alice@gw` with an rdp rule: FreeRDP completes the handshake, tracked as rdp."""
+    async with make_gateway(with_win_vm(xrdp.port, ["rdp"])) as gw:
+        lport = free_port()
+        proc = await open_forward(gw, "alice", f"{lport}:win01:{xrdp.port}", "-N")
+        try:
+            rc, out = await xfreerdp(display, lport, "+auth-only")
+            assert rc == 0, out
+            await wait_for(lambda: any(e["vm"] == "win01" and e["bytes_down"] > 1000 for e in gw.logs.events("session_closed")))
+            assert all(e["protocol"] == "rdp" for e in gw.logs.events("session_closed") if e["vm"] == "win01")
+        finally:
+            await stop(proc)
