@@ -239,8 +239,7 @@ def cmd_rdp(args: argparse.Namespace) -> int:
 
     async def launch(host: str, port: int) -> None:
         nonlocal result
-        extra = [a for a in args.client_args if a != "--"]
-        argv = [client, f"/v:{host}:{port}", *extra] if "xfreerdp" in client else [client, f"/v:{host}:{port}"]
+        argv = [client, f"/v:{host}:{port}", *args.client_args] if "xfreerdp" in client else [client, f"/v:{host}:{port}"]
         proc = await asyncio.create_subprocess_exec(*argv)
         result = await proc.wait()
 
@@ -318,8 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("vm", metavar="VM")
     _tunnel_flags(rd, vm_flag=False)
     rd.add_argument("--port", type=int, default=3389, help="the VM's RDP port (default 3389)")
-    rd.add_argument("client_args", nargs=argparse.REMAINDER, help="after --: extra xfreerdp arguments")
-    rd.set_defaults(func=cmd_rdp)
+    rd.set_defaults(func=cmd_rdp, client_args=[])  # arguments after `--` go to xfreerdp
     return p
 
 
@@ -342,6 +340,13 @@ def _ensure_std_fds() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     _ensure_std_fds()
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    passthrough: list[str] = []
+    if words[:1] == ["rdp"] and "--" in words:
+        cut = words.index("--")
+        words, passthrough = words[:cut], words[cut + 1 :]
+    args = build_parser().parse_args(words)
+    if passthrough:
+        args.client_args = passthrough
     func: Callable[[argparse.Namespace], int] = args.func
     return func(args)

@@ -128,6 +128,13 @@ class TunnelHandler:
                         writer.write_eof()
                     return _EOF
             elif msg.type == WSMsgType.ERROR:
+                exc = ws.exception()
+                code = getattr(exc, "code", None)
+                # e.g. a message over the size limit. aiohttp has usually dropped the connection
+                # already (the client sees 1006); when it has not, say why with the close code.
+                await ws.close(
+                    code=int(code) if isinstance(code, int) and code >= 1000 else 1002, message=close_reason(str(exc or "protocol error"))
+                )
                 return "client_error"
         return "client_closed"
 

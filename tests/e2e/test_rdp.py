@@ -90,3 +90,22 @@ async def test_freerdp_through_ssh_local_forward_is_an_rdp_session(make_gateway:
             assert all(e["protocol"] == "rdp" for e in gw.logs.events("session_closed") if e["vm"] == "win01")
         finally:
             await stop(proc)
+
+
+async def test_bastion_rdp_launches_freerdp_through_a_tunnel(make_gateway: GatewayFactory, xrdp: XRDP, display: str) -> None:
+    """`bastion rdp win01` opens a tunnel on a free local port and runs xfreerdp against it (like az network bastion rdp)."""
+    import sys
+
+    async with make_gateway(with_win_vm(xrdp.port, ["rdp"])) as gw:
+        env = dict(os.environ) | {"DISPLAY": display}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "rdp", "win01", "--port", str(xrdp.port), "--gateway", f"127.0.0.1:{gw.port}",
+            "--ca-file", str(gw.ca_file), "--user", "alice", "--ssh-config", str(gw.ssh_config),
+            "--", f"/u:{RDP_USER}", f"/p:{RDP_PASSWORD}", "/cert:ignore", "+auth-only",
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
+        )  # fmt: skip
+        async with asyncio.timeout(90):
+            out, _ = await proc.communicate()
+        assert proc.returncode == 0, out.decode(errors="replace")
+        closed = [e for e in gw.logs.events("session_closed") if e["vm"] == "win01"]
+        assert closed and all(e["protocol"] == "rdp" for e in closed)

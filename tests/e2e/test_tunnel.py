@@ -247,3 +247,42 @@ async def test_forced_disconnect_ends_one_tunnel_with_the_notice(make_gateway: G
             assert await r2.readexactly(5) == b"still"
         w1.close()
         w2.close()
+
+
+async def test_oversized_message_closes_the_tunnel(make_gateway: GatewayFactory, echo: Echo) -> None:
+    """A WebSocket message over the size limit (1 MiB by default) ends the tunnel and its session, relaying nothing.
+
+    aiohttp drops the connection on an oversized message without sending a close frame, so the client
+    sees 1006 (abnormal closure) rather than 1009."""
+    async with make_gateway(with_tcp_vm(echo.port)) as gw:
+        token = (await gw.ssh("alice", "token")).text.strip()
+        ctx = ssl.create_default_context(cafile=str(gw.ca_file))
+        async with (
+            aiohttp.ClientSession() as http,
+            http.ws_connect(
+                f"wss://127.0.0.1:{gw.port}/v1/tunnel?vm=echo01&port={echo.port}", headers={"Authorization": f"Bearer {token}"}, ssl=ctx
+            ) as ws,
+        ):
+            await ws.send_bytes(b"x" * (1024 * 1024 + 1))
+            async with asyncio.timeout(20):
+                msg = await ws.receive()
+            assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+            assert ws.close_code in (1006, 1009)
+        await wait_for(lambda: bool(gw.logs.events("session_closed")))
+        assert gw.logs.events("session_closed")[0]["bytes_up"] == 0
+
+
+async def test_static_token_from_config_opens_a_tunnel(make_gateway: GatewayFactory, echo: Echo) -> None:
+    """A per-user automation token configured as a SHA-256 digest works with the helper's --token."""
+    import hashlib
+
+    token = "automation-" + "z" * 30
+
+    def edit(cfg: dict[str, Any]) -> None:
+        with_tcp_vm(echo.port)(cfg)
+        cfg["users"][0]["tokens_sha256"] = [hashlib.sha256(token.encode()).hexdigest()]
+
+    async with make_gateway(edit) as gw, Helper(gw, "echo01", echo.port, "--token", token) as helper:
+        assert await roundtrip(helper.local, b"automated") == b"automated"
+        await wait_for(lambda: bool(gw.logs.events("session_closed")))
+        assert gw.logs.events("session_closed")[0]["user"] == "alice"
