@@ -136,6 +136,19 @@ class Policy:
                 return Grant(vm=vm, protocol=protocol, port=port, login=None, env=())
         raise PolicyDenied(f"port {port} on VM {vm_name!r} is not granted to you", reason="port_denied")
 
+    def granted_ports(self, principal: Principal, vm: VM) -> tuple[int, ...]:
+        """The VM ports this principal may reach by jump mode or tunnels (for listings)."""
+        ports: set[int] = set()
+        for proto in ("ssh-jump", "rdp", "tcp"):
+            for rule in self._rules_for(principal, vm, proto):
+                if rule.ports is not None:
+                    ports.update(rule.ports)
+                elif proto == "ssh-jump":
+                    ports.add(vm.ssh_port)
+                elif proto == "rdp" and vm.rdp_port is not None:
+                    ports.add(vm.rdp_port)
+        return tuple(sorted(ports))
+
     def reachable(self, principal: Principal) -> list[tuple[VM, tuple[str, ...]]]:
         """The VMs the principal may reach and by which protocols, for listings."""
         out = []

@@ -349,9 +349,11 @@ class GatewayShellSession(asyncssh.SSHServerSession[bytes]):
 
     def _listing(self) -> list[str]:
         lines = []
-        for vm, protos in self._door.policy.reachable(self._client.principal):
-            ports = [f"ssh:{vm.ssh_port}"] + ([f"rdp:{vm.rdp_port}"] if vm.rdp_port else [])
-            lines.append(f"  {vm.name:<20} {', '.join(protos):<28} {' '.join(ports)}")
+        principal = self._client.principal
+        for vm, protos in self._door.policy.reachable(principal):
+            ports = self._door.policy.granted_ports(principal, vm)
+            shown = "ports " + ", ".join(str(p) for p in ports) if ports else ""
+            lines.append(f"  {vm.name:<20} {', '.join(protos):<28} {shown}".rstrip())
         return lines or ["  (none)"]
 
     def _run_gateway_command(self, command: str, nl: str) -> None:

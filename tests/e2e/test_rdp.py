@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import ssl
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
-from tests.e2e.conftest import GatewayFactory, wait_for
+from tests.e2e.conftest import VIEWER_TOKEN, GatewayFactory, wait_for
 from tests.e2e.test_ssh_jump import open_forward, stop
 from tests.e2e.test_tunnel import Helper
 from tests.support.peers import free_port
@@ -70,8 +72,17 @@ async def test_freerdp_logs_in_through_bastion_tunnel(make_gateway: GatewayFacto
         before = xrdp.log.read_text(errors="replace").count(f"login successful for user {RDP_USER}")
         session = asyncio.create_task(xfreerdp(display, helper.local, "/size:800x600", timeout=12))
         await wait_for(lambda: xrdp.log.read_text(errors="replace").count(f"login successful for user {RDP_USER}") > before, timeout=40)
-        live = [s for s in gw.app.registry.list() if s.vm == "win01"]
-        assert live and all(s.protocol == "rdp" and s.user == "alice" and s.target_port == xrdp.port for s in live)
+        # What an operator sees on the control port while the RDP session is open:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(
+                gw.control_url + "/v1/sessions?vm=win01",
+                headers={"Authorization": f"Bearer {VIEWER_TOKEN}"},
+                ssl=ssl.create_default_context(cafile=str(gw.ca_file)),
+            ) as resp,
+        ):
+            live = (await resp.json())["sessions"]
+        assert live and all(s["protocol"] == "rdp" and s["user"] == "alice" and s["target_port"] == xrdp.port for s in live)
         await session
         await wait_for(lambda: not gw.app.registry.list(), timeout=20)
         closed = [e for e in gw.logs.events("session_closed") if e["vm"] == "win01"]
