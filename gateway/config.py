@@ -212,7 +212,7 @@ class _Reader:
         return value
 
     def str_list(
-        self, data: Mapping[str, Any], path: str, key: str, check: Callable[[str], str | None] | None = None
+        self, data: Mapping[str, Any], path: str, key: str, check: Callable[[str], str | None] | None = None, *, echo: bool = True
     ) -> tuple[str, ...] | None:
         full = f"{path}.{key}"
         if key not in data:
@@ -224,7 +224,7 @@ class _Reader:
         out = []
         for i, v in enumerate(value):
             if check is not None and (msg := check(v)) is not None:
-                self.problem(f"{full}[{i}]", f"{msg}: {v!r}")
+                self.problem(f"{full}[{i}]", f"{msg}: {v!r}" if echo else msg)
             else:
                 out.append(v)
         return tuple(out)
@@ -394,7 +394,11 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
             token_sha256s=tuple(
                 bytes.fromhex(t)
                 for t in r.str_list(
-                    u, path, "tokens_sha256", lambda x: None if re.fullmatch(r"[0-9a-fA-F]{64}", x) else "must be 64 hex digits"
+                    u,
+                    path,
+                    "tokens_sha256",
+                    lambda x: None if re.fullmatch(r"[0-9a-fA-F]{64}", x) else "must be 64 hex digits (the output of `bastion hash-token`)",
+                    echo=False,  # a token pasted here by mistake must not reach a terminal or log
                 )
                 or ()
             ),

@@ -509,3 +509,14 @@ def test_empty_tls_cert_with_tls_key_is_rejected() -> None:
     data["public"]["tls_cert"] = ""
     data["public"]["tls_key"] = "tls/key.pem"
     assert "public.tls_cert" in problem_paths(data)
+
+
+def test_bad_token_digest_is_not_echoed() -> None:
+    """A value in users.tokens_sha256 that is not a digest (maybe a pasted token) is reported without its value."""
+    from gateway.config import parse_config
+    from gateway.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        parse_config({"users": [{"name": "alice", "tokens_sha256": ["my-secret-token"]}]})
+    [(path, message)] = [p for p in err.value.problems if "tokens_sha256" in p[0]]
+    assert path == "users[0].tokens_sha256[0]" and "my-secret-token" not in message
