@@ -320,23 +320,11 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
 
     pub = r.get(data, "", "public", dict, {})
     r.table(pub, "public", {"listen", "tls_cert", "tls_key", "detect_timeout", "header_timeout"})
-    listen: list[ListenAddress] = []
-    for i, item in enumerate(r.str_list(pub, "public", "listen") or ("0.0.0.0:443",)):
-        try:
-            listen.append(parse_listen(item))
-        except ValueError as exc:
-            r.problem(f"public.listen[{i}]", str(exc))
-    cert = r.get(pub, "public", "tls_cert", str)
-    key = r.get(pub, "public", "tls_key", str)
-    for k, v in (("tls_cert", cert), ("tls_key", key)):
-        if v is not None and not v.strip():
-            r.problem(f"public.{k}", f"must be a file path, got {v!r}")
-    if (cert is None) != (key is None):
-        r.problem("public.tls_cert" if cert is None else "public.tls_key", "tls_cert and tls_key go together")
+    listen, cert, key = _listener_keys(r, pub, "public", "0.0.0.0:443", path_of)
     public = PublicSection(
-        listen=tuple(listen),
-        tls_cert=path_of(cert) if cert else None,
-        tls_key=path_of(key) if key else None,
+        listen=listen,
+        tls_cert=cert,
+        tls_key=key,
         detect_timeout=r.duration(pub, "public", "detect_timeout", 1.0),
         header_timeout=r.duration(pub, "public", "header_timeout", 10.0),
     )
@@ -477,26 +465,34 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
     )
 
 
-def _parse_control(r: _Reader, data: Mapping[str, Any], path_of: Callable[[str], Path]) -> tuple[ControlSection, tuple[Operator, ...]]:
-    c = r.get(data, "", "control", dict, {})
-    r.table(c, "control", {"listen", "tls_cert", "tls_key", "metrics_public", "header_timeout"})
+def _listener_keys(
+    r: _Reader, table: Mapping[str, Any], section: str, default: str, path_of: Callable[[str], Path]
+) -> tuple[tuple[ListenAddress, ...], Path | None, Path | None]:
+    """`listen`, `tls_cert` and `tls_key` of a listener section, validated alike for [public] and [control]."""
     listen: list[ListenAddress] = []
-    for i, item in enumerate(r.str_list(c, "control", "listen") or ("127.0.0.1:4443",)):
+    for i, item in enumerate(r.str_list(table, section, "listen") or (default,)):
         try:
             listen.append(parse_listen(item))
         except ValueError as exc:
-            r.problem(f"control.listen[{i}]", str(exc))
-    cert = r.get(c, "control", "tls_cert", str)
-    key = r.get(c, "control", "tls_key", str)
+            r.problem(f"{section}.listen[{i}]", str(exc))
+    cert = r.get(table, section, "tls_cert", str)
+    key = r.get(table, section, "tls_key", str)
     for k, v in (("tls_cert", cert), ("tls_key", key)):
         if v is not None and not v.strip():
-            r.problem(f"control.{k}", f"must be a file path, got {v!r}")
+            r.problem(f"{section}.{k}", f"must be a file path, got {v!r}")
     if (cert is None) != (key is None):
-        r.problem("control.tls_cert" if cert is None else "control.tls_key", "tls_cert and tls_key go together")
+        r.problem(f"{section}.tls_cert" if cert is None else f"{section}.tls_key", "tls_cert and tls_key go together")
+    return tuple(listen), path_of(cert) if cert else None, path_of(key) if key else None
+
+
+def _parse_control(r: _Reader, data: Mapping[str, Any], path_of: Callable[[str], Path]) -> tuple[ControlSection, tuple[Operator, ...]]:
+    c = r.get(data, "", "control", dict, {})
+    r.table(c, "control", {"listen", "tls_cert", "tls_key", "metrics_public", "header_timeout"})
+    listen, cert, key = _listener_keys(r, c, "control", "127.0.0.1:4443", path_of)
     control = ControlSection(
-        listen=tuple(listen),
-        tls_cert=path_of(cert) if cert else None,
-        tls_key=path_of(key) if key else None,
+        listen=listen,
+        tls_cert=cert,
+        tls_key=key,
         metrics_public=r.get(c, "control", "metrics_public", bool, False),
         header_timeout=r.duration(c, "control", "header_timeout", 10.0),
     )

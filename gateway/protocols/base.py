@@ -7,7 +7,9 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from gateway.config import VM
 from gateway.policy import Principal
+from gateway.sessions.model import SessionSpec
 
 
 @dataclass(frozen=True)
@@ -17,6 +19,20 @@ class Client:
     principal: Principal
     source_ip: str
     source_port: int
+
+
+def session_spec(client: Client, vm: VM, port: int, protocol: str, login: str | None = None) -> SessionSpec:
+    """The registry entry for a relay from `client` to an inventory VM."""
+    return SessionSpec(
+        user=client.principal.name,
+        source_ip=client.source_ip,
+        source_port=client.source_port,
+        vm=vm.name,
+        target_address=vm.address,
+        target_port=port,
+        protocol=protocol,
+        login=login,
+    )
 
 
 class Spawner(Protocol):

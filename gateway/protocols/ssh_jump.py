@@ -19,9 +19,8 @@ from structlog.typing import FilteringBoundLogger
 from gateway.errors import GatewayError
 from gateway.net.upstream import dial
 from gateway.policy import Grant
-from gateway.protocols.base import Client, NullUpstreamObserver, Spawner, UpstreamObserver
+from gateway.protocols.base import Client, NullUpstreamObserver, Spawner, UpstreamObserver, session_spec
 from gateway.protocols.ssh_disconnect import disconnect_with_notice, notice_text
-from gateway.sessions.model import SessionSpec
 from gateway.sessions.registry import Session, SessionRegistry
 
 
@@ -184,15 +183,7 @@ class SSHJumpHandler:
             dial_sock.close()
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, f"cannot reach VM {grant.vm.name!r}: {exc}") from None
         vm = grant.vm
-        spec = SessionSpec(
-            user=client.principal.name,
-            source_ip=client.source_ip,
-            source_port=client.source_port,
-            vm=vm.name,
-            target_address=vm.address,
-            target_port=grant.port,
-            protocol=grant.protocol,
-        )
+        spec = session_spec(client, vm, grant.port, grant.protocol)
         ready = loop.create_future()
 
         ended: asyncio.Future[tuple[str, float]] = loop.create_future()

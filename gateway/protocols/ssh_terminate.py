@@ -20,10 +20,9 @@ from structlog.typing import FilteringBoundLogger
 
 from gateway.errors import GatewayError, UpstreamHostKeyMismatch
 from gateway.policy import Grant, env_allowed
-from gateway.protocols.base import Client, NullUpstreamObserver, UpstreamObserver
+from gateway.protocols.base import Client, NullUpstreamObserver, UpstreamObserver, session_spec
 from gateway.protocols.ssh_disconnect import disconnect_with_notice, notice_text, warning_text
 from gateway.protocols.upstream_ssh import Credentials, HostKeys, connect_vm
-from gateway.sessions.model import SessionSpec
 from gateway.sessions.registry import Session, SessionRegistry
 
 # Input the user sends before the VM side is open is held up to this much,
@@ -277,16 +276,7 @@ class SSHTerminateHandler:
             conn.close()
             return
         req = user.request
-        spec = SessionSpec(
-            user=client.principal.name,
-            source_ip=client.source_ip,
-            source_port=client.source_port,
-            vm=vm.name,
-            target_address=vm.address,
-            target_port=vm.ssh_port,
-            protocol=self.kind,
-            login=grant.login,
-        )
+        spec = session_spec(client, vm, vm.ssh_port, self.kind, grant.login)
         env: dict[str | bytes, str | bytes] = {}
         if user.chan is not None:
             env = {k: v for k, v in user.chan.get_environment().items() if env_allowed(k, grant.env)}

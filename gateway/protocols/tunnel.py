@@ -24,9 +24,8 @@ from aiohttp import WSMsgType, web
 from structlog.typing import FilteringBoundLogger
 
 from gateway.policy import Grant
-from gateway.protocols.base import Client
+from gateway.protocols.base import Client, session_spec
 from gateway.protocols.ssh_disconnect import notice_text
-from gateway.sessions.model import SessionSpec
 from gateway.sessions.registry import Session, SessionRegistry
 
 CLOSE_OPERATOR = 4001
@@ -56,15 +55,7 @@ class TunnelHandler:
     async def serve(self, ws: web.WebSocketResponse, sock: socket.socket, grant: Grant, client: Client) -> None:
         """Own `sock` and `ws` until the tunnel ends. Cancellation propagates after both are closed."""
         vm = grant.vm
-        spec = SessionSpec(
-            user=client.principal.name,
-            source_ip=client.source_ip,
-            source_port=client.source_port,
-            vm=vm.name,
-            target_address=vm.address,
-            target_port=grant.port,
-            protocol=grant.protocol,
-        )
+        spec = session_spec(client, vm, grant.port, grant.protocol)
         reader, writer = await asyncio.open_connection(sock=sock, limit=_READ)
         ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 

@@ -263,3 +263,34 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: s
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(0.02)
+
+
+class Echo:
+    """A loopback TCP server that echoes everything and closes after the client's EOF."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        try:
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+            w.close()
+        except ConnectionError:
+            pass
+
+
+@pytest.fixture
+async def echo() -> AsyncIterator[Echo]:
+    e = Echo()
+    e.server = await asyncio.start_server(e.handle, "127.0.0.1", 0)
+    e.port = e.server.sockets[0].getsockname()[1]
+    try:
+        yield e
+    finally:
+        e.server.close()
+        await e.server.wait_closed()

@@ -6,44 +6,12 @@ import asyncio
 import os
 import socket
 from asyncio.subprocess import PIPE
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import Gateway, GatewayFactory, wait_for
+from tests.e2e.conftest import Echo, Gateway, GatewayFactory, wait_for
 from tests.support.peers import free_port
-
-
-class Echo:
-    """A loopback TCP server that echoes everything and closes after the client's EOF."""
-
-    def __init__(self) -> None:
-        self.accepted = 0
-        self.server: asyncio.Server | None = None
-        self.port = 0
-
-    async def handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        self.accepted += 1
-        try:
-            while data := await r.read(65536):
-                w.write(data)
-                await w.drain()
-            w.close()
-        except ConnectionError:
-            pass
-
-
-@pytest.fixture
-async def echo() -> AsyncIterator[Echo]:
-    e = Echo()
-    e.server = await asyncio.start_server(e.handle, "127.0.0.1", 0)
-    e.port = e.server.sockets[0].getsockname()[1]
-    try:
-        yield e
-    finally:
-        e.server.close()
-        await e.server.wait_closed()
 
 
 def with_echo_vm(port: int) -> Any:

@@ -11,7 +11,7 @@ import ssl
 import struct
 import sys
 from asyncio.subprocess import PIPE
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -19,8 +19,8 @@ import pytest
 
 from gateway.clock import SystemClock
 from gateway.tokens import TokenService
-from tests.e2e.conftest import Gateway, GatewayFactory, wait_for
-from tests.e2e.test_ssh_jump import Echo, roundtrip
+from tests.e2e.conftest import Echo, Gateway, GatewayFactory, wait_for
+from tests.e2e.test_ssh_jump import roundtrip
 from tests.support.peers import free_port
 
 BASTION = [sys.executable, "-m", "gateway"]
@@ -32,18 +32,6 @@ def with_tcp_vm(port: int, *, grant_ports: list[int] | None = None) -> Callable[
         cfg["rules"].append({"groups": ["ops"], "vms": ["echo01"], "protocols": ["tcp"], "ports": grant_ports or [port]})
 
     return edit
-
-
-@pytest.fixture
-async def echo() -> AsyncIterator[Echo]:
-    e = Echo()
-    e.server = await asyncio.start_server(e.handle, "127.0.0.1", 0)
-    e.port = e.server.sockets[0].getsockname()[1]
-    try:
-        yield e
-    finally:
-        e.server.close()
-        await e.server.wait_closed()
 
 
 class Helper:
