@@ -129,6 +129,12 @@ class App:
             if cfg.control.tls_cert is not None and cfg.control.tls_key is not None
             else ssl_ctx
         )
+        self.tokens = TokenService(
+            load_or_create_key(state_dir / "token.key"),
+            self.clock,
+            cfg.tunnel.token_lifetime,
+            {d: u.name for u in cfg.users.values() for d in u.token_sha256s},
+        )
         sockets: list[socket.socket] = []
         control_sockets: list[socket.socket] = []
         try:
@@ -159,12 +165,6 @@ class App:
             log=self.log,
             public_hint=hint,
             observer=self.metrics,
-        )
-        self.tokens = TokenService(
-            load_or_create_key(state_dir / "token.key"),
-            self.clock,
-            cfg.tunnel.token_lifetime,
-            {d: u.name for u in cfg.users.values() for d in u.token_sha256s},
         )
         ssh_door.tokens = self.tokens
         public = PublicApp(

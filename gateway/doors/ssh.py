@@ -106,18 +106,20 @@ class SSHDoor:
             return
         self.unauthenticated += 1
         server = GatewaySSHServer(self, peer, log)
+        conn: asyncssh.SSHServerConnection | None = None
         try:
             conn = await asyncssh.run_server(sock, options=self._options, server_factory=lambda: server)
         except asyncio.CancelledError:
             server.cancel_all()
             raise
         except (asyncssh.Error, OSError, TimeoutError, ValueError) as exc:
-            server.release_startup()
             if not server.authenticated:
                 log.info("ssh_handshake_ended", reason=_slug(exc), detail=str(exc)[:200], user=server.username)
             return
         finally:
             server.release_startup()
+            if conn is None:
+                sock.close()  # asyncssh may fail before its transport owns the socket
         try:
             await conn.wait_closed()
         finally:
