@@ -172,6 +172,9 @@ def gateway_toml(*, state_dir: Path, port: int, sshd: SSHD, vm_login_key: KeyPai
         "[public]",
         f"listen = {toml_value([f'{HOST}:{port}'])}",
         "",
+        "[control]",  # an ephemeral port, so a gateway already on 4443 does not stop the benchmark
+        f"listen = {toml_value([f'{HOST}:0'])}",
+        "",
         "[[vms]]",
         f"name = {toml_value('sink01')}",
         f"address = {toml_value(HOST)}",

@@ -1,0 +1,361 @@
+"""Bulk throughput of the WebSocket tunnel (`bastion tunnel`) vs a direct connection and vs `ssh -L`.
+
+Everything runs on 127.0.0.1 in separate processes, so no two parties share an
+event loop:
+
+    direct: client (this process) ---------------------------------------------------> sink (subprocess)
+    tunnel: client (this process) -> bastion tunnel (subprocess) -> gateway (subprocess) -> sink
+    ssh-L:  client (this process) -> ssh -L (subprocess)         -> gateway (same one)   -> sink
+
+The gateway is one `python -m gateway serve` process that grants the sink's port both as
+`tcp` (the WebSocket tunnel, with a static automation token) and as `ssh-jump` (the -L
+forward). Each transfer connects, sends N MB (10**6 bytes each) from a preallocated
+buffer, half-closes, and waits for the sink's byte count; the time from connect to reply
+is the sample. The paths are measured alternately (direct, tunnel, ssh-L, direct, ...)
+so slow drift on a shared machine hits all of them about equally; compare the ratios,
+not the absolute numbers. The sink, the transfer and the ssh -L code come from
+bench/ssh_forward.py.
+
+Run: .venv/bin/python bench/tunnel.py [--mb 200] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import importlib.metadata
+import json
+import os
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.ssh_forward import (  # noqa: E402
+    CHUNK,
+    DEFAULT_CIPHER,
+    HOST,
+    MB,
+    Forward,
+    GatewayProc,
+    cores,
+    hard_timeout,
+    on_sigterm,
+    start_forward,
+    start_sink,
+    stop_process,
+    tail,
+    toml_value,
+    transfer,
+    versions,
+    wait_listening,
+)
+from tests.support.peers import KeyPair, free_port, make_key  # noqa: E402
+
+VM = "sink01"
+RESULTS = REPO / "bench" / "results" / "tunnel.json"
+PATHS = ("direct", "tunnel", "ssh-L")
+WHAT = {"direct": "the sink", "tunnel": "bastion tunnel", "ssh-L": "ssh -L"}  # the process each path needs alive
+
+
+# --------------------------------------------------------------------------- gateway
+
+
+def gateway_toml(*, state_dir: Path, port: int, alice: KeyPair, token_sha256: str, sink_port: int) -> str:
+    lines = [
+        "[gateway]",
+        f"node = {toml_value('bench')}",
+        f"state_dir = {toml_value(str(state_dir))}",
+        f"connect_timeout = {toml_value('5s')}",
+        "",
+        "[public]",
+        f"listen = {toml_value([f'{HOST}:{port}'])}",
+        "",
+        "[control]",
+        f"listen = {toml_value([f'{HOST}:0'])}",  # an ephemeral port: never collides with another gateway
+        "",
+        "[[vms]]",
+        f"name = {toml_value(VM)}",
+        f"address = {toml_value(HOST)}",
+        f"ssh_port = {toml_value(22)}",  # never dialled: neither path logs in to the VM
+        f"trust_on_first_use = {toml_value(True)}",
+        "",
+        "[[users]]",
+        f"name = {toml_value('alice')}",
+        f"keys = {toml_value([alice.public])}",
+        f"groups = {toml_value(['bench'])}",
+        f"tokens_sha256 = {toml_value([token_sha256])}",
+        "",
+        "[[rules]]",
+        f"groups = {toml_value(['bench'])}",
+        f"vms = {toml_value([VM])}",
+        f"protocols = {toml_value(['tcp'])}",
+        f"ports = {toml_value([sink_port])}",
+        "",
+        "[[rules]]",
+        f"groups = {toml_value(['bench'])}",
+        f"vms = {toml_value([VM])}",
+        f"protocols = {toml_value(['ssh-jump'])}",
+        f"ports = {toml_value([sink_port])}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def start_gateway(workdir: Path, *, alice: KeyPair, token_sha256: str, sink_port: int) -> tuple[GatewayProc, Path]:
+    """`python -m gateway serve` in its own process; retried on a lost port race. Returns it and its tls.crt."""
+    state_dir = workdir / "gw-state"
+    cfg = workdir / "gateway.toml"
+    log = workdir / "gateway.log"
+    last: Exception | None = None
+    for _ in range(3):
+        port = free_port(HOST)
+        cfg.write_text(gateway_toml(state_dir=state_dir, port=port, alice=alice, token_sha256=token_sha256, sink_port=sink_port))
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "serve", "--config", str(cfg), "--log-format", "json"],
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+            )
+        try:
+            wait_listening(port, proc, "gateway", log)
+        except (RuntimeError, TimeoutError) as exc:
+            stop_process(proc)
+            last = exc
+            continue
+        host_key = (state_dir / "ssh_host_ed25519_key.pub").read_text().strip()
+        return GatewayProc(proc, port, host_key, log), state_dir / "tls.crt"  # both written before the port is bound
+    raise RuntimeError(f"gateway did not start: {last}")
+
+
+# --------------------------------------------------------------------------- bastion tunnel
+
+
+def wait_for_line(proc: subprocess.Popen[bytes], log: Path, offset: int, needle: bytes, what: str, timeout: float = 20.0) -> None:
+    """Poll `log` past `offset` for `needle` in bounded slices, failing fast if `proc` has exited.
+
+    Used instead of a test connection: every connection to the helper's port opens a tunnel.
+    """
+    for _ in range(max(1, int(timeout / 0.05))):
+        with log.open("rb") as f:
+            f.seek(offset)
+            if needle in f.read():
+                return
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode}\n{tail(log)}")
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} did not print {needle.decode()!r} after {timeout}s\n{tail(log)}")
+
+
+def start_helper(workdir: Path, *, gw_port: int, ca_file: Path, token: str, sink_port: int) -> Forward:
+    """`python -m gateway tunnel` in its own process, as a user runs it; retried on a lost port race."""
+    log = workdir / "tunnel-helper.log"
+    # The token goes in the helper's documented environment variable (same as --token), so it is not in `ps`.
+    env = {**os.environ, "BASTION_TUNNEL_TOKEN": token}
+    last: Exception | None = None
+    for _ in range(3):
+        local = free_port(HOST)
+        argv = [
+            sys.executable, "-m", "gateway", "tunnel",
+            "--gateway", f"{HOST}:{gw_port}", "--vm", VM, "--port", str(sink_port),
+            "--local", f"{HOST}:{local}", "--ca-file", str(ca_file),
+        ]  # fmt: skip
+        offset = log.stat().st_size if log.exists() else 0
+        with log.open("ab") as out:
+            proc = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        try:
+            wait_for_line(proc, log, offset, b"listening on", "bastion tunnel")
+        except (RuntimeError, TimeoutError) as exc:
+            stop_process(proc)
+            last = exc
+            continue
+        return Forward("tunnel", local, proc, log)
+    raise RuntimeError(f"bastion tunnel did not start: {last}")
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def measure(path: Forward, nbytes: int, chunk: memoryview, overall: float, per_transfer: float) -> tuple[float, float]:
+    if path.proc.poll() is not None:
+        raise RuntimeError(f"{WHAT[path.name]} ({path.name}) exited with status {path.proc.returncode}\n{tail(path.log)}")
+    secs = transfer(path.local_port, nbytes, chunk, min(overall, time.monotonic() + per_transfer))
+    return secs, nbytes / MB / secs
+
+
+@contextmanager
+def cleanup_uninterrupted() -> Iterator[None]:
+    """Cancel the --timeout alarm and hold SIGTERM/SIGINT while children are ended, so cleanup runs to the end.
+
+    Every step in it is bounded (stop_process waits at most 2 x grace).
+    """
+    signal.alarm(0)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a held signal is delivered here
+
+
+def stop_all(procs: list[tuple[str, subprocess.Popen[bytes] | None, float]]) -> None:
+    """End each process by its PID; one that will not die does not stop the others from being ended."""
+    for name, proc, grace in procs:
+        try:
+            stop_process(proc, grace=grace)
+        except (subprocess.TimeoutExpired, OSError) as exc:
+            print(f"tunnel: could not stop {name} (pid {proc.pid if proc else '?'}): {exc}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def run(args: argparse.Namespace) -> int:
+    nbytes = args.mb * MB
+    warm = min(args.mb, 10) * MB
+    per_transfer = 30.0 + args.mb  # fails below roughly 1 MB/s
+    overall = time.monotonic() + args.timeout
+    chunk = memoryview(os.urandom(CHUNK))
+    ncores = cores()
+    vers = {**versions(), "aiohttp": importlib.metadata.version("aiohttp")}
+    token = secrets.token_urlsafe(32)
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-tunnel-"))
+    sink: subprocess.Popen[bytes] | None = None
+    gw: GatewayProc | None = None
+    helper: Forward | None = None
+    ssh_l: Forward | None = None
+    try:
+        alice = make_key(tmp / "keys" / "alice")
+        sink, sink_port = start_sink(tmp, lifetime=args.timeout + 60)
+        gw, ca_file = start_gateway(tmp, alice=alice, token_sha256=hashlib.sha256(token.encode()).hexdigest(), sink_port=sink_port)
+        helper = start_helper(tmp, gw_port=gw.port, ca_file=ca_file, token=token, sink_port=sink_port)
+        kh = tmp / "known_hosts"
+        kh.write_text(f"[{HOST}]:{gw.port} {gw.host_key}\n")
+        ssh_l = start_forward(
+            "ssh-L",
+            tmp,
+            identity=alice.private,
+            known_hosts=kh,
+            cipher=args.cipher,
+            port=gw.port,
+            login="alice",
+            dest=VM,
+            dest_port=sink_port,
+        )
+        direct = Forward("direct", sink_port, sink, tmp / "sink.log")  # no forwarder: straight to the sink
+        paths = [direct, helper, ssh_l]
+        assert tuple(p.name for p in paths) == PATHS
+
+        algos = ssh_l.negotiated()
+        print(f"tunnel: {args.mb} MB per transfer, {args.rounds} rounds, alternating {' / '.join(PATHS)}")
+        print(f"cores: {ncores['cpu_count']} (usable {ncores['usable']})", end=" | ")
+        print(f"ssh-L cipher requested: {args.cipher} | negotiated: {algos.get('cipher_c2s', '?')}, kex {algos.get('kex', '?')}")
+        print(f"  tunnel: wss://{HOST}:{gw.port}/v1/tunnel?vm={VM}&port={sink_port} (TLS, self-signed, static token)")
+        print(f"  {vers['openssh']}; python {vers['python']}, asyncssh {vers['asyncssh']}", end=", ")
+        print(f"aiohttp {vers['aiohttp']}, uvloop {vers['uvloop']}")
+        if algos.get("cipher_c2s") != args.cipher:
+            print(f"warning: ssh -L negotiated {algos.get('cipher_c2s', '?')}, not the requested {args.cipher}", file=sys.stderr)
+
+        for p in paths:
+            _, rate = measure(p, warm, chunk, overall, per_transfer)
+            print(f"  warm-up {p.name:<7} {warm // MB:>4} MB  {rate:8.1f} MB/s")
+
+        print()
+        cols = "".join(f"  {p.name + ' MB/s':>12}  {'(s)':>6}" for p in paths)
+        print(f"{'round':>5}{cols}  {'tun/dir':>7}  {'tun/ssh':>7}")
+        for r in range(1, args.rounds + 1):
+            for p in paths:  # direct, tunnel, ssh-L, direct, ...
+                secs, rate = measure(p, nbytes, chunk, overall, per_transfer)
+                p.samples.append(rate)
+                p.seconds.append(secs)
+            row = "".join(f"  {p.samples[-1]:>12.1f}  {p.seconds[-1]:>6.3f}" for p in paths)
+            print(f"{r:>5}{row}  {helper.samples[-1] / direct.samples[-1]:>7.2f}  {helper.samples[-1] / ssh_l.samples[-1]:>7.2f}")
+
+        med = {p.name: statistics.median(p.samples) for p in paths}
+        over_direct = med["tunnel"] / med["direct"]
+        over_ssh = med["tunnel"] / med["ssh-L"]
+        headline = (
+            f"direct {med['direct']:.0f} MB/s | tunnel {med['tunnel']:.0f} MB/s | ssh-L {med['ssh-L']:.0f} MB/s"
+            f" | tunnel/direct {over_direct:.2f} | tunnel/ssh-L {over_ssh:.2f}"
+        )
+        print()
+        print(headline)
+        print(f"medians of {args.rounds} rounds x {args.mb} MB, {ncores['cpu_count']} cores; ssh-L cipher {args.cipher}; higher is better")
+
+        summary = {
+            "benchmark": "tunnel",
+            "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "mb_per_transfer": args.mb,
+            "bytes_per_transfer": nbytes,
+            "rounds": args.rounds,
+            "warmup_mb": warm // MB,
+            "order": "alternating, direct / tunnel / ssh-L in each round",
+            "paths": {
+                "direct": "TCP straight to the sink",
+                "tunnel": "bastion tunnel (own process) -> wss /v1/tunnel -> gateway (own process) -> sink",
+                "ssh-L": "ssh -L -> gateway jump mode (same gateway process) -> sink",
+            },
+            "cipher_requested": args.cipher,
+            "negotiated_ssh_l": algos,
+            "cores": ncores,
+            "versions": vers,
+            "samples_mb_per_s": {p.name: [round(x, 2) for x in p.samples] for p in paths},
+            "seconds": {p.name: [round(x, 4) for x in p.seconds] for p in paths},
+            "median_mb_per_s": {k: round(v, 2) for k, v in med.items()},
+            "ratio_tunnel_over_direct": round(over_direct, 4),
+            "ratio_tunnel_over_ssh_l": round(over_ssh, 4),
+            "summary": headline,
+        }
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"wrote {RESULTS.relative_to(REPO)}")
+        return 0
+    finally:
+        with cleanup_uninterrupted():
+            stop_all(
+                [
+                    ("bastion tunnel", helper.proc if helper else None, 5.0),
+                    ("ssh -L", ssh_l.proc if ssh_l else None, 5.0),
+                    ("gateway", gw.proc if gw else None, 10.0),
+                    ("sink", sink, 5.0),
+                ]
+            )
+            if args.keep_tmp:
+                print(f"kept {tmp}", file=sys.stderr)
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Bulk throughput: direct TCP vs bastion tunnel vs ssh -L through the gateway, alternately.")
+    p.add_argument("--mb", type=int, default=200, help="MB (10**6 bytes) per transfer (default 200)")
+    p.add_argument("--rounds", type=int, default=5, help="measured transfers per path (default 5)")
+    p.add_argument("--cipher", default=DEFAULT_CIPHER, help=f"ssh -c CIPHER for the ssh-L path (default {DEFAULT_CIPHER})")
+    p.add_argument("--timeout", type=int, default=900, help="hard limit for the whole run in seconds (default 900)")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs, configs) for debugging")
+    args = p.parse_args(argv)
+    if not 1 <= args.mb <= 100_000 or not 1 <= args.rounds <= 1000 or args.timeout < 10:
+        p.error("need 1 <= --mb <= 100000, 1 <= --rounds <= 1000, --timeout >= 10")
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        with hard_timeout(args.timeout):
+            return run(args)
+    except (TimeoutError, RuntimeError, OSError) as exc:
+        print(f"tunnel: FAILED: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
