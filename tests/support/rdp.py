@@ -80,9 +80,29 @@ def _in_sessions(sids: set[int]) -> list[int]:
     return found
 
 
+def _owned_by(user: str) -> list[int]:
+    """Processes of the test-only RDP login: every one of them was started by these tests."""
+    try:
+        uid = int(subprocess.run(["id", "-u", user], capture_output=True, text=True, check=True).stdout)
+    except (subprocess.CalledProcessError, ValueError):
+        return []
+    return [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit() and _uid_of(e) == uid]
+
+
+def _uid_of(entry: Path) -> int | None:
+    try:
+        for line in (entry / "status").read_text().splitlines():
+            if line.startswith("Uid:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def _stop_tree(procs: list[subprocess.Popen[bytes]]) -> None:
-    # sesman forks a per-login sesman that is re-parented to init, so walk our sessions too.
-    pids = [p.pid for p in procs] + _in_sessions({p.pid for p in procs})
+    # sesman forks a per-login sesman that is re-parented to init, and xrdp-chansrv starts its own
+    # session: walk our sessions, and every process of the test-only login, too.
+    pids = [p.pid for p in procs] + _in_sessions({p.pid for p in procs}) + _owned_by(RDP_USER)
     for pid in list(pids):
         pids += _descendants(pid)
     pids = list(dict.fromkeys(pids))
