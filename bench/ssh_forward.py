@@ -33,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,13 +208,18 @@ class GatewayProc:
 
 def start_gateway(workdir: Path, **config: Any) -> GatewayProc:
     """`python -m gateway serve` in its own process; retried on a lost port race."""
+    return start_gateway_with(workdir, lambda state_dir, port: gateway_toml(state_dir=state_dir, port=port, **config))
+
+
+def start_gateway_with(workdir: Path, make_toml: Callable[[Path, int], str]) -> GatewayProc:
+    """Start `python -m gateway serve` with the config `make_toml(state_dir, public_port)`, retried on a lost port race."""
     state_dir = workdir / "gw-state"
     cfg = workdir / "gateway.toml"
     log = workdir / "gateway.log"
     last: Exception | None = None
     for _ in range(3):
         port = free_port(HOST)
-        cfg.write_text(gateway_toml(state_dir=state_dir, port=port, **config))
+        cfg.write_text(make_toml(state_dir, port))
         with log.open("ab") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "gateway", "serve", "--config", str(cfg), "--log-format", "json"],

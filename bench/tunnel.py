@@ -53,13 +53,13 @@ from bench.ssh_forward import (  # noqa: E402
     hard_timeout,
     on_sigterm,
     start_forward,
+    start_gateway_with,
     start_sink,
     stop_process,
     tail,
     toml_value,
     transfer,
     versions,
-    wait_listening,
 )
 from tests.support.peers import KeyPair, free_port, make_key  # noqa: E402
 
@@ -113,31 +113,12 @@ def gateway_toml(*, state_dir: Path, port: int, alice: KeyPair, token_sha256: st
 
 
 def start_gateway(workdir: Path, *, alice: KeyPair, token_sha256: str, sink_port: int) -> tuple[GatewayProc, Path]:
-    """`python -m gateway serve` in its own process; retried on a lost port race. Returns it and its tls.crt."""
-    state_dir = workdir / "gw-state"
-    cfg = workdir / "gateway.toml"
-    log = workdir / "gateway.log"
-    last: Exception | None = None
-    for _ in range(3):
-        port = free_port(HOST)
-        cfg.write_text(gateway_toml(state_dir=state_dir, port=port, alice=alice, token_sha256=token_sha256, sink_port=sink_port))
-        with log.open("ab") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "serve", "--config", str(cfg), "--log-format", "json"],
-                cwd=REPO,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-            )
-        try:
-            wait_listening(port, proc, "gateway", log)
-        except (RuntimeError, TimeoutError) as exc:
-            stop_process(proc)
-            last = exc
-            continue
-        host_key = (state_dir / "ssh_host_ed25519_key.pub").read_text().strip()
-        return GatewayProc(proc, port, host_key, log), state_dir / "tls.crt"  # both written before the port is bound
-    raise RuntimeError(f"gateway did not start: {last}")
+    """`python -m gateway serve` in its own process (see bench.ssh_forward). Returns it and its tls.crt."""
+    gw = start_gateway_with(
+        workdir,
+        lambda state_dir, port: gateway_toml(state_dir=state_dir, port=port, alice=alice, token_sha256=token_sha256, sink_port=sink_port),
+    )
+    return gw, workdir / "gw-state" / "tls.crt"  # written before the port is bound
 
 
 # --------------------------------------------------------------------------- bastion tunnel
