@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import shutil
+import socket
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -68,7 +69,16 @@ def vm(keys: Keys) -> Iterator[SSHD]:
 
 
 class LogLines(io.StringIO):
-    """Collects the gateway's JSON log lines."""
+    """Collects the gateway's JSON log lines; `changed` fires on every line (every registry change logs one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.changed = asyncio.Event()
+
+    def write(self, s: str) -> int:
+        n = super().write(s)
+        self.changed.set()
+        return n
 
     def isatty(self) -> bool:
         return False
@@ -258,11 +268,14 @@ async def gw(make_gateway: GatewayFactory) -> AsyncIterator[Gateway]:
         yield g
 
 
-async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll a cheap in-process predicate (bounded); for registry/log state only."""
+async def wait_for(predicate: Callable[[], bool], changed: asyncio.Event, timeout: float = 10.0) -> None:
+    """Wait (bounded) until `predicate()` holds, re-checking each time `changed` fires."""
     async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.02)
+        while True:
+            changed.clear()
+            if predicate():
+                return
+            await changed.wait()
 
 
 class Echo:
@@ -294,3 +307,16 @@ async def echo() -> AsyncIterator[Echo]:
     finally:
         e.server.close()
         await e.server.wait_closed()
+
+
+@pytest.fixture
+def watcher() -> Iterator[socket.socket]:
+    """A listening loopback socket that a test expects nobody to connect to (accept() must raise BlockingIOError)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    sock.setblocking(False)
+    try:
+        yield sock
+    finally:
+        sock.close()

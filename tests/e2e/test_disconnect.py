@@ -42,48 +42,42 @@ async def test_terminal_user_sees_the_notice_and_ssh_reports_it(gw: Gateway) -> 
     assert len(closed) == REPEAT and all(e["reason"] == "terminated_by_operator" for e in closed)
 
 
+async def disconnect_while_running(gw: Gateway, argv: list[str], reason: str, protocol: str) -> tuple[int, str]:
+    """Start a real client, disconnect its session with `reason` once it opens, return (status, stderr)."""
+    events = gw.app.registry.subscribe()
+    proc = await asyncio.create_subprocess_exec(*argv, stdin=PIPE, stdout=PIPE, stderr=PIPE)
+    try:
+        sid = await first_session_id(gw, events)
+        session = gw.app.registry.get(sid)
+        assert session is not None and session.protocol == protocol
+        await gw.app.registry.terminate(sid, reason, 0.0)
+        async with asyncio.timeout(20):
+            _, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        gw.app.registry.unsubscribe(events)
+    assert proc.returncode is not None
+    return proc.returncode, err.decode()
+
+
 async def test_command_user_sees_the_notice_on_stderr(gw: Gateway) -> None:
     """Without a PTY (ssh HOST CMD) the notice goes to stderr, and ssh reports the disconnect text."""
     for i in range(REPEAT):
-        events = gw.app.registry.subscribe()
-        proc = await asyncio.create_subprocess_exec(*gw.ssh_argv("alice+web01"), "sleep 60", stdin=PIPE, stdout=PIPE, stderr=PIPE)
-        try:
-            sid = await first_session_id(gw, events)
-            await gw.app.registry.terminate(sid, f"bye {i}", 0.0)
-            async with asyncio.timeout(20):
-                _, err = await proc.communicate()
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-            gw.app.registry.unsubscribe(events)
-        text = err.decode()
+        rc, text = await disconnect_while_running(gw, [*gw.ssh_argv("alice+web01"), "sleep 60"], f"bye {i}", "ssh")
         assert f"You have been disconnected. bye {i}" in text
         assert f":11: You have been disconnected. bye {i}" in text
-        assert proc.returncode == 255
+        assert rc == 255
 
 
 async def test_jump_user_sees_the_reason_in_the_disconnect_message(gw: Gateway) -> None:
     """In jump mode the inner SSH is end to end; the reason reaches the user as ssh's disconnect message."""
+    argv = ["ssh", "-F", str(gw.ssh_config), "-J", "alice@gw", f"{gw.vm.login}@web01", "sleep 60"]
     for i in range(REPEAT):
-        events = gw.app.registry.subscribe()
-        proc = await asyncio.create_subprocess_exec(
-            "ssh", "-F", str(gw.ssh_config), "-J", "alice@gw", f"{gw.vm.login}@web01", "sleep 60", stdin=PIPE, stdout=PIPE, stderr=PIPE
-        )
-        try:
-            sid = await first_session_id(gw, events)
-            [s] = [x for x in gw.app.registry.list() if x.id == sid]
-            assert s.protocol == "ssh-jump"
-            await gw.app.registry.terminate(sid, f"jump bye {i}", 0.0)
-            async with asyncio.timeout(20):
-                _, err = await proc.communicate()
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-            gw.app.registry.unsubscribe(events)
-        assert f"You have been disconnected. jump bye {i}" in err.decode()
-        assert proc.returncode == 255
+        rc, text = await disconnect_while_running(gw, argv, f"jump bye {i}", "ssh-jump")
+        assert f"You have been disconnected. jump bye {i}" in text
+        assert rc == 255
 
 
 async def test_grace_period_warns_then_disconnects(gw: Gateway) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.e2e.conftest import VIEWER_TOKEN, Gateway, GatewayFactory
+from tests.e2e.conftest import VIEWER_TOKEN, Gateway, GatewayFactory, wait_for
 
 
 async def scrape(gw: Gateway, token: str | None = VIEWER_TOKEN) -> tuple[int, str]:
@@ -69,12 +69,8 @@ async def test_metrics_are_valid_and_follow_sessions(gw: Gateway) -> None:
     await gw.ssh("alice+web02", "true")  # not granted
     await gw.ssh("alice", opts=("-W", "10.0.0.1:22"))  # not an inventory name
 
-    async with asyncio.timeout(10):
-        while True:
-            _, after = await scrape(gw)
-            if value(after, "bastion_sessions_active", protocol="ssh", vm="web01") == 0:
-                break
-            await asyncio.sleep(0.05)
+    await wait_for(lambda: not gw.app.registry.list(), gw.logs.changed)
+    _, after = await scrape(gw)
     check = promtool_check(after)
     assert check.returncode == 0, check.stdout + check.stderr
     assert value(after, "bastion_sessions_ended_total", protocol="ssh", reason="vm_closed") == 1

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import ssl
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,20 @@ def with_win_vm(rdp_port: int, protocols: list[str]) -> Any:
     return edit
 
 
+@contextlib.asynccontextmanager
+async def follow(path: Path) -> AsyncIterator[asyncio.StreamReader]:
+    """The lines appended to `path` from now on (`tail -F`), as a stream; the tail process is ended by PID."""
+    proc = await asyncio.create_subprocess_exec(
+        "tail", "-F", "-n", "0", str(path), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+    )
+    assert proc.stdout is not None
+    try:
+        yield proc.stdout
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
 async def xfreerdp(display: str, port: int, *extra: str, timeout: float = 60) -> tuple[int, str]:
     env = dict(os.environ) | {"DISPLAY": display}
     proc = await asyncio.create_subprocess_exec(
@@ -69,9 +84,11 @@ async def test_freerdp_logs_in_through_bastion_tunnel(make_gateway: GatewayFacto
     async with make_gateway(with_win_vm(xrdp.port, ["rdp"])) as gw, Helper(gw, "win01", xrdp.port) as helper:
         rc, out = await xfreerdp(display, helper.local, "+auth-only")
         assert rc == 0, out
-        before = xrdp.log.read_text(errors="replace").count(f"login successful for user {RDP_USER}")
-        session = asyncio.create_task(xfreerdp(display, helper.local, "/size:800x600", timeout=12))
-        await wait_for(lambda: xrdp.log.read_text(errors="replace").count(f"login successful for user {RDP_USER}") > before, timeout=40)
+        async with follow(xrdp.log) as lines:  # xrdp writes its log from another process: follow it
+            session = asyncio.create_task(xfreerdp(display, helper.local, "/size:800x600", timeout=12))
+            async with asyncio.timeout(40):
+                while f"login successful for user {RDP_USER}" not in (await lines.readline()).decode(errors="replace"):
+                    pass
         # What an operator sees on the control port while the RDP session is open:
         async with (
             aiohttp.ClientSession() as http,
@@ -84,7 +101,7 @@ async def test_freerdp_logs_in_through_bastion_tunnel(make_gateway: GatewayFacto
             live = (await resp.json())["sessions"]
         assert live and all(s["protocol"] == "rdp" and s["user"] == "alice" and s["target_port"] == xrdp.port for s in live)
         await session
-        await wait_for(lambda: not gw.app.registry.list(), timeout=20)
+        await wait_for(lambda: not gw.app.registry.list(), gw.logs.changed, timeout=20)
         closed = [e for e in gw.logs.events("session_closed") if e["vm"] == "win01"]
         assert closed and all(e["protocol"] == "rdp" for e in closed) and max(e["bytes_down"] for e in closed) > 1000
 
@@ -97,7 +114,9 @@ async def test_freerdp_through_ssh_local_forward_is_an_rdp_session(make_gateway:
         try:
             rc, out = await xfreerdp(display, lport, "+auth-only")
             assert rc == 0, out
-            await wait_for(lambda: any(e["vm"] == "win01" and e["bytes_down"] > 1000 for e in gw.logs.events("session_closed")))
+            await wait_for(
+                lambda: any(e["vm"] == "win01" and e["bytes_down"] > 1000 for e in gw.logs.events("session_closed")), gw.logs.changed
+            )
             assert all(e["protocol"] == "rdp" for e in gw.logs.events("session_closed") if e["vm"] == "win01")
         finally:
             await stop(proc)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import Echo, Gateway, GatewayFactory, wait_for
-from tests.support.peers import free_port
+from tests.support.peers import free_port, wait_port
 
 
 def with_echo_vm(port: int) -> Any:
@@ -28,16 +28,16 @@ async def open_forward(gw: Gateway, user: str, spec: str, *extra: str) -> asynci
         *gw.ssh_argv(user, "-o", "ExitOnForwardFailure=yes", "-L", spec, *extra), stdin=PIPE, stdout=PIPE, stderr=PIPE
     )
     port = int(spec.split(":", maxsplit=1)[0])
-    async with asyncio.timeout(20):
-        while True:
-            try:
-                _, w = await asyncio.open_connection("127.0.0.1", port)
-                w.close()
-                return proc
-            except OSError:
-                if proc.returncode is not None:
-                    raise AssertionError("ssh -L exited early") from None
-                await asyncio.sleep(0.05)
+    # ssh -L signals nothing when its listener is up: wait for the port it binds, or for ssh to give up.
+    bound = asyncio.create_task(asyncio.to_thread(wait_port, "127.0.0.1", port, 20))
+    exited = asyncio.create_task(proc.wait())
+    done, _ = await asyncio.wait({bound, exited}, return_when=asyncio.FIRST_COMPLETED)
+    if exited in done:
+        bound.cancel()
+        raise AssertionError("ssh -L exited before its forward was up")
+    exited.cancel()
+    bound.result()
+    return proc
 
 
 async def stop(proc: asyncio.subprocess.Process) -> None:
@@ -71,6 +71,7 @@ async def test_proxyjump_reaches_the_vm_end_to_end(gw: Gateway) -> None:
     r = await gw.run("ssh", "-F", str(gw.ssh_config), "-J", "alice@gw", f"{gw.vm.login}@web01", "echo jumped")
     assert r.rc == 0, r.errtext
     assert r.text == "jumped\n"
+    await wait_for(lambda: bool(gw.logs.events("session_closed")), gw.logs.changed)
     [line] = gw.logs.events("session_closed")
     assert (line["protocol"], line["vm"], line["target_port"], line["user"]) == ("ssh-jump", "web01", gw.vm.port, "alice")
     assert line["bytes_up"] > 0 and line["bytes_down"] > 0
@@ -87,24 +88,19 @@ async def test_proxyjump_reaches_the_vm_end_to_end(gw: Gateway) -> None:
         ("web02", "VM 'web02' does not exist or you may not reach it"),
     ],
 )
-async def test_non_inventory_targets_are_refused_without_a_connection(make_gateway: GatewayFactory, target: str, message: str) -> None:
+async def test_non_inventory_targets_are_refused_without_a_connection(
+    make_gateway: GatewayFactory, watcher: socket.socket, target: str, message: str
+) -> None:
     """IP literals, localhost, unknown, case-changed, trailing-dot and ungranted names are refused
     with a reason the client prints, and the gateway never connects to them."""
-    watcher = socket.socket()
-    watcher.bind(("127.0.0.1", 0))
-    watcher.listen(8)
-    watcher.setblocking(False)
     port = watcher.getsockname()[1]
-    try:
-        async with make_gateway(with_echo_vm(port)) as gw:
-            r = await gw.ssh("alice", opts=("-W", f"{target}:{port}"))
-            assert r.rc == 255
-            assert message in r.errtext, r.errtext
-            with pytest.raises(BlockingIOError):
-                watcher.accept()
-            assert gw.logs.events("forward_refused")
-    finally:
-        watcher.close()
+    async with make_gateway(with_echo_vm(port)) as gw:
+        r = await gw.ssh("alice", opts=("-W", f"{target}:{port}"))
+        assert r.rc == 255
+        assert message in r.errtext, r.errtext
+        with pytest.raises(BlockingIOError):
+            watcher.accept()
+        assert gw.logs.events("forward_refused")
 
 
 async def test_port_not_granted_is_refused(gw: Gateway) -> None:
@@ -131,7 +127,7 @@ async def test_local_forward_relays_both_ways_with_half_close(make_gateway: Gate
             payload = os.urandom(8 * 1024 * 1024)
             assert await roundtrip(lport, payload) == payload
             # The first echo01 session is open_forward's readiness probe; the transfer is the second.
-            await wait_for(lambda: len([e for e in gw.logs.events("session_closed") if e["vm"] == "echo01"]) == 2)
+            await wait_for(lambda: len([e for e in gw.logs.events("session_closed") if e["vm"] == "echo01"]) == 2, gw.logs.changed)
             line = [e for e in gw.logs.events("session_closed") if e["vm"] == "echo01"][-1]
             assert line["bytes_up"] == len(payload) and line["bytes_down"] == len(payload)
         finally:
@@ -163,7 +159,7 @@ async def test_jump_session_is_in_the_registry_while_open(make_gateway: GatewayF
         proc = await open_forward(gw, "alice", f"{lport}:echo01:{echo.port}", "-N")
         try:
             # open_forward's readiness probe makes one short session: let it finish first.
-            await wait_for(lambda: len(gw.logs.events("session_closed")) == 1)
+            await wait_for(lambda: len(gw.logs.events("session_closed")) == 1, gw.logs.changed)
             r, w = await asyncio.open_connection("127.0.0.1", lport)
             w.write(b"hello")
             async with asyncio.timeout(10):
@@ -172,7 +168,7 @@ async def test_jump_session_is_in_the_registry_while_open(make_gateway: GatewayF
             assert (s.protocol, s.user, s.target_address, s.target_port) == ("ssh-jump", "alice", "127.0.0.1", echo.port)
             assert s.bytes_up == 5 and s.bytes_down == 5
             w.close()
-            await wait_for(lambda: not [x for x in gw.app.registry.list() if x.vm == "echo01"])
+            await wait_for(lambda: not [x for x in gw.app.registry.list() if x.vm == "echo01"], gw.logs.changed)
         finally:
             await stop(proc)
 
@@ -194,7 +190,7 @@ async def test_connection_churn_through_a_forward(make_gateway: GatewayFactory, 
             async with asyncio.timeout(120):
                 results = await asyncio.gather(*(one(i) for i in range(200)))
             assert all(results)
-            await wait_for(lambda: not gw.app.registry.list(), timeout=30)
+            await wait_for(lambda: not gw.app.registry.list(), gw.logs.changed, timeout=30)
             assert gw.app.registry.totals().closed >= 201
         finally:
             await stop(proc)

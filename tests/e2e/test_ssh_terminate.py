@@ -137,7 +137,7 @@ async def test_host_key_mismatch_refuses_and_logs_an_error(gw: Gateway) -> None:
     assert "identity of VM 'bad01' could not be verified" in r.errtext
     errors = gw.logs.events("upstream_host_key_mismatch")
     assert errors and errors[0]["level"] == "error" and errors[0]["vm"] == "bad01"
-    await wait_for(lambda: not gw.app.registry.list())
+    await wait_for(lambda: not gw.app.registry.list(), gw.logs.changed)
 
 
 async def test_client_killed_mid_session_leaves_no_session_behind(gw: Gateway) -> None:

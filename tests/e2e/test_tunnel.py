@@ -46,18 +46,20 @@ class Helper:
         ]  # fmt: skip
         self.proc: asyncio.subprocess.Process | None = None
         self.err = bytearray()
+        self.changed = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Helper:
         self.proc = await asyncio.create_subprocess_exec(*self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=PIPE, stderr=PIPE)
         self._reader = asyncio.create_task(self._collect())
-        await wait_for(lambda: b"listening on" in self.err, timeout=20)
+        await wait_for(lambda: b"listening on" in self.err, self.changed, timeout=20)
         return self
 
     async def _collect(self) -> None:
         assert self.proc is not None and self.proc.stderr is not None
         while line := await self.proc.stderr.readline():
             self.err.extend(line)
+            self.changed.set()
 
     @property
     def text(self) -> str:
@@ -100,7 +102,7 @@ async def test_tunnel_carries_64mb_each_way_with_half_close(make_gateway: Gatewa
         payload = os.urandom(64 * 1024 * 1024)
         got = await roundtrip(helper.local, payload)
         assert len(got) == len(payload) and got == payload
-        await wait_for(lambda: bool(gw.logs.events("session_closed")))
+        await wait_for(lambda: bool(gw.logs.events("session_closed")), gw.logs.changed)
         [line] = gw.logs.events("session_closed")
         assert (line["protocol"], line["vm"], line["user"], line["target_port"]) == ("tcp", "echo01", "alice", echo.port)
         assert line["bytes_up"] == len(payload) and line["bytes_down"] == len(payload)
@@ -131,7 +133,8 @@ async def test_vm_reset_mid_stream_closes_the_local_connection_with_an_error(mak
                         got.extend(data)
                     raise ConnectionResetError("closed without an error")  # a clean EOF would hide the reset
             w.close()
-            await wait_for(lambda: "the VM reset the connection" in helper.text)
+            await wait_for(lambda: "the VM reset the connection" in helper.text, helper.changed)
+            await wait_for(lambda: bool(gw.logs.events("session_closed")), gw.logs.changed)
             [line] = gw.logs.events("session_closed")
             assert line["reason"] == "vm_reset"
     finally:
@@ -156,44 +159,37 @@ async def ws_status(gw: Gateway, query: str, token: str | None) -> tuple[int, st
             return status, (await resp.json())["message"]
 
 
-async def test_refusals_happen_before_any_connection(make_gateway: GatewayFactory) -> None:
+async def test_refusals_happen_before_any_connection(make_gateway: GatewayFactory, watcher: socket.socket) -> None:
     """No, expired, tampered or foreign tokens get 401; an ungranted VM, port or unknown VM get 403 with the
     same wording for unknown and ungranted; the VM port is never dialled."""
-    watcher = socket.socket()
-    watcher.bind(("127.0.0.1", 0))
-    watcher.listen(8)
-    watcher.setblocking(False)
     port = watcher.getsockname()[1]
-    try:
-        async with make_gateway(with_tcp_vm(port, grant_ports=[port + 1 if port < 65535 else port - 1])) as gw:
-            good = (await gw.ssh("alice", "token")).text.strip()
-            key = (gw.tmp / "state" / "token.key").read_bytes()
-            expired, _ = TokenService(key, SystemClock(), lifetime=-60).issue("alice")
-            foreign, _ = TokenService(os.urandom(32), SystemClock(), lifetime=600).issue("alice")
-            tampered = good[:-3] + ("AAA" if not good.endswith("AAA") else "BBB")
-            for token, words in (
-                (None, "bearer token is required"),
-                (expired, "expired"),
-                (tampered, "signature"),
-                (foreign, "signature"),
-                ("junk", "malformed"),
-            ):
-                status, message = await ws_status(gw, f"vm=echo01&port={port}", token)
-                assert status == 401 and words in message, (token, status, message)
-            status, message = await ws_status(gw, f"vm=echo01&port={port}", good)
-            assert status == 403 and f"port {port} on VM 'echo01' is not granted to you" in message
-            s1, m1 = await ws_status(gw, "vm=web02&port=22", good)
-            s2, m2 = await ws_status(gw, "vm=nosuch&port=22", good)
-            assert (s1, s2) == (403, 403)
-            assert m1 == "VM 'web02' does not exist or you may not reach it" and m2 == "VM 'nosuch' does not exist or you may not reach it"
-            status, _ = await ws_status(gw, "vm=echo01&port=http", good)
-            assert status == 400
-            with pytest.raises(BlockingIOError):
-                watcher.accept()
-            assert all(e["reason"] for e in gw.logs.events("tunnel_refused"))
-            assert good not in str(gw.logs.events())
-    finally:
-        watcher.close()
+    async with make_gateway(with_tcp_vm(port, grant_ports=[port + 1 if port < 65535 else port - 1])) as gw:
+        good = (await gw.ssh("alice", "token")).text.strip()
+        key = (gw.tmp / "state" / "token.key").read_bytes()
+        expired, _ = TokenService(key, SystemClock(), lifetime=-60).issue("alice")
+        foreign, _ = TokenService(os.urandom(32), SystemClock(), lifetime=600).issue("alice")
+        tampered = good[:-3] + ("AAA" if not good.endswith("AAA") else "BBB")
+        for token, words in (
+            (None, "bearer token is required"),
+            (expired, "expired"),
+            (tampered, "signature"),
+            (foreign, "signature"),
+            ("junk", "malformed"),
+        ):
+            status, message = await ws_status(gw, f"vm=echo01&port={port}", token)
+            assert status == 401 and words in message, (token, status, message)
+        status, message = await ws_status(gw, f"vm=echo01&port={port}", good)
+        assert status == 403 and f"port {port} on VM 'echo01' is not granted to you" in message
+        s1, m1 = await ws_status(gw, "vm=web02&port=22", good)
+        s2, m2 = await ws_status(gw, "vm=nosuch&port=22", good)
+        assert (s1, s2) == (403, 403)
+        assert m1 == "VM 'web02' does not exist or you may not reach it" and m2 == "VM 'nosuch' does not exist or you may not reach it"
+        status, _ = await ws_status(gw, "vm=echo01&port=http", good)
+        assert status == 400
+        with pytest.raises(BlockingIOError):
+            watcher.accept()
+        assert all(e["reason"] for e in gw.logs.events("tunnel_refused"))
+        assert good not in str(gw.logs.events())
 
 
 async def test_helper_prints_a_refusal(make_gateway: GatewayFactory, echo: Echo) -> None:
@@ -204,7 +200,7 @@ async def test_helper_prints_a_refusal(make_gateway: GatewayFactory, echo: Echo)
             with contextlib.suppress(ConnectionResetError):  # an abort may arrive as a reset
                 assert await r.read() == b""
         w.close()
-        await wait_for(lambda: "the gateway refused the tunnel (401)" in helper.text)
+        await wait_for(lambda: "the gateway refused the tunnel (401)" in helper.text, helper.changed)
 
 
 async def test_forced_disconnect_ends_one_tunnel_with_the_notice(make_gateway: GatewayFactory, echo: Echo) -> None:
@@ -219,11 +215,11 @@ async def test_forced_disconnect_ends_one_tunnel_with_the_notice(make_gateway: G
         w2.write(b"two")
         async with asyncio.timeout(20):
             assert await r2.readexactly(3) == b"two"
-        await wait_for(lambda: len(gw.app.registry.list()) == 2)
+        await wait_for(lambda: len(gw.app.registry.list()) == 2, gw.logs.changed)
         first = min(gw.app.registry.list(), key=lambda s: s.started_at)
         assert first.protocol == "tcp"
         assert await gw.app.registry.terminate(first.id, "closing RDP for patching", 0)
-        await wait_for(lambda: "You have been disconnected. closing RDP for patching" in helper.text)
+        await wait_for(lambda: "You have been disconnected. closing RDP for patching" in helper.text, helper.changed)
         async with asyncio.timeout(20):
             with_reset = False
             try:
@@ -231,7 +227,7 @@ async def test_forced_disconnect_ends_one_tunnel_with_the_notice(make_gateway: G
             except ConnectionResetError:
                 with_reset, rest = True, b""
             assert rest == b"" or with_reset
-        await wait_for(lambda: gw.app.registry.get(first.id) is None)
+        await wait_for(lambda: gw.app.registry.get(first.id) is None, gw.logs.changed)
         w2.write(b"still")
         async with asyncio.timeout(20):
             assert await r2.readexactly(5) == b"still"
@@ -258,7 +254,7 @@ async def test_oversized_message_closes_the_tunnel(make_gateway: GatewayFactory,
                 msg = await ws.receive()
             assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
             assert ws.close_code in (1006, 1009)
-        await wait_for(lambda: bool(gw.logs.events("session_closed")))
+        await wait_for(lambda: bool(gw.logs.events("session_closed")), gw.logs.changed)
         assert gw.logs.events("session_closed")[0]["bytes_up"] == 0
 
 
@@ -274,5 +270,5 @@ async def test_static_token_from_config_opens_a_tunnel(make_gateway: GatewayFact
 
     async with make_gateway(edit) as gw, Helper(gw, "echo01", echo.port, "--token", token) as helper:
         assert await roundtrip(helper.local, b"automated") == b"automated"
-        await wait_for(lambda: bool(gw.logs.events("session_closed")))
+        await wait_for(lambda: bool(gw.logs.events("session_closed")), gw.logs.changed)
         assert gw.logs.events("session_closed")[0]["user"] == "alice"

@@ -29,7 +29,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
-    """Block until something accepts on host:port (bounded by `timeout`)."""
+    """Block until something accepts on host:port (bounded by `timeout`).
+
+    The one polling wait in the tests: sshd, the daemon and `ssh -L` are other processes that
+    signal nothing when their listener is up, so the bound port itself is what we wait on.
+    """
     deadline = time.monotonic() + timeout
     while True:
         try:

@@ -179,20 +179,21 @@ def running_xrdp(workdir: Path) -> Iterator[XRDP]:
 
 @contextmanager
 def xvfb_display() -> Iterator[str]:
-    """An Xvfb server of our own; yields its DISPLAY."""
-    for n in range(99, 140):
-        if not Path(f"/tmp/.X11-unix/X{n}").exists() and not Path(f"/tmp/.X{n}-lock").exists():
-            break
+    """An Xvfb server of our own; yields its DISPLAY once Xvfb reports it ready (-displayfd)."""
+    read_fd, write_fd = os.pipe()
     proc = subprocess.Popen(
-        ["Xvfb", f":{n}", "-screen", "0", "1024x768x24", "-nolisten", "tcp"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        ["Xvfb", "-displayfd", str(write_fd), "-screen", "0", "1024x768x24", "-nolisten", "tcp"],
+        pass_fds=(write_fd,),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
+    os.close(write_fd)
     try:
-        deadline = time.monotonic() + 10
-        while not Path(f"/tmp/.X11-unix/X{n}").exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("Xvfb did not start")
-            time.sleep(0.05)
-        yield f":{n}"
+        with os.fdopen(read_fd, "rb") as ready:
+            number = ready.readline().strip()  # written when the display accepts clients; EOF if Xvfb died
+        if not number.isdigit():
+            raise RuntimeError("Xvfb did not start")
+        yield f":{number.decode()}"
     finally:
         proc.terminate()
         try:
