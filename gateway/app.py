@@ -165,8 +165,8 @@ class App:
             log=self.log,
             public_hint=hint,
             observer=self.metrics,
+            tokens=self.tokens,
         )
-        ssh_door.tokens = self.tokens
         public = PublicApp(
             cfg.gateway.node,
             policy=self.policy,

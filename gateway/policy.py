@@ -49,6 +49,9 @@ class Policy:
     def user(self, name: str) -> User | None:
         return self._users.get(name)
 
+    def users(self) -> Mapping[str, User]:
+        return self._users
+
     def vm(self, name: str) -> VM | None:
         return self._vms.get(name)
 

@@ -26,6 +26,7 @@ from gateway.policy import Policy, Principal, parse_username
 from gateway.protocols.base import Client
 from gateway.protocols.ssh_jump import SSHJumpHandler, refuse
 from gateway.protocols.ssh_terminate import SSHTerminateHandler, UserSide
+from gateway.tokens import TokenService
 
 
 class DoorObserver(Protocol):
@@ -64,10 +65,15 @@ class SSHDoor:
         log: FilteringBoundLogger,
         public_hint: str = "GATEWAY",
         observer: DoorObserver | None = None,
+        tokens: TokenService | None = None,
     ) -> None:
         self.observer: DoorObserver = observer or _NullObserver()
-        self.tokens: Any = None  # a TokenService, set by the App
+        self.tokens = tokens
         self.policy = policy
+        # Each user's keys parsed once, as the wire blobs clients present.
+        self.key_blobs: dict[str, frozenset[bytes]] = {
+            name: frozenset(asyncssh.import_public_key(k).public_data for k in user.keys) for name, user in policy.users().items()
+        }
         self.user_ca_keys = user_ca_keys
         self.terminate = terminate
         self.jump = jump
@@ -223,12 +229,9 @@ class GatewaySSHServer(asyncssh.SSHServer):
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         user = self._door.policy.user(self._principal.name) if self._principal else None
-        if user is not None:
-            blob = key.public_data
-            for k in user.keys:
-                if asyncssh.import_public_key(k).public_data == blob:
-                    self._key_ok = True
-                    return True
+        if user is not None and key.public_data in self._door.key_blobs.get(user.name, frozenset()):
+            self._key_ok = True
+            return True
         self._auth_failed("unknown_user" if user is None else "key_not_authorized", "publickey")
         return False
 
