@@ -1,7 +1,12 @@
-"""Composition root and lifecycle: build everything from config, start, stop.
+"""Composition root and lifecycle: build everything from config, start, drain, stop.
 
-Only this module knows the concrete classes. Everything that can fail on bad
-files or busy ports is checked in `start()` before anything accepts traffic.
+Only this module knows the concrete classes; the handler table below is the one
+place a protocol is registered. Everything that can fail on bad files or busy
+ports is checked in `start()` before anything accepts traffic.
+
+Stopping is a drain: not ready, stop accepting, tell every session "the gateway
+is restarting" and give it `shutdown_grace`, end what is left with
+`gateway_shutdown`, stop the public side, and close the control port last.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import contextlib
 import os
 import socket
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncssh
@@ -22,16 +28,19 @@ from gateway.control.api import ControlAPI
 from gateway.doors.https import PublicApp, public_https
 from gateway.doors.ssh import SSHDoor
 from gateway.errors import StartupError
+from gateway.kinds import Reason
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.net import tls
 from gateway.net.detect import Door
 from gateway.net.https import HTTPSServer
 from gateway.net.listener import Listener, bind
 from gateway.policy import Policy
+from gateway.protocols.lifecycle import CLOSE_DEADLINE, END_DEADLINE, Deps
 from gateway.protocols.ssh_jump import SSHJumpHandler
 from gateway.protocols.ssh_terminate import SSHTerminateHandler
 from gateway.protocols.tunnel import TunnelHandler
 from gateway.protocols.upstream_ssh import Credentials, HostKeys
+from gateway.sdnotify import Notifier, ServiceNotifier
 from gateway.sessions.registry import SessionRegistry
 from gateway.tokens import TokenService, load_or_create_key
 
@@ -89,13 +98,27 @@ def load_tls(config: Config, state_dir: Path, log: FilteringBoundLogger) -> ssl.
     return tls.server_context(cert, key)
 
 
+@dataclass(frozen=True)
+class Handlers:
+    """The handler table: one `ProtocolHandler` per way of reaching a VM, each served by `run_session`."""
+
+    ssh: SSHTerminateHandler
+    ssh_jump: SSHJumpHandler
+    tunnel: TunnelHandler
+
+
 class App:
     """The gateway. `start()` binds and serves; `stop()` ends every connection and returns."""
 
-    def __init__(self, config: Config, log: FilteringBoundLogger, clock: Clock | None = None) -> None:
+    def __init__(
+        self, config: Config, log: FilteringBoundLogger, clock: Clock | None = None, notifier: ServiceNotifier | None = None
+    ) -> None:
         self.config = config
         self.log = log
         self.clock = clock or SystemClock()
+        self.notifier: ServiceNotifier = notifier or Notifier()
+        self._watchdog: asyncio.Task[None] | None = None
+        self._stopping = False
         self.registry = SessionRegistry(config.gateway.node, self.clock, log)
         self.metrics = Metrics(self.registry, config.vms)
         self.registry.set_observer(self.metrics)
@@ -146,22 +169,28 @@ class App:
             for s in sockets + control_sockets:
                 s.close()
             raise
-        terminate = SSHTerminateHandler(self.registry, credentials, host_keys, cfg.gateway.connect_timeout, self.log, observer=self.metrics)
-        jump = SSHJumpHandler(self.registry, cfg.gateway.connect_timeout, self.log, observer=self.metrics)
+        deps = Deps(self.registry, self.policy, self.log, self.metrics)
+        keepalive = (cfg.ssh.keepalive_interval, cfg.ssh.keepalive_count)
+        # The handler table: every way of reaching a VM. A new protocol is a module and a line here.
+        handlers = Handlers(
+            ssh=SSHTerminateHandler(credentials, host_keys, cfg.gateway.connect_timeout, keepalive=keepalive),
+            ssh_jump=SSHJumpHandler(cfg.gateway.connect_timeout),
+            tunnel=TunnelHandler(cfg.gateway.connect_timeout),
+        )
         first = cfg.public.listen[0] if cfg.public.listen else None
         hint = first.host if first and first.host not in ("0.0.0.0", "::") else "GATEWAY"
         ssh_door = SSHDoor(
             host_keys=self.host_keys,
-            policy=self.policy,
+            deps=deps,
             user_ca_keys=cfg.ssh.user_ca_keys,
-            terminate=terminate,
-            jump=jump,
+            terminate=handlers.ssh,
+            jump=handlers.ssh_jump,
             node=cfg.gateway.node,
             login_grace_time=cfg.ssh.login_grace_time,
             max_auth_tries=cfg.ssh.max_auth_tries,
             max_startups=cfg.ssh.max_startups,
             keepalive_interval=cfg.ssh.keepalive_interval,
-            connect_timeout=cfg.gateway.connect_timeout,
+            keepalive_count=cfg.ssh.keepalive_count,
             log=self.log,
             public_hint=hint,
             observer=self.metrics,
@@ -169,14 +198,13 @@ class App:
         )
         public = PublicApp(
             cfg.gateway.node,
-            policy=self.policy,
+            deps=deps,
             tokens=self.tokens,
-            tunnel=TunnelHandler(self.registry, self.log),
-            connect_timeout=cfg.gateway.connect_timeout,
+            tunnel=handlers.tunnel,
             max_message=cfg.tunnel.max_message,
+            ping_interval=cfg.tunnel.ping_interval,
             log=self.log,
-            observer=self.metrics,
-            door_observer=self.metrics,
+            auth_observer=self.metrics,
         )
         self._https = public_https(public, ssl_ctx, self.log, cfg.public.header_timeout)
         await self._https.start()
@@ -192,13 +220,17 @@ class App:
             metrics_public=cfg.control.metrics_public,
             node=cfg.gateway.node,
             ready=lambda: self._ready,
+            stopping=lambda: self._stopping,
         )
         self._control_https = HTTPSServer(api.build(), control_ssl, self.log, header_timeout=cfg.control.header_timeout)
         await self._control_https.start()
         self._control = Listener(control_sockets, {Door.TLS: self._control_https.handle}, cfg.public.detect_timeout, self.log)
         self._control.start()
         self._ticker = asyncio.create_task(self._tick(), name="session-progress")
+        if self.notifier.watchdog_interval is not None:
+            self._watchdog = asyncio.create_task(self._pet_watchdog(self.notifier.watchdog_interval), name="systemd-watchdog")
         self._ready = True
+        self.notifier.ready(f"serving {len(self.public_addresses)} public and {len(self.control_addresses)} control listeners")
         self.log.info(
             "gateway_started",
             node=cfg.gateway.node,
@@ -211,25 +243,58 @@ class App:
         )
 
     async def _tick(self, every: float = 2.0) -> None:
-        """Owned by the App: lets live views (SSE, the page) see byte counts grow."""
+        """Owned by the App: lets live views (SSE, the page) see byte counts grow, one coalesced event a tick."""
         while True:
-            await asyncio.sleep(every)
+            await self.clock.sleep(every)
             self.registry.publish_progress()
 
-    async def stop(self) -> None:
+    async def _pet_watchdog(self, every: float) -> None:
+        """Tells systemd the loop is alive; a loop stuck for longer than WatchdogSec gets the unit restarted."""
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(every)
+
+    async def drain(self) -> None:
+        """Stop accepting and let sessions end: each is told, gets `shutdown_grace`, then ends as `gateway_shutdown`.
+
+        Returns once no session is left (bounded: grace plus the notice and close deadlines).
+        """
+        if self._stopping:
+            return
+        self._stopping = True
         self._ready = False
-        if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
-        if self._control is not None:
-            await self._control.stop()
-        if self._control_https is not None:
-            await self._control_https.stop()
+        cfg = self.config.gateway
+        live = self.registry.ids()
+        self.notifier.stopping(f"draining {len(live)} sessions")
+        self.log.info("gateway_draining", node=cfg.node, sessions=len(live), grace_s=cfg.shutdown_grace)
+        for listener in (self._listener,):
+            if listener is not None:
+                await listener.stop_accepting()
+        for sid in live:
+            self.registry.terminate(sid, cfg.shutdown_notice, cfg.shutdown_grace, reason=Reason.GATEWAY_SHUTDOWN)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(cfg.shutdown_grace + END_DEADLINE + CLOSE_DEADLINE + 1):
+                await self.registry.wait_empty()
+        left = self.registry.totals().active
+        if left:
+            self.log.warning("gateway_drain_incomplete", sessions=left)
+
+    async def stop(self) -> None:
+        """Drain, then stop the public side, then the control port (last, so operators watch the drain)."""
+        await self.drain()
+        for task in (self._ticker, self._watchdog):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._listener is not None:
             await self._listener.stop()
         if self._https is not None:
             await self._https.stop()
+        if self._control is not None:
+            await self._control.stop()
+        if self._control_https is not None:
+            await self._control_https.stop()
         self.log.info("gateway_stopped", node=self.config.gateway.node)
 
     async def run_until(self, stop: asyncio.Event) -> None:

@@ -48,7 +48,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.app import App
     from gateway.config import load_config
-    from gateway.logs import make_logger, quiet_libraries
+    from gateway.logs import loop_exception_handler, make_logger, quiet_libraries, route_stdlib_logging
+    from gateway.sdnotify import Notifier
 
     try:
         cfg = load_config(args.config)
@@ -56,11 +57,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for path, msg in exc.problems:
             print(f"bastion: {args.config}: {path}: {msg}", file=sys.stderr)
         return 2
+    route_stdlib_logging(fmt=args.log_format)
     quiet_libraries()
     log = make_logger(fmt=args.log_format, node=cfg.gateway.node)
 
     async def serve(stop: asyncio.Event) -> int:
-        app = App(cfg, log)
+        asyncio.get_running_loop().set_exception_handler(loop_exception_handler(log))
+        app = App(cfg, log, notifier=Notifier.from_env(os.environ))
         try:
             await app.run_until(stop)
         except StartupError as exc:

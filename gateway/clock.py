@@ -1,7 +1,13 @@
-"""Time as a dependency, so tests can run without sleeps."""
+"""Time as a dependency, so tests can run without sleeps.
+
+Every timer in the session lifecycle (grace, idle, max duration, half-close,
+the progress ticker) waits through `Clock.sleep`, so a fake clock in tests can
+jump over them.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime
 from typing import Protocol
@@ -16,6 +22,10 @@ class Clock(Protocol):
         """Seconds from an arbitrary origin; never goes backwards."""
         ...
 
+    async def sleep(self, seconds: float) -> None:
+        """Wait `seconds` of this clock's monotonic time. Cancellable."""
+        ...
+
 
 class SystemClock:
     def now(self) -> datetime:
@@ -23,3 +33,6 @@ class SystemClock:
 
     def monotonic(self) -> float:
         return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds))

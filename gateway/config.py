@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.errors import ConfigError
+from gateway.kinds import Protocol
 
 # Names are matched exactly; restricting them to ASCII means a Unicode
 # lookalike typed by a client can never equal a configured name.
@@ -24,7 +25,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 USER_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
 ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\*?")
 # `+` and `@` separate user, VM and login in SSH user names; keep them out of names.
-PROTOCOLS = frozenset({"ssh", "ssh-jump", "rdp", "tcp"})
+PROTOCOLS = frozenset(p.value for p in Protocol)
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -69,6 +70,40 @@ class GatewaySection:
     node: str
     state_dir: Path
     connect_timeout: float = 10.0
+    shutdown_grace: float = 30.0
+    shutdown_notice: str = "The gateway is restarting: please reconnect in a minute."
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How long a session may live. None: no limit.
+
+    idle_timeout counts from the user's last input (output from the VM is not
+    activity); warn_before is how long before an idle or duration end the user is
+    warned; half_close_timeout is how long the other side has to finish after one
+    side's EOF on a byte stream.
+    """
+
+    idle_timeout: float | None = 1800.0
+    max_duration: float | None = 12 * 3600.0
+    warn_before: float = 60.0
+    half_close_timeout: float | None = 30.0
+
+    def most_permissive(self, other: Limits) -> Limits:
+        """The limits of two rules that both grant the same access: rules add up, so the longer wins."""
+
+        def longer(a: float | None, b: float | None) -> float | None:
+            return None if a is None or b is None else max(a, b)
+
+        return Limits(
+            idle_timeout=longer(self.idle_timeout, other.idle_timeout),
+            max_duration=longer(self.max_duration, other.max_duration),
+            warn_before=min(self.warn_before, other.warn_before),
+            half_close_timeout=longer(self.half_close_timeout, other.half_close_timeout),
+        )
+
+
+LIMIT_KEYS = ("idle_timeout", "max_duration", "warn_before", "half_close_timeout")
 
 
 @dataclass(frozen=True)
@@ -88,6 +123,7 @@ class SSHSection:
     max_auth_tries: int = 6
     max_startups: int = 100
     keepalive_interval: float = 30.0
+    keepalive_count: int = 3
 
 
 @dataclass(frozen=True)
@@ -122,6 +158,7 @@ class User:
 class TunnelSection:
     token_lifetime: float = 600.0
     max_message: int = 1024 * 1024
+    ping_interval: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -133,6 +170,7 @@ class Rule:
     logins: tuple[str, ...] | None = None
     ports: tuple[int, ...] | None = None
     env: tuple[str, ...] = ()
+    limits: Limits = field(default_factory=Limits)
 
 
 @dataclass(frozen=True)
@@ -166,6 +204,7 @@ class Config:
     control: ControlSection = field(default_factory=ControlSection)
     operators: tuple[Operator, ...] = ()
     tunnel: TunnelSection = field(default_factory=TunnelSection)
+    sessions: Limits = field(default_factory=Limits)
 
 
 T = TypeVar("T")
@@ -243,6 +282,23 @@ class _Reader:
             return default
         return value
 
+    def limit(self, data: Mapping[str, Any], path: str, key: str, default: float | None) -> float | None:
+        """A positive duration, or "off" for no limit."""
+        if data.get(key) == "off":
+            return None
+        if key not in data:
+            return default
+        return self.duration(data, path, key, default if default is not None else 1.0)
+
+    def limits(self, data: Mapping[str, Any], path: str, base: Limits) -> Limits:
+        warn = self.duration(data, path, "warn_before", base.warn_before) if "warn_before" in data else base.warn_before
+        return Limits(
+            idle_timeout=self.limit(data, path, "idle_timeout", base.idle_timeout),
+            max_duration=self.limit(data, path, "max_duration", base.max_duration),
+            warn_before=warn,
+            half_close_timeout=self.limit(data, path, "half_close_timeout", base.half_close_timeout),
+        )
+
     def port(self, data: Mapping[str, Any], path: str, key: str, default: int | None) -> int | None:
         value = self.get(data, path, key, int)
         if value is None:
@@ -305,10 +361,10 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         pth = Path(value).expanduser()
         return pth if pth.is_absolute() else (base / pth)
 
-    r.table(data, "", {"gateway", "public", "ssh", "vms", "users", "rules", "control", "operators", "tunnel"})
+    r.table(data, "", {"gateway", "public", "ssh", "vms", "users", "rules", "control", "operators", "tunnel", "sessions"})
 
     g = r.get(data, "", "gateway", dict, {})
-    r.table(g, "gateway", {"node", "state_dir", "connect_timeout"})
+    r.table(g, "gateway", {"node", "state_dir", "connect_timeout", "shutdown_grace", "shutdown_notice"})
     node = r.get(g, "gateway", "node", str, socket.gethostname())
     if not NAME_RE.fullmatch(node):
         r.problem("gateway.node", f"not a valid name: {node!r}")
@@ -316,7 +372,15 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         node=node,
         state_dir=path_of(r.get(g, "gateway", "state_dir", str, "/var/lib/bastion")),
         connect_timeout=r.duration(g, "gateway", "connect_timeout", 10.0),
+        shutdown_grace=r.duration(g, "gateway", "shutdown_grace", 30.0),
+        shutdown_notice=_notice(r, g),
     )
+    if gateway.shutdown_grace > 600:
+        r.problem("gateway.shutdown_grace", f"must be at most 10m (systemd's stop timeout exceeds it), got {g['shutdown_grace']!r}")
+
+    sess = r.get(data, "", "sessions", dict, {})
+    r.table(sess, "sessions", set(LIMIT_KEYS))
+    session_limits = r.limits(sess, "sessions", Limits())
 
     pub = r.get(data, "", "public", dict, {})
     r.table(pub, "public", {"listen", "tls_cert", "tls_key", "detect_timeout", "header_timeout"})
@@ -330,7 +394,11 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
     )
 
     s = r.get(data, "", "ssh", dict, {})
-    r.table(s, "ssh", {"host_keys", "user_ca_keys", "login_grace_time", "max_auth_tries", "max_startups", "keepalive_interval"})
+    ssh_keys = {"host_keys", "user_ca_keys", "login_grace_time", "max_auth_tries", "max_startups", "keepalive_interval", "keepalive_count"}
+    r.table(s, "ssh", ssh_keys)
+    keepalive_count = r.get(s, "ssh", "keepalive_count", int, 3)
+    if not 1 <= keepalive_count <= 100:
+        r.problem("ssh.keepalive_count", f"must be 1 to 100, got {keepalive_count!r}")
     max_auth = r.get(s, "ssh", "max_auth_tries", int, 6)
     if max_auth < 1:
         r.problem("ssh.max_auth_tries", f"must be at least 1, got {max_auth!r}")
@@ -344,6 +412,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         max_auth_tries=max_auth,
         max_startups=max_startups,
         keepalive_interval=r.duration(s, "ssh", "keepalive_interval", 30.0),
+        keepalive_count=keepalive_count,
     )
 
     vms: dict[str, VM] = {}
@@ -398,7 +467,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         if not isinstance(ru, dict):
             r.problem(path, f"expected a table, got {ru!r}")
             continue
-        r.table(ru, path, {"users", "groups", "vms", "protocols", "logins", "ports", "env"})
+        r.table(ru, path, {"users", "groups", "vms", "protocols", "logins", "ports", "env", *LIMIT_KEYS})
         rule_users = r.str_list(ru, path, "users", lambda x: None if x == "*" else _user_check(x)) or ()
         groups = r.str_list(ru, path, "groups", _group_check) or ()
         if not rule_users and not groups:
@@ -439,16 +508,21 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
                     ru, path, "env", lambda x: None if ENV_RE.fullmatch(x) else "not an environment variable name or NAME* pattern"
                 )
                 or (),
+                limits=r.limits(ru, path, session_limits),
             )
         )
 
     control, operators = _parse_control(r, data, path_of)
     t = r.get(data, "", "tunnel", dict, {})
-    r.table(t, "tunnel", {"token_lifetime", "max_message"})
+    r.table(t, "tunnel", {"token_lifetime", "max_message", "ping_interval"})
     max_message = r.get(t, "tunnel", "max_message", int, 1024 * 1024)
     if not 1024 <= max_message <= 16 * 1024 * 1024:
         r.problem("tunnel.max_message", f"must be 1024 to 16777216 bytes, got {max_message!r}")
-    tunnel = TunnelSection(token_lifetime=r.duration(t, "tunnel", "token_lifetime", 600.0), max_message=max_message)
+    tunnel = TunnelSection(
+        token_lifetime=r.duration(t, "tunnel", "token_lifetime", 600.0),
+        max_message=max_message,
+        ping_interval=r.duration(t, "tunnel", "ping_interval", 30.0),
+    )
 
     if r.problems:
         raise ConfigError(r.problems)
@@ -462,7 +536,17 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         control=control,
         operators=operators,
         tunnel=tunnel,
+        sessions=session_limits,
     )
+
+
+def _notice(r: _Reader, g: Mapping[str, Any]) -> str:
+    text = r.get(g, "gateway", "shutdown_notice", str, GatewaySection.shutdown_notice)
+    clean = " ".join(str(text).split())
+    if not clean or len(clean) > 300:
+        r.problem("gateway.shutdown_notice", f"must be 1 to 300 characters of text, got {text!r}")
+        return GatewaySection.shutdown_notice
+    return clean
 
 
 def _listener_keys(

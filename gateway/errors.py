@@ -73,7 +73,3 @@ class UpstreamHostKeyMismatch(UpstreamError):
 
 class UpstreamAuthFailed(UpstreamError):
     reason = "upstream_auth_failed"
-
-
-class Terminated(GatewayError):
-    reason = "terminated_by_operator"

@@ -16,10 +16,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from gateway import __version__
+from gateway.kinds import Protocol, Reason
 from gateway.sessions.model import SessionInfo
 from gateway.sessions.registry import SessionRegistry
 
-PROTOCOLS = ("ssh", "ssh-jump", "rdp", "tcp")
+PROTOCOLS = tuple(p.value for p in Protocol)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -95,7 +96,7 @@ class Metrics:
     def session_closed(self, info: SessionInfo, reason: str, duration_s: float) -> None:
         self.ended.labels(info.protocol, reason).inc()
         self.duration.labels(info.protocol).observe(duration_s)
-        if reason == "terminated_by_operator":
+        if reason == Reason.TERMINATED_BY_OPERATOR:
             self.forced.inc()
 
     # -- UpstreamObserver --

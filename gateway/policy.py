@@ -10,10 +10,11 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from gateway.config import VM, Rule, User
+from gateway.config import VM, Limits, Rule, User
 from gateway.errors import PolicyDenied, TargetRefused
+from gateway.kinds import Protocol
 
 
 @dataclass(frozen=True)
@@ -30,10 +31,19 @@ class Grant:
     """What policy allowed: the resolved VM, and for SSH terminate the login."""
 
     vm: VM
-    protocol: str
+    protocol: Protocol
     port: int
     login: str | None
     env: tuple[str, ...]
+    limits: Limits = field(default_factory=Limits)
+
+
+def _limits(rules: Iterable[Rule]) -> Limits:
+    """The limits of the rules that granted an access: the most permissive of them."""
+    out: Limits | None = None
+    for rule in rules:
+        out = rule.limits if out is None else out.most_permissive(rule.limits)
+    return out or Limits()
 
 
 def not_found_message(name: str) -> str:
@@ -71,7 +81,7 @@ class Policy:
         vm = self._vms.get(vm_name)
         if vm is None:
             raise PolicyDenied(not_found_message(vm_name), reason="unknown_vm")
-        rules = self._rules_for(principal, vm, "ssh")
+        rules = self._rules_for(principal, vm, Protocol.SSH)
         if not rules:
             raise PolicyDenied(not_found_message(vm_name))
         chosen = login if login is not None else vm.default_login
@@ -80,17 +90,17 @@ class Policy:
         if chosen not in vm.logins:
             raise PolicyDenied(f"login {chosen!r} is not available on VM {vm_name!r} for you", reason="login_denied")
         env: list[str] = []
-        allowed = False
+        granting: list[Rule] = []
         for rule in rules:
             granted = rule.logins if rule.logins is not None else ((vm.default_login,) if vm.default_login else ())
             if chosen in granted or "*" in granted:
-                allowed = True
+                granting.append(rule)
                 env.extend(rule.env)
-        if not allowed:
+        if not granting:
             raise PolicyDenied(f"login {chosen!r} is not available on VM {vm_name!r} for you", reason="login_denied")
-        return Grant(vm=vm, protocol="ssh", port=vm.ssh_port, login=chosen, env=tuple(dict.fromkeys(env)))
+        return Grant(vm=vm, protocol=Protocol.SSH, port=vm.ssh_port, login=chosen, env=tuple(dict.fromkeys(env)), limits=_limits(granting))
 
-    def check_forward(self, principal: Principal, host: str, port: int, protocol: str = "ssh-jump") -> Grant:
+    def check_forward(self, principal: Principal, host: str, port: int, protocol: Protocol = Protocol.SSH_JUMP) -> Grant:
         """May `principal` open a TCP connection to inventory name `host` on `port` (ssh -J/-W/-L)?
 
         `host` is what a client typed: it must be an inventory name exactly. IP
@@ -104,17 +114,20 @@ class Policy:
         if vm is None:
             raise PolicyDenied(not_found_message(host), reason="unknown_vm")
         is_rdp = vm.rdp_port is not None and port == vm.rdp_port
-        session_protocol = "rdp" if is_rdp else protocol
+        session_protocol = Protocol.RDP if is_rdp else protocol
         candidates = [(protocol, self._rules_for(principal, vm, protocol))]
         if is_rdp:
-            candidates.append(("rdp", self._rules_for(principal, vm, "rdp")))
+            candidates.append((Protocol.RDP, self._rules_for(principal, vm, Protocol.RDP)))
         if not any(rules for _, rules in candidates):
             raise PolicyDenied(not_found_message(host))
-        for proto, rules in candidates:
-            for rule in rules:
-                default = (vm.rdp_port,) if proto == "rdp" and vm.rdp_port is not None else (vm.ssh_port,)
-                if port in (rule.ports if rule.ports is not None else default):
-                    return Grant(vm=vm, protocol=session_protocol, port=port, login=None, env=())
+        granting = [
+            rule
+            for proto, rules in candidates
+            for rule in rules
+            if port in (rule.ports if rule.ports is not None else _default_ports(vm, proto, (vm.ssh_port,)))
+        ]
+        if granting:
+            return Grant(vm=vm, protocol=session_protocol, port=port, login=None, env=(), limits=_limits(granting))
         raise PolicyDenied(f"port {port} on VM {host!r} is not granted to you", reason="port_denied")
 
     def check_tunnel(self, principal: Principal, vm_name: str, port: int) -> Grant:
@@ -127,28 +140,27 @@ class Policy:
         vm = self._vms.get(vm_name)
         if vm is None:
             raise PolicyDenied(not_found_message(vm_name), reason="unknown_vm")
-        protocol = "rdp" if vm.rdp_port is not None and port == vm.rdp_port else "tcp"
+        protocol = Protocol.RDP if vm.rdp_port is not None and port == vm.rdp_port else Protocol.TCP
         rules = self._rules_for(principal, vm, protocol)
         if not rules:
-            if self._rules_for(principal, vm, "rdp" if protocol == "tcp" else "tcp"):
+            if self._rules_for(principal, vm, Protocol.RDP if protocol == Protocol.TCP else Protocol.TCP):
                 raise PolicyDenied(f"port {port} on VM {vm_name!r} is not granted to you", reason="port_denied")
             raise PolicyDenied(not_found_message(vm_name))
-        for rule in rules:
-            default = (vm.rdp_port,) if protocol == "rdp" and vm.rdp_port is not None else ()
-            if port in (rule.ports if rule.ports is not None else default):
-                return Grant(vm=vm, protocol=protocol, port=port, login=None, env=())
+        granting = [rule for rule in rules if port in (rule.ports if rule.ports is not None else _default_ports(vm, protocol, ()))]
+        if granting:
+            return Grant(vm=vm, protocol=protocol, port=port, login=None, env=(), limits=_limits(granting))
         raise PolicyDenied(f"port {port} on VM {vm_name!r} is not granted to you", reason="port_denied")
 
     def granted_ports(self, principal: Principal, vm: VM) -> tuple[int, ...]:
         """The VM ports this principal may reach by jump mode or tunnels (for listings)."""
         ports: set[int] = set()
-        for proto in ("ssh-jump", "rdp", "tcp"):
+        for proto in (Protocol.SSH_JUMP, Protocol.RDP, Protocol.TCP):
             for rule in self._rules_for(principal, vm, proto):
                 if rule.ports is not None:
                     ports.update(rule.ports)
-                elif proto == "ssh-jump":
+                elif proto == Protocol.SSH_JUMP:
                     ports.add(vm.ssh_port)
-                elif proto == "rdp" and vm.rdp_port is not None:
+                elif proto == Protocol.RDP and vm.rdp_port is not None:
                     ports.add(vm.rdp_port)
         return tuple(sorted(ports))
 
@@ -156,10 +168,15 @@ class Policy:
         """The VMs the principal may reach and by which protocols, for listings."""
         out = []
         for vm in self._vms.values():
-            protos = tuple(p for p in ("ssh", "ssh-jump", "rdp", "tcp") if self._rules_for(principal, vm, p))
+            protos = tuple(str(p) for p in Protocol if self._rules_for(principal, vm, p))
             if protos:
                 out.append((vm, protos))
         return out
+
+
+def _default_ports(vm: VM, protocol: Protocol, otherwise: tuple[int, ...]) -> tuple[int, ...]:
+    """The ports a rule without `ports` grants: the rdp_port for rdp, else `otherwise`."""
+    return (vm.rdp_port,) if protocol == Protocol.RDP and vm.rdp_port is not None else otherwise
 
 
 def env_allowed(name: str, patterns: Iterable[str]) -> bool:

@@ -28,8 +28,8 @@ from structlog.typing import FilteringBoundLogger
 from gateway.clock import Clock
 from gateway.config import Operator
 from gateway.control.openapi import OPENAPI
-from gateway.sessions.model import SessionEvent, SessionInfo
-from gateway.sessions.registry import SessionRegistry
+from gateway.sessions.model import SessionEvent, SessionInfo, iso
+from gateway.sessions.registry import SessionRegistry, SubscriberLimit
 
 MAX_BODY = 16 * 1024
 MAX_REASON = 400
@@ -71,6 +71,7 @@ class ControlAPI:
         metrics_public: bool = False,
         node: str = "",
         ready: Callable[[], bool] = lambda: True,
+        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self._registry = registry
         self._operators = tuple(operators)
@@ -81,6 +82,7 @@ class ControlAPI:
         self._metrics_public = metrics_public
         self._node = node
         self._ready = ready
+        self._stopping = stopping
         self._routes: dict[tuple[str, str], Route] = {}
 
     # -- access --
@@ -196,17 +198,23 @@ class ControlAPI:
         op = request[_OPERATOR_KEY]
         self._log.info("operator_action", action=action, operator=op.name, role=op.role, source_ip=request.remote, **fields)
 
-    async def _disconnect(self, sid: str, reason: str, grace: float) -> str:
-        try:
-            found = await self._registry.terminate(sid, reason, grace)
-        except Exception as exc:  # a handler's callback failing must not fail the whole request
-            self._log.warning("disconnect_failed", session_id=sid, error=str(exc)[:200])
-            return "failed"
-        if not found:
-            return "not_found"
-        if grace == 0:
-            await self._registry.wait_closed(sid, 3.0)
-        return "disconnected"
+    async def _disconnect(self, sid: str, reason: str, grace: float) -> tuple[str, str | None]:
+        """(result, ends_at): `disconnected` once gone, `pending` with the end in force, `not_found`, `failed`.
+
+        A request ending a session sooner than a pending one replaces it (reason included);
+        one ending it later leaves the pending one, and the answer says when that is.
+        """
+        result = self._registry.terminate(sid, reason, grace)
+        if result is None:
+            return "not_found", None
+        left = result.pending.ends_mono - self._clock.monotonic()
+        if left > 0:
+            return "pending", iso(result.pending.ends_at)
+        # Showing the notice takes about a second; closing the relay is bounded too.
+        if await self._registry.wait_closed(sid, 10.0):
+            return "disconnected", None
+        self._log.warning("disconnect_failed", session_id=sid, error="the session did not end within 10 s")
+        return "failed", None
 
     # -- handlers --
     async def healthz(self, request: web.Request) -> web.Response:
@@ -215,7 +223,8 @@ class ControlAPI:
     async def readyz(self, request: web.Request) -> web.Response:
         if self._ready():
             return web.json_response({"status": "ready", "node": self._node})
-        return web.json_response({"status": "starting", "node": self._node}, status=503)
+        status = "draining" if self._stopping() else "starting"
+        return web.json_response({"status": status, "node": self._node}, status=503)
 
     async def metrics(self, request: web.Request) -> web.Response:
         if self._metrics is None:
@@ -252,11 +261,14 @@ class ControlAPI:
         sid = request.match_info["id"]
         body = await self._body(request, required=False)
         reason, grace = self._reason(body), self._grace(body)
-        result = await self._disconnect(sid, reason, grace)
+        result, ends_at = await self._disconnect(sid, reason, grace)
         self._audit(request, "disconnect", session_ids=[sid], reason=reason, grace_s=grace, results={sid: result})
         if result == "not_found":
             raise ApiError(404, "not_found", "no such session")
-        return web.json_response({"id": sid, "result": result}, status=200 if result != "failed" else 500)
+        answer: dict[str, Any] = {"id": sid, "result": result}
+        if ends_at is not None:
+            answer["ends_at"] = ends_at
+        return web.json_response(answer, status=200 if result != "failed" else 500)
 
     async def disconnect_many(self, request: web.Request) -> web.Response:
         body = await self._body(request, required=True)
@@ -266,9 +278,13 @@ class ControlAPI:
         reason, grace = self._reason(body), self._grace(body)
         unique = list(dict.fromkeys(ids))
         outcomes = await asyncio.gather(*(self._disconnect(sid, reason, grace) for sid in unique))
-        results = dict(zip(unique, outcomes, strict=True))
+        results = {sid: result for sid, (result, _) in zip(unique, outcomes, strict=True)}
+        ends = {sid: ends_at for sid, (_, ends_at) in zip(unique, outcomes, strict=True) if ends_at is not None}
         self._audit(request, "disconnect", session_ids=unique, reason=reason, grace_s=grace, results=results)
-        return web.json_response({"results": results})
+        answer: dict[str, Any] = {"results": results}
+        if ends:
+            answer["ends_at"] = ends
+        return web.json_response(answer)
 
     async def notices(self, request: web.Request) -> web.Response:
         body = await self._body(request, required=True)
@@ -287,32 +303,48 @@ class ControlAPI:
             raise ApiError(400, "bad_request", f"ids must be a list of up to {MAX_IDS} session id strings")
         results: dict[str, str] = {}
         for sid in targets:
-            shown = await self._registry.notify(sid, message)
+            shown = self._registry.notify(sid, message)
             results[sid] = "not_found" if shown is None else ("delivered" if shown else "unsupported")
         self._audit(request, "notice", session_ids=targets, message=message, results=results)
         return web.json_response({"results": results})
 
     async def events(self, request: web.Request) -> web.StreamResponse:
-        """Server-Sent Events: a `snapshot` first, then `opened`, `updated` and `closed` as they happen."""
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"})
-        await resp.prepare(request)
-        q = self._registry.subscribe()
+        """Server-Sent Events: a `snapshot` first, then `opened`, `updated`, `closed` and `progress` as they happen.
+
+        A subscriber that fell behind gets a fresh `snapshot` (never a silent gap). A
+        client that goes away ends the stream quietly: a log line, no traceback.
+        """
         try:
-            await resp.write(_sse("snapshot", {"sessions": [self._view(s) for s in self._registry.list()]}))
+            sub = self._registry.subscribe()
+        except SubscriberLimit as exc:
+            raise ApiError(503, "busy", exc.message) from None
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+        try:
+            await resp.prepare(request)
+            await resp.write(self._snapshot())
             while True:
                 try:
                     async with asyncio.timeout(15):
-                        ev = await q.get()
+                        ev = await sub.get()
                 except TimeoutError:
                     await resp.write(b": keep-alive\n\n")
                     continue
-                if ev is None:  # fell behind: tell the client to reload
-                    await resp.write(_sse("resync", {}))
-                    q = self._registry.subscribe()
+                if ev is None:  # fell behind: the whole state again
+                    await resp.write(self._snapshot(resync=True))
                     continue
-                await resp.write(_sse(ev.kind, _event_payload(self._view(ev.session), ev)))
+                chunk = [_event_bytes(self._view, ev)]
+                for more in sub.drain():  # what else is queued goes out in one write
+                    chunk.append(_event_bytes(self._view, more))
+                await resp.write(b"".join(chunk))
+        except (ConnectionError, RuntimeError) as exc:
+            # aiohttp raises ClientConnectionResetError (a ConnectionError) or RuntimeError once the peer is gone.
+            self._log.info("event_stream_closed", source_ip=request.remote, reason="client_gone", error=type(exc).__name__)
         finally:
-            self._registry.unsubscribe(q)
+            self._registry.unsubscribe(sub)
+        return resp
+
+    def _snapshot(self, *, resync: bool = False) -> bytes:
+        return _sse("snapshot", {"sessions": [self._view(s) for s in self._registry.list()], "resync": resync})
 
     async def page(self, request: web.Request) -> web.Response:
         return web.Response(body=_static("index.html"), content_type="text/html", headers=_PAGE_HEADERS)
@@ -341,8 +373,11 @@ def _sse(kind: str, data: dict[str, Any]) -> bytes:
     return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-def _event_payload(view: dict[str, Any], ev: SessionEvent) -> dict[str, Any]:
-    out: dict[str, Any] = {"session": view}
+def _event_bytes(view: Callable[[SessionInfo], dict[str, Any]], ev: SessionEvent) -> bytes:
+    if ev.kind == "progress":
+        return _sse("progress", {"sessions": [{"id": p.id, "bytes_up": p.bytes_up, "bytes_down": p.bytes_down} for p in ev.progress]})
+    assert ev.session is not None
+    out: dict[str, Any] = {"session": view(ev.session)}
     if ev.reason is not None:
-        out["reason"] = ev.reason
-    return out
+        out["reason"] = str(ev.reason)
+    return _sse(ev.kind, out)

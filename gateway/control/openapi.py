@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.kinds import Protocol, Reason
+
+_TIME: dict[str, Any] = {"type": "string", "format": "date-time", "pattern": "Z$"}
+
 _SESSION: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
     "required": [
         "id", "user", "source_ip", "source_port", "vm", "target_address", "target_port", "protocol",
-        "login", "started_at", "duration_s", "bytes_up", "bytes_down", "node", "state",
+        "login", "started_at", "duration_s", "bytes_up", "bytes_down", "node", "state", "ends_at",
     ],
     "properties": {
         "id": {"type": "string"},
@@ -19,7 +23,7 @@ _SESSION: dict[str, Any] = {
         "vm": {"type": "string"},
         "target_address": {"type": "string"},
         "target_port": {"type": "integer", "minimum": 1, "maximum": 65535},
-        "protocol": {"type": "string", "enum": ["ssh", "ssh-jump", "rdp", "tcp"]},
+        "protocol": {"type": "string", "enum": [p.value for p in Protocol]},
         "login": {"type": ["string", "null"]},
         "started_at": {"type": "string", "format": "date-time", "pattern": "Z$"},
         "duration_s": {"type": "number", "minimum": 0},
@@ -27,6 +31,7 @@ _SESSION: dict[str, Any] = {
         "bytes_down": {"type": "integer", "minimum": 0},
         "node": {"type": "string"},
         "state": {"type": "string", "enum": ["active", "terminating", "closed"]},
+        "ends_at": {"oneOf": [_TIME, {"type": "null"}], "description": "while terminating: when the session will be ended"},
     },
 }  # fmt: skip
 
@@ -76,7 +81,11 @@ OPENAPI: dict[str, Any] = {
             "DisconnectResult": {
                 "type": "object",
                 "required": ["id", "result"],
-                "properties": {"id": {"type": "string"}, "result": {"type": "string", "enum": ["disconnected", "failed"]}},
+                "properties": {
+                    "id": {"type": "string"},
+                    "result": {"type": "string", "enum": ["disconnected", "pending", "failed"]},
+                    "ends_at": _TIME,
+                },
             },
             "BulkDisconnect": {
                 "type": "object",
@@ -92,10 +101,12 @@ OPENAPI: dict[str, Any] = {
                 "properties": {
                     "results": {
                         "type": "object",
-                        "additionalProperties": {"type": "string", "enum": ["disconnected", "not_found", "failed"]},
-                    }
+                        "additionalProperties": {"type": "string", "enum": ["disconnected", "pending", "not_found", "failed"]},
+                    },
+                    "ends_at": {"type": "object", "additionalProperties": _TIME, "description": "for each pending id"},
                 },
             },
+            "Reason": {"type": "string", "enum": [r.value for r in Reason], "description": "why a session ended (closed events)"},
             "Notice": {
                 "type": "object",
                 "required": ["message"],
@@ -159,8 +170,17 @@ OPENAPI: dict[str, Any] = {
         },
         "/v1/events": {
             "get": {
-                "summary": "Server-Sent Events: snapshot, opened, updated, closed, resync",
-                "responses": {"200": {"description": "text/event-stream"}, **_ERRORS},
+                "summary": "Server-Sent Events: snapshot, opened, updated, closed, progress",
+                "description": (
+                    "`snapshot` {sessions, resync} first and again whenever this stream fell behind (never a silent gap); "
+                    "`opened`/`updated`/`closed` {session, reason?}; `progress` {sessions: [{id, bytes_up, bytes_down}]} "
+                    "once a tick for every session whose bytes moved."
+                ),
+                "responses": {
+                    "200": {"description": "text/event-stream"},
+                    "503": _json(_ref("Error"), "Too many event streams are open"),
+                    **_ERRORS,
+                },
             }
         },
     },

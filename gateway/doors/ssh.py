@@ -4,9 +4,12 @@ One `GatewaySSHServer` per connection authenticates the user (public key or
 an OpenSSH user certificate from a trusted CA), enforces the auth-try cap and
 MaxStartups, then routes each channel:
 
-- a session channel with a VM in the user name -> the terminating handler;
-- a session channel without one -> the gateway's own short banner session;
-- a direct-tcpip channel -> the jump handler, after policy, to the inventory address.
+- a session channel with a VM in the user name -> `run_session` with the terminating handler;
+- a session channel without one -> the gateway's own shell (banner, `token`, `ls`);
+- a direct-tcpip channel -> `run_session` with the jump handler.
+
+Policy, the dial and the session's life are `run_session`'s; the door only
+authenticates and turns requests into handler requests.
 
 Remote forwarding, agent forwarding, X11 and streamlocal are refused.
 """
@@ -21,11 +24,11 @@ from typing import Any, Protocol
 import asyncssh
 from structlog.typing import FilteringBoundLogger
 
-from gateway.errors import GatewayError, PolicyDenied
 from gateway.policy import Policy, Principal, parse_username
-from gateway.protocols.base import Client
-from gateway.protocols.ssh_jump import SSHJumpHandler, refuse
-from gateway.protocols.ssh_terminate import SSHTerminateHandler, UserSide
+from gateway.protocols.gateway_shell import GatewayShellSession
+from gateway.protocols.lifecycle import Client, Deps, ProtocolHandler, run_session
+from gateway.protocols.ssh_jump import ChannelSide, JumpRequest, JumpSide
+from gateway.protocols.ssh_terminate import TerminateRequest, UserSide
 from gateway.tokens import TokenService
 
 
@@ -52,16 +55,16 @@ class SSHDoor:
         self,
         *,
         host_keys: list[asyncssh.SSHKey],
-        policy: Policy,
+        deps: Deps,
         user_ca_keys: tuple[str, ...],
-        terminate: SSHTerminateHandler,
-        jump: SSHJumpHandler,
+        terminate: ProtocolHandler[TerminateRequest, Any, UserSide],
+        jump: ProtocolHandler[JumpRequest, Any, JumpSide],
         node: str,
         login_grace_time: float,
         max_auth_tries: int,
         max_startups: int,
         keepalive_interval: float,
-        connect_timeout: float,
+        keepalive_count: int,
         log: FilteringBoundLogger,
         public_hint: str = "GATEWAY",
         observer: DoorObserver | None = None,
@@ -69,10 +72,11 @@ class SSHDoor:
     ) -> None:
         self.observer: DoorObserver = observer or _NullObserver()
         self.tokens = tokens
-        self.policy = policy
+        self.deps = deps
+        self.policy: Policy = deps.policy
         # Each user's keys parsed once, as the wire blobs clients present.
         self.key_blobs: dict[str, frozenset[bytes]] = {
-            name: frozenset(asyncssh.import_public_key(k).public_data for k in user.keys) for name, user in policy.users().items()
+            name: frozenset(asyncssh.import_public_key(k).public_data for k in user.keys) for name, user in self.policy.users().items()
         }
         self.user_ca_keys = user_ca_keys
         self.terminate = terminate
@@ -80,7 +84,6 @@ class SSHDoor:
         self.node = node
         self.max_auth_tries = max_auth_tries
         self.max_startups = max_startups
-        self.connect_timeout = connect_timeout
         self.log = log
         self.public_hint = public_hint
         self.unauthenticated = 0
@@ -89,7 +92,7 @@ class SSHDoor:
             server_version="Bastion",
             login_timeout=login_grace_time,
             keepalive_interval=keepalive_interval,
-            keepalive_count_max=3,
+            keepalive_count_max=keepalive_count,
             public_key_auth=True,
             password_auth=False,
             kbdint_auth=False,
@@ -262,33 +265,36 @@ class GatewaySSHServer(asyncssh.SSHServer):
     # -- channels --
     def session_requested(self) -> asyncssh.SSHServerSession[bytes]:
         client = self._client()
-        if self._vm is None:
+        vm = self._vm
+        if vm is None:
             return GatewayShellSession(self._door, client)
-        try:
-            grant = self._door.policy.check_ssh(client.principal, self._vm, self._login)
-        except PolicyDenied as exc:
-            self._log.info("session_refused", user=client.principal.name, vm=self._vm, login=self._login, protocol="ssh", reason=exc.reason)
-            self._door.observer.refused(exc.reason)
-            # Accept the channel and say why on stderr: a channel-open failure is
-            # only printed at OpenSSH's INFO log level, which `-q` hides.
-            return RefusedSession(exc.message)
+        request_login = self._login
 
         def start(user: UserSide) -> None:
-            self.spawn(self._door.terminate.serve(grant, client, user), name=f"ssh:{client.principal.name}:{grant.vm.name}")
+            # A refusal is accepted as a channel and explained on stderr: a channel-open
+            # failure is only printed at OpenSSH's INFO log level, which `-q` hides.
+            request = TerminateRequest(client.principal, vm, request_login, user)
+            self.spawn(self._run(self._door.terminate, request, client, user, vm), name=f"ssh:{client.principal.name}:{vm[:64]}")
 
         return UserSide(start)
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
         client = self._client()
+        side = JumpSide()
+        request = JumpRequest(client.principal, dest_host, dest_port)
+        self.spawn(self._run(self._door.jump, request, client, side, dest_host), name=f"jump:{client.principal.name}:{dest_host[:64]}")
+
+        async def opened() -> ChannelSide:
+            return await side.channel
+
+        return opened()
+
+    async def _run(self, handler: ProtocolHandler[Any, Any, Any], request: Any, client: Client, side: Any, target: str) -> None:
         try:
-            grant = self._door.policy.check_forward(client.principal, dest_host, dest_port)
-        except GatewayError as exc:
-            self._log.info(
-                "forward_refused", user=client.principal.name, target=dest_host[:64], port=dest_port, protocol="ssh-jump", reason=exc.reason
-            )
-            self._door.observer.refused(exc.reason)
-            raise refuse(exc) from None
-        return self._door.jump.open(grant, client, self)
+            await run_session(self._door.deps, handler, request, client, side, target=target)
+        finally:
+            if isinstance(side, JumpSide):
+                side.give_up()  # a channel still waiting to open (the gateway is stopping) is refused
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
         self._log.info("forward_refused", user=self.username, kind="remote", reason="not_allowed")
@@ -301,116 +307,3 @@ class GatewaySSHServer(asyncssh.SSHServer):
     def unix_server_requested(self, listen_path: str) -> bool:
         self._log.info("forward_refused", user=self.username, kind="remote-streamlocal", reason="not_allowed")
         return False
-
-
-class GatewayShellSession(asyncssh.SSHServerSession[bytes]):
-    """A session on the gateway itself (no VM named): a banner, then it stays open for forwards."""
-
-    def __init__(self, door: SSHDoor, client: Client) -> None:
-        self._door = door
-        self._client = client
-        self._chan: asyncssh.SSHServerChannel[bytes] | None = None
-        self._kind = "shell"
-        self._command: str | None = None
-        self._pty = False
-
-    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
-        self._chan = chan
-
-    def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int], term_modes: dict[int, int]) -> bool:  # type: ignore[override]
-        self._pty = True
-        return True
-
-    def shell_requested(self) -> bool:
-        return True
-
-    def exec_requested(self, command: str) -> bool:
-        self._kind = "exec"
-        self._command = command
-        return True
-
-    def subsystem_requested(self, subsystem: str) -> bool:
-        return False
-
-    def session_started(self) -> None:
-        assert self._chan is not None
-        nl = "\r\n" if self._pty else "\n"
-        name = self._client.principal.name
-        if self._kind == "exec":
-            self._run_gateway_command((self._command or "").strip(), nl)
-            return
-        lines = [
-            f"Bastion {self._door.node}: signed in as {name}. No VM named in the user name.",
-            "Port forwards stay open while this session lasts (Ctrl-D or Ctrl-C ends it).",
-            "VMs you may reach:",
-        ]
-        reachable = self._door.policy.reachable(self._client.principal)
-        for vm, protos in reachable:
-            lines.append(f"  {vm.name:<20} {', '.join(protos)}")
-        if not reachable:
-            lines.append("  (none)")
-        lines.append(f"Open a shell on one with: ssh -p PORT {name}+VM@{self._door.public_hint}")
-        self._chan.write((nl.join(lines) + nl).encode())
-
-    def _listing(self) -> list[str]:
-        lines = []
-        principal = self._client.principal
-        for vm, protos in self._door.policy.reachable(principal):
-            ports = self._door.policy.granted_ports(principal, vm)
-            shown = "ports " + ", ".join(str(p) for p in ports) if ports else ""
-            lines.append(f"  {vm.name:<20} {', '.join(protos):<28} {shown}".rstrip())
-        return lines or ["  (none)"]
-
-    def _run_gateway_command(self, command: str, nl: str) -> None:
-        """The few commands the gateway itself answers: `token`, `ls`."""
-        assert self._chan is not None
-        name = self._client.principal.name
-        if command == "token" and self._door.tokens is not None:
-            token, claims = self._door.tokens.issue(name)
-            self._door.log.info("token_issued", user=name, token_id=claims.token_id, lifetime_s=self._door.tokens.lifetime)
-            self._chan.write((token + nl).encode())
-            self._chan.exit(0)
-        elif command == "ls":
-            self._chan.write((nl.join(["VMs you may reach:", *self._listing()]) + nl).encode())
-            self._chan.exit(0)
-        else:
-            msg = f"bastion: the gateway runs only `token` and `ls`; connect as {name}+VM to run commands on a VM{nl}"
-            self._chan.write(msg.encode(), asyncssh.EXTENDED_DATA_STDERR)
-            self._chan.exit(2)
-
-    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        if self._chan is not None and (b"\x03" in data or b"\x04" in data):
-            self._chan.exit(0)
-
-    def eof_received(self) -> bool:
-        if self._chan is not None:
-            self._chan.exit(0)
-        return True
-
-
-class RefusedSession(asyncssh.SSHServerSession[bytes]):
-    """A session that only tells the user why it was refused, then exits 255 like ssh does."""
-
-    def __init__(self, message: str) -> None:
-        self._message = message
-        self._chan: asyncssh.SSHServerChannel[bytes] | None = None
-
-    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
-        self._chan = chan
-
-    def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int], term_modes: dict[int, int]) -> bool:  # type: ignore[override]
-        return True
-
-    def shell_requested(self) -> bool:
-        return True
-
-    def exec_requested(self, command: str) -> bool:
-        return True
-
-    def subsystem_requested(self, subsystem: str) -> bool:
-        return True
-
-    def session_started(self) -> None:
-        if self._chan is not None:
-            self._chan.write(f"bastion: {self._message}\r\n".encode(), asyncssh.EXTENDED_DATA_STDERR)
-            self._chan.exit(255)

@@ -101,10 +101,12 @@ class Listener:
         self._tasks: set[asyncio.Task[None]] = set()
         self._accepting: list[asyncio.Task[None]] = []
         self._counter = 0
+        self._addresses_seen: list[tuple[str, int]] = []
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
-        return [s.getsockname()[:2] for s in self._sockets]
+        live = [s.getsockname()[:2] for s in self._sockets if s.fileno() != -1]
+        return live or list(self._addresses_seen)
 
     def start(self) -> None:
         for s in self._sockets:
@@ -146,13 +148,20 @@ class Listener:
             if not handed:
                 conn.close()
 
-    async def stop(self) -> None:
-        """Stop accepting, then cancel every connection and wait for them."""
+    async def stop_accepting(self) -> None:
+        """Close the listening sockets; connections already accepted go on."""
         for t in self._accepting:
             t.cancel()
-        for s in self._sockets:
-            s.close()
         await asyncio.gather(*self._accepting, return_exceptions=True)
+        self._accepting.clear()
+        for s in self._sockets:
+            if s.fileno() != -1:
+                self._addresses_seen = [*self._addresses_seen, s.getsockname()[:2]]
+            s.close()
+
+    async def stop(self) -> None:
+        """Stop accepting, then cancel every connection and wait for them."""
+        await self.stop_accepting()
         tasks = list(self._tasks)
         for t in tasks:
             t.cancel()

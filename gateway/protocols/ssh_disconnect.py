@@ -24,15 +24,6 @@ _DRAIN_LIMIT = 2.0
 _SETTLE = 0.5
 
 
-def notice_text(reason: str) -> str:
-    return "You have been disconnected." + (f" {reason}" if reason else "")
-
-
-def warning_text(reason: str, grace: float) -> str:
-    head = f"You will be disconnected in {round(grace)} seconds"
-    return f"{head}: {reason}" if reason else f"{head}."
-
-
 async def _drained(probe: Any, limit: float) -> None:
     """Wait until `probe()` reports an empty buffer, at most `limit` seconds."""
     with contextlib.suppress(TimeoutError):

@@ -4,49 +4,95 @@ The client's inner SSH (for `ssh -J`) or any TCP stream (for `ssh -L`) passes
 through unchanged. Backpressure both ways: the SSH channel stops reading while
 the socket's send buffer is above its high-water mark, and the socket stops
 reading while the channel's send buffer is full. EOF passes through
-(half-close); once both directions have seen EOF the transport is closed at
-once (uvloop crashed on half-closed transports left open under churn).
+(half-close) and starts the rule's half-close timer; once both directions have
+seen EOF the transport is closed at once (uvloop crashed on half-closed
+transports left open under churn).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, cast
+import contextlib
+import socket
+from dataclasses import dataclass
+from typing import cast
 
 import asyncssh
-from structlog.typing import FilteringBoundLogger
 
 from gateway.errors import GatewayError
+from gateway.kinds import Reason
 from gateway.net.upstream import dial
-from gateway.policy import Grant
-from gateway.protocols.base import Client, NullUpstreamObserver, Spawner, UpstreamObserver, session_spec
-from gateway.protocols.ssh_disconnect import disconnect_with_notice, notice_text
-from gateway.sessions.registry import Session, SessionRegistry
+from gateway.policy import Grant, Policy, Principal
+from gateway.protocols.lifecycle import ended_reason
+from gateway.protocols.ssh_disconnect import disconnect_with_notice
+from gateway.sessions.registry import Session
+
+
+@dataclass(frozen=True)
+class JumpRequest:
+    """A direct-tcpip channel the SSH door authenticated: the host and port as the client typed them."""
+
+    principal: Principal
+    host: str
+    port: int
+
+
+class JumpSide:
+    """The user's end: a direct-tcpip channel that opens only once the VM was reached.
+
+    `channel` resolves to the channel's session object (asyncssh then opens the
+    channel) or fails with the ChannelOpenError the client prints.
+    """
+
+    def __init__(self) -> None:
+        self.channel: asyncio.Future[ChannelSide] = asyncio.get_running_loop().create_future()
+        self.pair: _Pair | None = None
+
+    def notice(self, text: str) -> bool:
+        return False  # the stream is the user's own SSH or TCP: no room for text
+
+    async def refuse(self, error: GatewayError) -> None:
+        if not self.channel.done():
+            self.channel.set_exception(refuse(error))
+
+    def give_up(self) -> None:
+        if not self.channel.done():
+            self.channel.set_exception(asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "the gateway is shutting down"))
+
+    async def end(self, text: str) -> None:
+        # Jump users see no channel text: the reason travels in the SSH DISCONNECT message.
+        # asyncssh opens the channel just after `serve` handed it over: wait for that (bounded).
+        if self.pair is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2):
+                await self.pair.opened
+        await disconnect_with_notice(self.pair.chan, text, pty=False)
 
 
 class _Pair:
-    """Shared state of one relayed channel: both ends, the session, and the done signal."""
+    """Shared state of one relayed channel: both ends and the session."""
 
-    def __init__(self) -> None:
-        loop = asyncio.get_running_loop()
+    def __init__(self, session: Session) -> None:
         self.chan: asyncssh.SSHTCPChannel[bytes] | None = None
         self.transport: asyncio.Transport | None = None
-        self.session: Session | None = None
+        self.session = session
         self.early: list[bytes] = []  # VM bytes that arrived before the channel was open
         self.up_eof = False  # user -> VM direction finished
         self.down_eof = False  # VM -> user direction finished
-        self.done: asyncio.Future[str] = loop.create_future()
+        self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    def finish(self, reason: str) -> None:
-        if not self.done.done():
-            self.done.set_result(reason)
-
-    def maybe_close(self) -> None:
+    def maybe_close(self, last: Reason) -> None:
+        """Both directions finished: the side whose EOF came last ended the session."""
         if self.up_eof and self.down_eof:
-            if self.transport is not None:
-                self.transport.close()
-            if self.chan is not None:
-                self.chan.close()
+            self.session.end(last)
+            self.close()
+
+    def close(self, *, abort: bool = False) -> None:
+        if self.transport is not None:
+            self.transport.abort() if abort else self.transport.close()
+        if self.chan is not None:
+            self.chan.abort() if abort else self.chan.close()
 
 
 class ChannelSide(asyncssh.SSHTCPSession[bytes]):
@@ -55,10 +101,11 @@ class ChannelSide(asyncssh.SSHTCPSession[bytes]):
 
     def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
         self._p.chan = chan
+        if not self._p.opened.done():
+            self._p.opened.set_result(None)
         for chunk in self._p.early:
             chan.write(chunk)
-            if self._p.session is not None:
-                self._p.session.add_down(len(chunk))
+            self._p.session.add_down(len(chunk))
         self._p.early.clear()
         if self._p.down_eof:
             chan.write_eof()
@@ -69,15 +116,15 @@ class ChannelSide(asyncssh.SSHTCPSession[bytes]):
         t = self._p.transport
         if t is not None and not t.is_closing():
             t.write(data)
-            if self._p.session is not None:
-                self._p.session.add_up(len(data))
+            self._p.session.add_up(len(data))
 
     def eof_received(self) -> bool:
         self._p.up_eof = True
+        self._p.session.half_closed("user")
         t = self._p.transport
         if t is not None and not t.is_closing() and t.can_write_eof():
             t.write_eof()
-        self._p.maybe_close()
+        self._p.maybe_close(Reason.CLIENT_CLOSED)
         return True
 
     def pause_writing(self) -> None:
@@ -89,13 +136,10 @@ class ChannelSide(asyncssh.SSHTCPSession[bytes]):
             self._p.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._p.session.end(ended_reason(exc, user=True))
         t = self._p.transport
         if t is not None:
-            if exc is not None:
-                t.abort()
-            else:
-                t.close()
-        self._p.finish("client_closed")
+            t.abort() if exc is not None else t.close()
 
 
 class SocketSide(asyncio.Protocol):
@@ -110,8 +154,7 @@ class SocketSide(asyncio.Protocol):
         c = self._p.chan
         if c is not None:
             c.write(data)
-            if self._p.session is not None:
-                self._p.session.add_down(len(data))
+            self._p.session.add_down(len(data))
             return
         # The channel is not open yet (uvloop may deliver data before a pause
         # requested in connection_made takes effect): hold it, and stop reading.
@@ -121,9 +164,10 @@ class SocketSide(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._p.down_eof = True
+        self._p.session.half_closed("vm")
         if self._p.chan is not None:
             self._p.chan.write_eof()
-        self._p.maybe_close()
+        self._p.maybe_close(Reason.VM_CLOSED)
         return True
 
     def pause_writing(self) -> None:
@@ -135,98 +179,50 @@ class SocketSide(asyncio.Protocol):
             self._p.chan.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._p.session.end(ended_reason(exc, user=False))
         c = self._p.chan
         if c is not None:
-            if exc is not None:
-                c.abort()
-            else:
-                c.close()
-        self._p.finish("vm_reset" if exc is not None else "vm_closed")
+            c.abort() if exc is not None else c.close()
+
+
+class _JumpRelay:
+    def __init__(self, pair: _Pair) -> None:
+        self._pair = pair
+
+    async def close(self) -> None:
+        reason = self._pair.session.reason
+        self._pair.close(abort=reason in (Reason.CLIENT_LOST, Reason.VM_RESET, Reason.HALF_CLOSE_TIMEOUT))
 
 
 class SSHJumpHandler:
-    """Turns an allowed direct-tcpip request into a tracked relay."""
+    """Turns an allowed direct-tcpip request into a relay to the inventory address."""
 
     kind = "ssh-jump"
 
-    def __init__(
-        self, registry: SessionRegistry, connect_timeout: float, log: FilteringBoundLogger, observer: UpstreamObserver | None = None
-    ) -> None:
-        self._observer = observer or NullUpstreamObserver()
-        self._registry = registry
+    def __init__(self, connect_timeout: float) -> None:
         self._timeout = connect_timeout
-        self._log = log
 
-    async def open(self, grant: Grant, client: Client, owner: Spawner) -> ChannelSide:
-        """Dial the granted inventory address, start relaying, return the channel's session object.
+    def authorize(self, policy: Policy, request: JumpRequest) -> Grant:
+        return policy.check_forward(request.principal, request.host, request.port)
 
-        The session is in the registry before this returns, so no byte goes uncounted.
-        Raises asyncssh.ChannelOpenError (which the client prints) if the VM cannot be reached.
-        """
+    async def connect(self, request: JumpRequest, grant: Grant) -> socket.socket:
+        return await dial(grant.vm.address, grant.port, self._timeout)
+
+    def discard(self, upstream: socket.socket) -> None:
+        upstream.close()
+
+    async def serve(self, request: JumpRequest, grant: Grant, upstream: socket.socket, client: JumpSide, session: Session) -> _JumpRelay:
         loop = asyncio.get_running_loop()
-        started = loop.time()
+        pair = _Pair(session)
         try:
-            dial_sock = await dial(grant.vm.address, grant.port, self._timeout)
-        except GatewayError as exc:
-            self._observer.dial_failed(grant.vm.name, exc.reason)
-            self._log.warning(
-                "upstream_dial_failed", user=client.principal.name, vm=grant.vm.name, port=grant.port, reason=exc.reason, error=exc.message
-            )
-            raise asyncssh.ChannelOpenError(
-                asyncssh.OPEN_CONNECT_FAILED, f"cannot reach VM {grant.vm.name!r} port {grant.port}: {exc.message}"
-            ) from None
-        self._observer.dial_succeeded(grant.vm.name, loop.time() - started)
-        pair = _Pair()
-        try:
-            await loop.create_connection(lambda: SocketSide(pair), sock=dial_sock)
+            await loop.create_connection(lambda: SocketSide(pair), sock=upstream)
         except OSError as exc:
-            dial_sock.close()
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, f"cannot reach VM {grant.vm.name!r}: {exc}") from None
-        vm = grant.vm
-        spec = session_spec(client, vm, grant.port, grant.protocol)
-        ready = loop.create_future()
-
-        ended: asyncio.Future[tuple[str, float]] = loop.create_future()
-
-        async def terminate(reason: str, grace: float) -> None:
-            # Jump users see no channel text (the stream is their own SSH): after the
-            # grace period the reason travels in the SSH DISCONNECT message.
-            if not ended.done():
-                ended.set_result((reason, grace))
-
-        async def run() -> None:
-            try:
-                async with self._registry.open(spec, terminate=terminate) as session:
-                    pair.session = session
-                    ready.set_result(None)
-                    watched: set[asyncio.Future[Any]] = {pair.done, ended}
-                    await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
-                    if ended.done() and not pair.done.done():
-                        text, grace = ended.result()
-                        if grace > 0:
-                            await asyncio.wait({pair.done}, timeout=grace)
-                        if not pair.done.done():
-                            await disconnect_with_notice(pair.chan, notice_text(text), pty=False)
-                            pair.finish("terminated_by_operator")
-                    reason = await pair.done
-                    if session.close_reason is None:
-                        session.close_reason = reason
-            finally:
-                if pair.transport is not None:
-                    pair.transport.close()
-                if pair.chan is not None:
-                    pair.chan.close()
-                if not ready.done():
-                    ready.cancel()
-
-        task = owner.spawn(run(), name=f"jump:{client.principal.name}:{vm.name}:{grant.port}")
-        try:
-            await ready
-        except asyncio.CancelledError:
-            if task.done():
-                raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "gateway is shutting down") from None
-            raise
-        return ChannelSide(pair)
+            upstream.close()
+            raise GatewayError(f"cannot reach VM {grant.vm.name!r}: {exc}", reason="upstream_failed") from None
+        client.pair = pair
+        if not client.channel.done():
+            client.channel.set_result(ChannelSide(pair))
+        return _JumpRelay(pair)
 
 
 def refuse(exc: GatewayError) -> asyncssh.ChannelOpenError:

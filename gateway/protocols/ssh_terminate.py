@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import asyncssh
-from structlog.typing import FilteringBoundLogger
 
-from gateway.errors import GatewayError, UpstreamHostKeyMismatch
-from gateway.policy import Grant, env_allowed
-from gateway.protocols.base import Client, NullUpstreamObserver, UpstreamObserver, session_spec
-from gateway.protocols.ssh_disconnect import disconnect_with_notice, notice_text, warning_text
+from gateway.errors import GatewayError, UpstreamError
+from gateway.kinds import Reason
+from gateway.policy import Grant, Policy, Principal, env_allowed
+from gateway.protocols.lifecycle import ended_reason
+from gateway.protocols.ssh_disconnect import disconnect_with_notice
 from gateway.protocols.upstream_ssh import Credentials, HostKeys, connect_vm
-from gateway.sessions.registry import Session, SessionRegistry
+from gateway.sessions.registry import Session
 
 # Input the user sends before the VM side is open is held up to this much,
 # then the user channel is paused (its window stops growing).
@@ -42,10 +41,20 @@ class SessionRequest:
     term_modes: dict[int, int] = field(default_factory=dict)
 
 
-class UserSide(asyncssh.SSHServerSession[bytes]):
-    """The user's session channel. Buffers early input until `attach()`."""
+@dataclass(frozen=True)
+class TerminateRequest:
+    """A session channel the SSH door authenticated, for VM `vm` as `login` (None: the default)."""
 
-    def __init__(self, start: Any) -> None:
+    principal: Principal
+    vm: str
+    login: str | None
+    user: UserSide
+
+
+class UserSide(asyncssh.SSHServerSession[bytes]):
+    """The user's session channel (the `ClientSide` of a terminating session). Buffers early input until `attach()`."""
+
+    def __init__(self, start: Callable[[UserSide], None]) -> None:
         self._start = start
         self.chan: asyncssh.SSHServerChannel[bytes] | None = None
         self.request = SessionRequest()
@@ -85,6 +94,10 @@ class UserSide(asyncssh.SSHServerSession[bytes]):
         self._start(self)
 
     # -- relay --
+    def bind(self, session: Session) -> None:
+        """From here the user's departure ends `session`."""
+        self._session = session
+
     def attach(self, vm_chan: asyncssh.SSHClientChannel[bytes], session: Session) -> None:
         """Connect the VM side and flush what the user sent early."""
         self._vm_chan = vm_chan
@@ -117,12 +130,16 @@ class UserSide(asyncssh.SSHServerSession[bytes]):
         return True
 
     def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
+        if self._session is not None:
+            self._session.activity()
         if self._vm_chan is not None:
             self._vm_chan.change_terminal_size(width, height, pixwidth, pixheight)
         else:
             self.request.term_size = (width, height, pixwidth, pixheight)
 
     def signal_received(self, signal: str) -> None:
+        if self._session is not None:
+            self._session.activity()
         if self._vm_chan is not None:
             self._vm_chan.send_signal(signal)
 
@@ -141,10 +158,20 @@ class UserSide(asyncssh.SSHServerSession[bytes]):
             self._vm_chan.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._session is not None:
+            self._session.end(ended_reason(exc, user=True))
         if self._vm_chan is not None:
             self._vm_chan.close()
         if not self.closed.done():
             self.closed.set_result(None)
+
+    # -- the ClientSide of the lifecycle --
+    async def refuse(self, error: GatewayError) -> None:
+        self.fail(error.message)
+
+    async def end(self, text: str) -> None:
+        if not self.closed.done():
+            await disconnect_with_notice(self.chan, text, pty=self.request.term_type is not None)
 
     # -- endings --
     def fail(self, message: str, status: int = 255) -> None:
@@ -190,6 +217,7 @@ class VMSide(asyncssh.SSHClientSession[bytes]):
             self._session.add_down(len(data))
 
     def eof_received(self) -> bool:
+        self._session.half_closed("vm")
         uc = self._user.chan
         if uc is not None and not self._user.closed.done():
             uc.write_eof()
@@ -210,6 +238,7 @@ class VMSide(asyncssh.SSHClientSession[bytes]):
             self._user.chan.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._session.end(ended_reason(exc, user=False))
         uc = self._user.chan
         if uc is not None and not self._user.closed.done():
             if self.exit_signal is not None:
@@ -222,115 +251,81 @@ class VMSide(asyncssh.SSHClientSession[bytes]):
             self.closed.set_result(None)
 
 
+class _TerminateRelay:
+    def __init__(self, user: UserSide, conn: asyncssh.SSHClientConnection, vm_chan: asyncssh.SSHClientChannel[bytes]) -> None:
+        self._user = user
+        self._conn = conn
+        self._vm_chan = vm_chan
+
+    async def close(self) -> None:
+        # Let the exit status and close reach the user before the VM connection goes.
+        if not self._user.closed.done() and self._user.chan is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2):
+                    await self._user.closed
+            if not self._user.closed.done():
+                self._user.chan.close()
+        self._vm_chan.close()
+        self._conn.close()
+
+
 class SSHTerminateHandler:
-    """Opens the VM side for a user's session channel and relays until either side ends."""
+    """Logs in to the VM for a user's session channel and pairs the two sessions."""
 
     kind = "ssh"
 
     def __init__(
-        self,
-        registry: SessionRegistry,
-        credentials: Credentials,
-        host_keys: HostKeys,
-        connect_timeout: float,
-        log: FilteringBoundLogger,
-        *,
-        observer: UpstreamObserver | None = None,
+        self, credentials: Credentials, host_keys: HostKeys, connect_timeout: float, *, keepalive: tuple[float, int] = (30.0, 3)
     ) -> None:
-        self._observer = observer or NullUpstreamObserver()
-        self._registry = registry
         self._credentials = credentials
         self._host_keys = host_keys
         self._timeout = connect_timeout
-        self._log = log
+        self._keepalive = keepalive
 
-    async def serve(self, grant: Grant, client: Client, user: UserSide) -> None:
-        """Run one terminating session. Never raises for upstream failures: the user is told why.
+    def authorize(self, policy: Policy, request: TerminateRequest) -> Grant:
+        return policy.check_ssh(request.principal, request.vm, request.login)
 
-        Cancellation (gateway shutdown, connection closed) propagates.
-        """
-        vm = grant.vm
+    async def connect(self, request: TerminateRequest, grant: Grant) -> asyncssh.SSHClientConnection:
         assert grant.login is not None
-        log = self._log.bind(user=client.principal.name, source_ip=client.source_ip, vm=vm.name, login=grant.login)
-        started = time.monotonic()
-        try:
-            conn = await connect_vm(vm, grant.login, self._credentials, self._host_keys, self._timeout)
-        except GatewayError as exc:
-            self._observer.dial_failed(vm.name, exc.reason)
-            self._report(exc, vm.name, log, user)
-            return
-        self._observer.dial_succeeded(vm.name, time.monotonic() - started)
-        await self._relay(grant, client, user, conn)
+        return await connect_vm(grant.vm, grant.login, self._credentials, self._host_keys, self._timeout, keepalive=self._keepalive)
 
-    def _report(self, exc: GatewayError, vm_name: str, log: FilteringBoundLogger, user: UserSide) -> None:
-        if isinstance(exc, UpstreamHostKeyMismatch):
-            log.error("upstream_host_key_mismatch", reason=exc.reason, error=exc.message)
-            user.fail(f"the identity of VM {vm_name!r} could not be verified; the session was refused and the operator alerted")
-            return
-        log.warning("upstream_dial_failed", reason=exc.reason, error=exc.message)
-        user.fail(f"cannot reach VM {vm_name!r}: {exc.message}")
+    def discard(self, upstream: asyncssh.SSHClientConnection) -> None:
+        upstream.close()
 
-    async def _relay(self, grant: Grant, client: Client, user: UserSide, conn: asyncssh.SSHClientConnection) -> None:
-        vm = grant.vm
+    async def serve(
+        self, request: TerminateRequest, grant: Grant, upstream: asyncssh.SSHClientConnection, client: UserSide, session: Session
+    ) -> _TerminateRelay:
+        conn, user, vm = upstream, request.user, grant.vm
         if user.closed.done():
             conn.close()
-            return
+            session.end(Reason.CLIENT_CLOSED)
+            raise GatewayError("the user left before the VM session opened", reason=Reason.CLIENT_CLOSED)
+        user.bind(session)
         req = user.request
-        spec = session_spec(client, vm, vm.ssh_port, self.kind, grant.login)
         env: dict[str | bytes, str | bytes] = {}
         if user.chan is not None:
             env = {k: v for k, v in user.chan.get_environment().items() if env_allowed(k, grant.env)}
-
-        ended: asyncio.Future[tuple[str, float]] = asyncio.get_running_loop().create_future()
-
-        async def terminate(reason: str, grace: float) -> None:
-            # Runs in the operator's request; the session's own task does the ending.
-            if grace > 0:
-                user.notice(warning_text(reason, grace))
-            if not ended.done():
-                ended.set_result((reason, grace))
-
-        async def notice(message: str) -> bool:
-            return user.notice(message)
-
+        vm_side = VMSide(user, session)
         try:
-            async with self._registry.open(spec, terminate=terminate, notice=notice) as session:
-                try:
-                    vm_side = VMSide(user, session)
-                    vm_chan, _ = await conn.create_session(
-                        lambda: vm_side,
-                        command=req.command if req.kind == "exec" else None,
-                        subsystem=req.subsystem if req.kind == "subsystem" else None,
-                        env=env,
-                        term_type=req.term_type,
-                        term_size=req.term_size,
-                        term_modes=req.term_modes,
-                        request_pty="force" if req.term_type is not None else False,
-                        encoding=None,
-                    )
-                except asyncssh.ChannelOpenError as exc:
-                    session.close_reason = "upstream_refused"
-                    user.fail(f"VM {vm.name!r} refused the session: {exc.reason}")
-                    return
-                except (asyncssh.Error, OSError) as exc:
-                    session.close_reason = "upstream_failed"
-                    user.fail(f"VM {vm.name!r} refused the request: {exc}")
-                    return
-                user.attach(vm_chan, session)
-                watched: set[asyncio.Future[Any]] = {user.closed, vm_side.closed, ended}
-                done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
-                if ended in done:
-                    reason, grace = ended.result()
-                    if grace > 0:
-                        await asyncio.wait({user.closed, vm_side.closed}, timeout=grace)
-                    if not user.closed.done():
-                        await disconnect_with_notice(user.chan, notice_text(reason), pty=user.request.term_type is not None)
-                if session.close_reason is None:
-                    session.close_reason = "client_closed" if user.closed in done and not vm_side.closed.done() else "vm_closed"
-                # Let the exit status and close reach the user before the VM connection goes.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(5):
-                        await user.closed
-                vm_chan.close()
-        finally:
+            vm_chan, _ = await conn.create_session(
+                lambda: vm_side,
+                command=req.command if req.kind == "exec" else None,
+                subsystem=req.subsystem if req.kind == "subsystem" else None,
+                env=env,
+                term_type=req.term_type,
+                term_size=req.term_size,
+                term_modes=req.term_modes,
+                request_pty="force" if req.term_type is not None else False,
+                encoding=None,
+            )
+        except asyncssh.ChannelOpenError as exc:
             conn.close()
+            raise UpstreamError(f"VM {vm.name!r} refused the session: {exc.reason}", reason=Reason.UPSTREAM_REFUSED) from None
+        except (asyncssh.Error, OSError) as exc:
+            conn.close()
+            raise UpstreamError(f"VM {vm.name!r} refused the request: {exc}", reason=Reason.UPSTREAM_FAILED) from None
+        except BaseException:
+            conn.close()
+            raise
+        user.attach(vm_chan, session)
+        return _TerminateRelay(user, conn, vm_chan)

@@ -3,12 +3,18 @@
 Binary messages carry bytes unchanged and in order. WebSockets cannot half-close, so the
 helper sends a text message `{"type": "eof"}` when its local side has finished sending;
 the gateway then half-closes the VM connection and keeps relaying the VM's answer until
-the VM closes, and then closes the WebSocket (1000). Backpressure both ways: the next
-message is read only after the VM socket drained, and the next VM read waits for the
-WebSocket send to drain.
+the VM closes (within the rule's `half_close_timeout`), and then closes the WebSocket
+(1000). The gateway keeps reading the WebSocket after the helper's EOF, so a helper that
+goes away (or stops answering pings) ends the session at once. Backpressure both ways:
+the next message is read only after the VM socket drained, and the next VM read waits
+for the WebSocket send to drain.
+
+The gateway may send text messages `{"type": "notice", "message": ...}` (a warning or an
+operator's notice) that the helper prints.
 
 Close codes the helper understands:
-  1000 the VM closed normally;  4001 disconnected by an operator (reason: the notice);
+  1000 the VM closed normally;  4001 disconnected (by an operator, a limit, a restart;
+  the reason is the notice);  4408 the VM did not finish after the helper's EOF;
   4502 the VM reset or failed mid-stream;  1009 a message over the size limit.
 """
 
@@ -18,17 +24,18 @@ import asyncio
 import contextlib
 import json
 import socket
-from typing import Any
+from dataclasses import dataclass
 
 from aiohttp import WSMsgType, web
-from structlog.typing import FilteringBoundLogger
 
-from gateway.policy import Grant
-from gateway.protocols.base import Client, session_spec
-from gateway.protocols.ssh_disconnect import notice_text
-from gateway.sessions.registry import Session, SessionRegistry
+from gateway.errors import GatewayError, UpstreamError
+from gateway.kinds import Reason
+from gateway.net.upstream import dial
+from gateway.policy import Grant, Policy, Principal
+from gateway.sessions.registry import Session
 
 CLOSE_OPERATOR = 4001
+CLOSE_HALF_CLOSE = 4408
 CLOSE_VM_FAILED = 4502
 _EOF = "eof"
 _READ = 256 * 1024
@@ -43,101 +50,186 @@ def close_reason(text: str) -> bytes:
     return raw
 
 
+def _refusal(status: int, error: str, message: str) -> web.Response:
+    # The reason phrase carries the message too: a WebSocket client sees only status and phrase.
+    phrase = message.encode("ascii", "replace").decode()[:200]
+    return web.json_response({"error": error, "message": message}, status=status, reason=phrase)
+
+
+@dataclass(frozen=True)
+class TunnelRequest:
+    """A tunnel the HTTPS door authenticated: who, to which VM name and port (as typed)."""
+
+    principal: Principal
+    vm: str
+    port: int
+
+
+class TunnelSide:
+    """The user's end of a tunnel: an HTTP request that becomes a WebSocket once the VM is reached.
+
+    `response` is what the door returns to aiohttp: a refusal, or the WebSocket.
+    """
+
+    def __init__(self, request: web.Request, *, max_message: int, ping_interval: float) -> None:
+        self.request = request
+        self.ws = web.WebSocketResponse(max_msg_size=max_message, heartbeat=ping_interval, compress=False)
+        self.response: web.StreamResponse = _refusal(500, "internal_error", "the tunnel could not start")
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def upgrade(self) -> None:
+        await self.ws.prepare(self.request)
+        self.response = self.ws
+
+    def notice(self, text: str) -> bool:
+        if not self.ws.prepared or self.ws.closed:
+            return False
+        task = asyncio.get_running_loop().create_task(self._send_notice(text), name="tunnel-notice")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    async def _send_notice(self, text: str) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self.ws.send_str(json.dumps({"type": "notice", "message": text}))
+
+    async def refuse(self, error: GatewayError) -> None:
+        if self.ws.prepared:  # the VM refused after the upgrade
+            await self.close(CLOSE_VM_FAILED, error.message)
+            return
+        if isinstance(error, UpstreamError):
+            self.response = _refusal(502, error.reason, error.message)
+        else:
+            self.response = _refusal(403, "forbidden", error.message)
+
+    async def end(self, text: str) -> None:
+        await self.close(CLOSE_OPERATOR, text)
+
+    async def close(self, code: int, text: str) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        if self.ws.prepared and not self.ws.closed:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self.ws.close(code=code, message=close_reason(text))
+
+
+class _TunnelRelay:
+    def __init__(self, side: TunnelSide, writer: asyncio.StreamWriter, session: Session, tasks: list[asyncio.Task[None]]) -> None:
+        self._side = side
+        self._writer = writer
+        self._session = session
+        self._tasks = tasks
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        reason = self._session.reason
+        if reason is Reason.VM_CLOSED:
+            await self._side.close(1000, "the VM closed the connection")
+        elif reason is Reason.VM_RESET:
+            await self._side.close(CLOSE_VM_FAILED, "the VM reset the connection")
+        elif reason is Reason.HALF_CLOSE_TIMEOUT:
+            await self._side.close(CLOSE_HALF_CLOSE, "the VM did not finish after your end of the stream")
+        else:
+            await self._side.close(1000, "")
+        self._writer.transport.abort() if reason in (Reason.CLIENT_LOST, Reason.VM_RESET) else self._writer.close()
+        with contextlib.suppress(OSError):
+            await self._writer.wait_closed()
+
+
 class TunnelHandler:
-    """Relays one WebSocket to one dialled VM socket, as a registry session."""
+    """Relays one WebSocket to one dialled VM socket."""
 
     kind = "tunnel"
 
-    def __init__(self, registry: SessionRegistry, log: FilteringBoundLogger) -> None:
-        self._registry = registry
-        self._log = log
+    def __init__(self, connect_timeout: float) -> None:
+        self._timeout = connect_timeout
 
-    async def serve(self, ws: web.WebSocketResponse, sock: socket.socket, grant: Grant, client: Client) -> None:
-        """Own `sock` and `ws` until the tunnel ends. Cancellation propagates after both are closed."""
-        vm = grant.vm
-        spec = session_spec(client, vm, grant.port, grant.protocol)
-        reader, writer = await asyncio.open_connection(sock=sock, limit=_READ)
-        ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    def authorize(self, policy: Policy, request: TunnelRequest) -> Grant:
+        return policy.check_tunnel(request.principal, request.vm, request.port)
 
-        def finish(reason: str) -> None:
-            if not ended.done():
-                ended.set_result(reason)
+    async def connect(self, request: TunnelRequest, grant: Grant) -> socket.socket:
+        return await dial(grant.vm.address, grant.port, self._timeout)
 
-        async def terminate(reason: str, grace: float) -> None:
-            # A tunnel has no terminal for a warning; the grace period only delays the end.
-            if grace > 0:
-                asyncio.get_running_loop().call_later(grace, finish, reason)
-            else:
-                finish(reason)
+    def discard(self, upstream: socket.socket) -> None:
+        upstream.close()
 
+    async def serve(
+        self, request: TunnelRequest, grant: Grant, upstream: socket.socket, client: TunnelSide, session: Session
+    ) -> _TunnelRelay:
         try:
-            async with self._registry.open(spec, terminate=terminate) as session:
-                up = asyncio.create_task(self._user_to_vm(ws, writer, session), name=f"tunnel-up:{session.id}")
-                down = asyncio.create_task(self._vm_to_user(ws, reader, session), name=f"tunnel-down:{session.id}")
-                try:
-                    watched: set[asyncio.Future[Any]] = {up, down, ended}
-                    while True:
-                        done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
-                        if ended in done:
-                            session.close_reason = "terminated_by_operator"
-                            await ws.close(code=CLOSE_OPERATOR, message=close_reason(notice_text(ended.result())))
-                            break
-                        if down in done:
-                            session.close_reason = down.result()
-                            break
-                        if up in done:
-                            outcome = up.result()
-                            if outcome != _EOF:  # the user went away: nothing more to deliver
-                                session.close_reason = outcome
-                                break
-                            watched.discard(up)  # half-closed: keep relaying the VM's answer
-                finally:
-                    for t in (up, down):
-                        t.cancel()
-                    await asyncio.gather(up, down, return_exceptions=True)
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-            if not ws.closed:
-                await ws.close()
+            reader, writer = await asyncio.open_connection(sock=upstream, limit=_READ)
+        except OSError as exc:
+            upstream.close()
+            raise UpstreamError(f"cannot use the connection to VM {grant.vm.name!r}: {exc}") from None
+        try:
+            await client.upgrade()
+        except BaseException:
+            writer.transport.abort()
+            raise
+        loop = asyncio.get_running_loop()
+        tasks = [
+            loop.create_task(self._user_to_vm(client.ws, writer, session), name=f"tunnel-up:{session.id}"),
+            loop.create_task(self._vm_to_user(client.ws, reader, session), name=f"tunnel-down:{session.id}"),
+        ]
+        return _TunnelRelay(client, writer, session, tasks)
 
-    async def _user_to_vm(self, ws: web.WebSocketResponse, writer: asyncio.StreamWriter, session: Session) -> str:
-        """Returns `eof` when the user half-closed, else why the user side ended."""
-        async for msg in ws:
-            if msg.type == WSMsgType.BINARY:
-                writer.write(msg.data)
-                session.add_up(len(msg.data))
-                await writer.drain()
-            elif msg.type == WSMsgType.TEXT:
-                try:
-                    kind = json.loads(msg.data).get("type")
-                except (ValueError, AttributeError):
-                    kind = None
-                if kind == _EOF:
-                    if writer.can_write_eof():
-                        writer.write_eof()
-                    return _EOF
-            elif msg.type == WSMsgType.ERROR:
-                exc = ws.exception()
-                code = getattr(exc, "code", None)
-                # e.g. a message over the size limit. aiohttp has usually dropped the connection
-                # already (the client sees 1006); when it has not, say why with the close code.
-                await ws.close(
-                    code=int(code) if isinstance(code, int) and code >= 1000 else 1002, message=close_reason(str(exc or "protocol error"))
-                )
-                return "client_error"
-        return "client_closed"
+    async def _user_to_vm(self, ws: web.WebSocketResponse, writer: asyncio.StreamWriter, session: Session) -> None:
+        """Reads the WebSocket for the whole session (also after the helper's EOF, so its departure is seen)."""
+        eof = False
+        try:
+            async for msg in ws:
+                if msg.type == WSMsgType.BINARY:
+                    if eof:
+                        session.end(Reason.CLIENT_ERROR)  # data after its own EOF: a broken helper
+                        return
+                    writer.write(msg.data)
+                    session.add_up(len(msg.data))
+                    await writer.drain()
+                elif msg.type == WSMsgType.TEXT:
+                    try:
+                        kind = json.loads(msg.data).get("type")
+                    except (ValueError, AttributeError):
+                        kind = None
+                    if kind == _EOF and not eof:
+                        eof = True
+                        session.activity()
+                        if writer.can_write_eof():
+                            writer.write_eof()
+                        session.half_closed("user")
+                elif msg.type == WSMsgType.ERROR:
+                    exc = ws.exception()
+                    if isinstance(exc, TimeoutError):
+                        session.end(Reason.CLIENT_SILENT)
+                    else:
+                        # e.g. a message over the size limit. aiohttp has usually dropped the connection
+                        # already (the client sees 1006); when it has not, say why with the close code.
+                        code = getattr(exc, "code", None)
+                        session.end(Reason.CLIENT_ERROR)
+                        with contextlib.suppress(ConnectionError, RuntimeError):
+                            await ws.close(
+                                code=int(code) if isinstance(code, int) and code >= 1000 else 1002,
+                                message=close_reason(str(exc or "protocol error")),
+                            )
+                    return
+        except (ConnectionError, OSError):
+            session.end(Reason.VM_RESET)
+            return
+        session.end(Reason.CLIENT_CLOSED if ws.close_code in (1000, 1001, None) else Reason.CLIENT_LOST)
 
-    async def _vm_to_user(self, ws: web.WebSocketResponse, reader: asyncio.StreamReader, session: Session) -> str:
+    async def _vm_to_user(self, ws: web.WebSocketResponse, reader: asyncio.StreamReader, session: Session) -> None:
         try:
             while data := await reader.read(_READ):
                 await ws.send_bytes(data)
                 session.add_down(len(data))
-        except (ConnectionResetError, BrokenPipeError, OSError) as exc:
-            if not ws.closed:
-                await ws.close(code=CLOSE_VM_FAILED, message=close_reason(f"the VM reset the connection: {exc.strerror or exc}"))
-            return "vm_reset"
-        if not ws.closed:
-            await ws.close(code=1000, message=b"the VM closed the connection")
-        return "vm_closed"
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            if isinstance(exc, BrokenPipeError) or ws.closed:
+                session.end(Reason.CLIENT_CLOSED)
+            else:
+                session.end(Reason.VM_RESET)
+            return
+        except OSError:
+            session.end(Reason.VM_RESET)
+            return
+        session.end(Reason.VM_CLOSED)

@@ -102,6 +102,8 @@ async def connect_vm(
     credentials: Credentials,
     host_keys: HostKeys,
     timeout: float,
+    *,
+    keepalive: tuple[float, int] = (30.0, 3),
 ) -> asyncssh.SSHClientConnection:
     """Dial the VM's inventory address and log in as `login`.
 
@@ -135,8 +137,8 @@ async def connect_vm(
                 gss_host=None,
                 x509_trusted_certs=None,
                 encoding=None,
-                keepalive_interval=30,
-                keepalive_count_max=4,
+                keepalive_interval=keepalive[0],
+                keepalive_count_max=keepalive[1],
             )
     except asyncssh.HostKeyNotVerifiable:
         raise UpstreamHostKeyMismatch(f"host key of VM {vm.name!r} does not match the trusted key") from None

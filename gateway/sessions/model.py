@@ -1,10 +1,13 @@
-"""Session value objects and events."""
+"""Session value objects, events, and the texts users read when a session is ended for them."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
+
+from gateway.kinds import Protocol, Reason
 
 
 @dataclass(frozen=True)
@@ -17,8 +20,18 @@ class SessionSpec:
     vm: str
     target_address: str
     target_port: int
-    protocol: str
+    protocol: Protocol
     login: str | None = None
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A disconnect that was asked for and has not happened yet."""
+
+    reason: Reason
+    text: str  # what the user reads when it happens
+    ends_mono: float
+    ends_at: datetime
 
 
 @dataclass(frozen=True)
@@ -32,13 +45,14 @@ class SessionInfo:
     vm: str
     target_address: str
     target_port: int
-    protocol: str
+    protocol: Protocol
     login: str | None
     started_at: datetime
     bytes_up: int
     bytes_down: int
     node: str
-    state: str
+    state: Literal["active", "terminating", "closed"]
+    ends_at: datetime | None = None  # when state is terminating: when the session will be ended
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -49,18 +63,55 @@ class SessionInfo:
             "vm": self.vm,
             "target_address": self.target_address,
             "target_port": self.target_port,
-            "protocol": self.protocol,
+            "protocol": str(self.protocol),
             "login": self.login,
-            "started_at": self.started_at.isoformat().replace("+00:00", "Z"),
+            "started_at": iso(self.started_at),
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
             "node": self.node,
             "state": self.state,
+            "ends_at": iso(self.ends_at) if self.ends_at is not None else None,
         }
+
+
+def iso(t: datetime) -> str:
+    return t.isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Byte counts of one session, for the coalesced `progress` event."""
+
+    id: str
+    bytes_up: int
+    bytes_down: int
 
 
 @dataclass(frozen=True)
 class SessionEvent:
-    kind: Literal["opened", "closed", "updated"]
-    session: SessionInfo
-    reason: str | None = None
+    """One change of the registry.
+
+    `opened`, `updated` (state changed) and `closed` carry the session; `progress`
+    carries every session whose byte counts moved since the last tick, in one event.
+    """
+
+    kind: Literal["opened", "closed", "updated", "progress"]
+    session: SessionInfo | None = None
+    reason: Reason | None = None
+    progress: tuple[Progress, ...] = ()
+
+
+def notice_text(reason: str) -> str:
+    """What a user reads when a session is ended for them."""
+    return "You have been disconnected." + (f" {reason}" if reason else "")
+
+
+def seconds_text(seconds: float) -> str:
+    n = max(1, math.ceil(seconds - 0.05))  # 1.5 s left reads "2 seconds"; a few ms of scheduling do not make it "1"
+    return f"{n} second" if n == 1 else f"{n} seconds"
+
+
+def warning_text(reason: str, seconds: float) -> str:
+    """What a user reads when a session will be ended for them in `seconds`."""
+    head = f"You will be disconnected in {seconds_text(seconds)}"
+    return f"{head}: {reason}" if reason else f"{head}."

@@ -1,28 +1,40 @@
 """The one source of truth for live sessions.
 
-Handlers open a session with `async with registry.open(spec, terminate=cb)`;
-the registry owns the live objects, counts bytes through them, logs the
-canonical `session_closed` line, and calls `terminate` when an operator
-ends a session.
+`run_session()` (in `gateway.protocols.lifecycle`) opens every session with
+`async with registry.open(spec, limits=...)`; the registry owns the live
+`Session` objects, counts bytes through them, decides the close reason (the
+first `end()` wins, whatever wakes first afterwards), logs the canonical
+`session_closed` line and publishes events to bounded subscriber queues.
+
+Disconnect requests only record a `Pending` end on the session and wake its
+lifecycle; the lifecycle shows the user the texts and ends the session. A later
+request with an earlier end replaces a pending one (its reason and text win).
 """
 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from datetime import timedelta
+from typing import Literal, Protocol
 
 from structlog.typing import FilteringBoundLogger
 
 from gateway.clock import Clock
+from gateway.config import Limits
 from gateway.errors import GatewayError
-from gateway.sessions.model import SessionEvent, SessionInfo, SessionSpec
+from gateway.kinds import Protocol as SessionProtocol
+from gateway.kinds import Reason
+from gateway.sessions.model import Pending, Progress, SessionEvent, SessionInfo, SessionSpec
 
-TerminateCallback = Callable[[str, float], Awaitable[None]]
-NoticeCallback = Callable[[str], Awaitable[bool]]
+NoticeCallback = Callable[[str], bool]
+# A subscriber's queue holds this many events; a burst bigger than that costs it one resync, never a silent gap.
+EVENT_QUEUE_SIZE = 8192
+MAX_SUBSCRIBERS = 64
 
 
 class SessionObserver(Protocol):
@@ -33,57 +45,138 @@ class SessionObserver(Protocol):
     def session_closed(self, info: SessionInfo, reason: str, duration_s: float) -> None: ...
 
 
+Side = Literal["user", "vm"]
+
+
 class Session:
-    """A live session. Mutable state is owned here; handlers only add bytes and set a close reason."""
+    """A live session. Its mutable state is owned here; the lifecycle and the relay report into it.
+
+    The relay calls `add_up`/`add_down` for bytes (user input counts as activity),
+    `half_closed(side)` when one direction finished, and `end(reason)` when a side
+    went away. The first `end()` decides the reason; later ones are ignored.
+    """
 
     __slots__ = (
+        "_clock",
+        "_ended",
+        "_gone",
         "_spec",
+        "_wake",
         "bytes_down",
         "bytes_up",
-        "close_reason",
+        "end_text",
+        "half_closed_at",
+        "half_closed_side",
         "id",
+        "last_input",
+        "limits",
         "node",
         "notice_cb",
+        "pending",
         "started_at",
         "started_mono",
-        "state",
-        "terminate_cb",
     )
 
-    def __init__(
-        self,
-        sid: str,
-        spec: SessionSpec,
-        node: str,
-        clock: Clock,
-        *,
-        terminate: TerminateCallback | None = None,
-        notice: NoticeCallback | None = None,
-    ) -> None:
+    def __init__(self, sid: str, spec: SessionSpec, *, node: str, clock: Clock, limits: Limits, notice: NoticeCallback | None) -> None:
         self.id = sid
         self._spec = spec
         self.node = node
+        self._clock = clock
+        self.limits = limits
         self.started_at = clock.now()
         self.started_mono = clock.monotonic()
+        self.last_input = self.started_mono
         self.bytes_up = 0
         self.bytes_down = 0
-        self.state = "active"
-        self.close_reason: str | None = None
-        self.terminate_cb = terminate
+        self.pending: Pending | None = None
+        self.half_closed_at: float | None = None
+        self.half_closed_side: Side | None = None
+        self.end_text: str | None = None
         self.notice_cb = notice
+        loop = asyncio.get_running_loop()
+        self._ended: asyncio.Future[Reason] = loop.create_future()
+        self._gone = asyncio.Event()  # set when the session has left the registry
+        self._wake: asyncio.Future[None] | None = None
 
     @property
     def spec(self) -> SessionSpec:
         return self._spec
 
+    # -- reported by the relay --
     def add_up(self, n: int) -> None:
+        """Bytes from the user to the VM. Input is activity: it resets the idle timer."""
         self.bytes_up += n
+        self.last_input = self._clock.monotonic()
 
     def add_down(self, n: int) -> None:
+        """Bytes from the VM to the user. Output is not activity."""
         self.bytes_down += n
+
+    def activity(self) -> None:
+        """User input that carries no payload bytes (a window change, a signal)."""
+        self.last_input = self._clock.monotonic()
+
+    def half_closed(self, side: Side) -> None:
+        """`side` finished sending; the other side now has `half_close_timeout` to finish."""
+        if self.half_closed_at is None:
+            self.half_closed_at = self._clock.monotonic()
+            self.half_closed_side = side
+            self.poke()
+
+    def end(self, reason: Reason, text: str | None = None) -> bool:
+        """End the session for `reason` (the first call wins). `text` is what the user is shown."""
+        if self._ended.done():
+            return False
+        self.end_text = text
+        self._ended.set_result(reason)
+        self.poke()
+        return True
+
+    # -- read by the lifecycle --
+    @property
+    def reason(self) -> Reason | None:
+        return self._ended.result() if self._ended.done() else None
+
+    @property
+    def ended(self) -> bool:
+        return self._ended.done()
+
+    async def wait_ended(self) -> Reason:
+        return await asyncio.shield(self._ended)
+
+    async def wait_gone(self) -> None:
+        """Until the session has left the registry (its notice shown, its relay closed)."""
+        await self._gone.wait()
+
+    def mark_gone(self) -> None:
+        self._gone.set()
+
+    def poke(self) -> None:
+        """Wake the lifecycle so it re-reads deadlines and pending ends."""
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    async def wait_change(self, timeout: float | None) -> None:
+        """Wait until poked, ended, or `timeout` seconds of the session's clock passed."""
+        if self._ended.done():
+            return
+        wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._wake = wake
+        sleeper = asyncio.ensure_future(self._clock.sleep(timeout)) if timeout is not None else None
+        if sleeper is not None:
+            sleeper.add_done_callback(lambda _f: None if wake.done() else wake.set_result(None))
+        try:
+            await wake
+        finally:
+            self._wake = None
+            if sleeper is not None and not sleeper.done():
+                sleeper.cancel()
 
     def snapshot(self) -> SessionInfo:
         s = self._spec
+        state: Literal["active", "terminating", "closed"] = "closed" if self._ended.done() else "active"
+        if state == "active" and self.pending is not None:
+            state = "terminating"
         return SessionInfo(
             id=self.id,
             user=s.user,
@@ -98,7 +191,8 @@ class Session:
             bytes_up=self.bytes_up,
             bytes_down=self.bytes_down,
             node=self.node,
-            state=self.state,
+            state=state,
+            ends_at=self.pending.ends_at if self.pending is not None and state == "terminating" else None,
         )
 
 
@@ -109,48 +203,107 @@ class Totals:
     closed: int
 
 
+@dataclass(frozen=True)
+class TerminateResult:
+    """What a disconnect request did: the end now in force for the session."""
+
+    pending: Pending
+    changed: bool  # False: an earlier end was already pending and stays
+
+
+class Subscription:
+    """A bounded event stream. On overflow it is emptied and marked for one resync, never silently gapped."""
+
+    def __init__(self, size: int) -> None:
+        self._queue: asyncio.Queue[SessionEvent] = asyncio.Queue(size)
+        self.overflowed = False
+        self._signal = asyncio.Event()
+
+    def put(self, event: SessionEvent) -> None:
+        if self.overflowed:
+            return
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.overflowed = True
+            while not self._queue.empty():
+                self._queue.get_nowait()
+        self._signal.set()
+
+    async def get(self) -> SessionEvent | None:
+        """The next event, or None when events were lost: the caller resyncs from `registry.list()`."""
+        while True:
+            if self.overflowed:
+                self.overflowed = False
+                return None
+            if not self._queue.empty():
+                return self._queue.get_nowait()
+            self._signal.clear()
+            await self._signal.wait()
+
+    def drain(self) -> Iterator[SessionEvent]:
+        while not self._queue.empty() and not self.overflowed:
+            yield self._queue.get_nowait()
+
+
+class SubscriberLimit(GatewayError):
+    reason = "too_many_subscribers"
+
+
 class SessionRegistry:
     def __init__(
         self,
         node: str,
         clock: Clock,
         log: FilteringBoundLogger,
-        event_queue_size: int = 256,
+        *,
+        event_queue_size: int = EVENT_QUEUE_SIZE,
         observer: SessionObserver | None = None,
+        max_subscribers: int = MAX_SUBSCRIBERS,
     ) -> None:
         self._observer = observer
         self._node = node
         self._clock = clock
         self._log = log
         self._sessions: dict[str, Session] = {}
-        self._subscribers: set[asyncio.Queue[SessionEvent | None]] = set()
+        self._subscribers: set[Subscription] = set()
         self._queue_size = event_queue_size
+        self._max_subscribers = max_subscribers
         self._opened = 0
         self._closed = 0
         self._closed_bytes: dict[tuple[str, str], int] = {}
         self._progress: dict[str, tuple[int, int]] = {}
+        self._empty = asyncio.Event()
+        self._empty.set()
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
 
     def set_observer(self, observer: SessionObserver) -> None:
         self._observer = observer
 
     @asynccontextmanager
     async def open(
-        self, spec: SessionSpec, terminate: TerminateCallback | None = None, notice: NoticeCallback | None = None
+        self, spec: SessionSpec, *, limits: Limits | None = None, notice: NoticeCallback | None = None
     ) -> AsyncIterator[Session]:
         """Track a session for the duration of the block.
 
         On exit the session leaves the registry and one `session_closed` line is
-        logged with the reason: `session.close_reason` if the handler set one,
-        else the exception's reason slug, else `closed`. Exceptions propagate.
+        logged with the reason: the first `session.end()`, else the exception's
+        reason slug (`internal_error` for a bug, logged with its type), else
+        `internal_error` for a block that ended without saying why. Exceptions propagate.
         """
         sid = secrets.token_hex(8)
-        session = Session(sid, spec, self._node, self._clock, terminate=terminate, notice=notice)
+        session = Session(sid, spec, node=self._node, clock=self._clock, limits=limits or Limits(), notice=notice)
         self._sessions[sid] = session
+        self._empty.clear()
         self._opened += 1
-        self._publish(SessionEvent("opened", session.snapshot()))
+        info = session.snapshot()
+        self._publish(SessionEvent("opened", info))
         if self._observer is not None:
-            self._observer.session_opened(session.snapshot())
-        self._log.info("session_opened", **_fields(session.snapshot()))
+            self._observer.session_opened(info)
+        self._log.info("session_opened", **_fields(info))
         error: BaseException | None = None
         try:
             yield session
@@ -158,28 +311,40 @@ class SessionRegistry:
             error = exc
             raise
         finally:
-            self._sessions.pop(sid, None)
-            self._closed += 1
-            session.state = "closed"
-            reason = session.close_reason
-            if reason is None:
-                if isinstance(error, GatewayError):
-                    reason = error.reason
+            if not session.ended:
+                if isinstance(error, GatewayError) and error.reason in Reason.__members__.values():
+                    session.end(Reason(error.reason))
                 elif isinstance(error, asyncio.CancelledError):
-                    reason = "cancelled"
-                elif error is not None:
-                    reason = "internal_error"
+                    # Only the gateway cancels a session task that has not ended: it is stopping.
+                    session.end(Reason.GATEWAY_SHUTDOWN)
                 else:
-                    reason = "closed"
-            info = session.snapshot()
-            for direction, n in (("up", info.bytes_up), ("down", info.bytes_down)):
-                key = (info.protocol, direction)
-                self._closed_bytes[key] = self._closed_bytes.get(key, 0) + n
-            duration = round(self._clock.monotonic() - session.started_mono, 3)
-            self._publish(SessionEvent("closed", info, reason))
-            self._log.info("session_closed", **_fields(info), duration_s=duration, reason=reason)
-            if self._observer is not None:
-                self._observer.session_closed(info, reason, duration)
+                    session.end(Reason.INTERNAL_ERROR)
+            self._close(session, error)
+
+    def _close(self, session: Session, error: BaseException | None) -> None:
+        self._sessions.pop(session.id, None)
+        session.mark_gone()
+        self._progress.pop(session.id, None)
+        if not self._sessions:
+            self._empty.set()
+        self._closed += 1
+        reason = session.reason or Reason.INTERNAL_ERROR
+        info = session.snapshot()
+        for direction, n in (("up", info.bytes_up), ("down", info.bytes_down)):
+            key = (str(info.protocol), direction)
+            self._closed_bytes[key] = self._closed_bytes.get(key, 0) + n
+        duration = round(self._clock.monotonic() - session.started_mono, 3)
+        self._publish(SessionEvent("closed", info, reason))
+        extra: dict[str, object] = {}
+        if session.half_closed_side is not None:
+            extra["half_closed_by"] = session.half_closed_side
+        if session.pending is not None:
+            extra["requested_reason"] = str(session.pending.reason)
+        if error is not None and not isinstance(error, GatewayError | asyncio.CancelledError):
+            extra["error"] = f"{type(error).__name__}: {str(error)[:200]}"
+        self._log.info("session_closed", **_fields(info), duration_s=duration, reason=str(reason), **extra)
+        if self._observer is not None:
+            self._observer.session_closed(info, str(reason), duration)
 
     def list(self) -> list[SessionInfo]:
         return [s.snapshot() for s in self._sessions.values()]
@@ -188,101 +353,108 @@ class SessionRegistry:
         s = self._sessions.get(sid)
         return s.snapshot() if s else None
 
-    async def terminate(self, sid: str, reason: str, grace: float = 0.0) -> bool:
-        """Ask a session to end, after `grace` seconds. Returns False if there is no such session.
+    def live(self, sid: str) -> Session | None:
+        return self._sessions.get(sid)
 
-        Repeating it is harmless (a second request while one is pending changes
-        nothing). The handler's callback warns the user when there is a grace
-        period, then shows the notice and makes the session's block exit; it
-        returns once the request is accepted, not when the session has ended.
+    def ids(self) -> builtins.list[str]:
+        return list(self._sessions)
+
+    def terminate(self, sid: str, text: str, grace: float = 0.0, reason: Reason = Reason.TERMINATED_BY_OPERATOR) -> TerminateResult | None:
+        """Ask a session to end `grace` seconds from now, showing the user `text`. None: no such session.
+
+        The request that ends it soonest wins, with its reason and text: a later request
+        with a shorter (or no) grace shortens a pending one; a longer one changes nothing.
+        The session's lifecycle warns the user, then ends it; this returns at once.
         """
         s = self._sessions.get(sid)
-        if s is None:
-            return False
-        if s.state == "terminating":
-            return True
-        s.state = "terminating"
-        s.close_reason = "terminated_by_operator"
+        if s is None or s.ended:
+            return None
+        ends_mono = self._clock.monotonic() + max(0.0, grace)
+        current = s.pending
+        if current is not None and current.ends_mono <= ends_mono:
+            return TerminateResult(current, changed=False)
+        pending = Pending(reason, text, ends_mono, self._clock.now() + timedelta(seconds=max(0.0, grace)))
+        s.pending = pending
         self._publish(SessionEvent("updated", s.snapshot()))
-        if s.terminate_cb is not None:
-            await s.terminate_cb(reason, grace)
-        return True
+        s.poke()
+        return TerminateResult(pending, changed=True)
 
-    async def notify(self, sid: str, message: str) -> bool | None:
+    def notify(self, sid: str, message: str) -> bool | None:
         """Show `message` to a session's user. None: no such session; False: its protocol cannot show text."""
         s = self._sessions.get(sid)
         if s is None:
             return None
         if s.notice_cb is None:
             return False
-        return await s.notice_cb(message)
+        return s.notice_cb(message)
 
     async def wait_closed(self, sid: str, timeout: float) -> bool:
-        """Wait (bounded) until a session has left the registry. True if it has."""
-        if sid not in self._sessions:
+        """Wait (bounded, real time) until a session has left the registry. True if it has."""
+        s = self._sessions.get(sid)
+        if s is None:
             return True
-        q = self.subscribe()
         try:
             async with asyncio.timeout(timeout):
-                while sid in self._sessions:
-                    ev = await q.get()
-                    if ev is None:  # fell behind: poll instead
-                        q = self.subscribe()
+                await s.wait_gone()
         except TimeoutError:
             return sid not in self._sessions
-        finally:
-            self.unsubscribe(q)
         return True
 
-    def publish_progress(self) -> int:
-        """Publish an `updated` event for every session whose byte counts moved since the last call.
+    async def wait_empty(self) -> None:
+        await self._empty.wait()
 
-        Called on a timer by the owner of the registry, so live views see bytes grow. Returns how many.
+    def publish_progress(self) -> int:
+        """Publish one `progress` event for every session whose byte counts moved since the last call.
+
+        Called on a timer by the owner of the registry, so live views see bytes grow. Returns how many moved.
         """
-        n = 0
+        moved = []
         for sess in self._sessions.values():
             mark = (sess.bytes_up, sess.bytes_down)
             if self._progress.get(sess.id) != mark:
                 self._progress[sess.id] = mark
-                self._publish(SessionEvent("updated", sess.snapshot()))
-                n += 1
-        for sid in [k for k in self._progress if k not in self._sessions]:
-            del self._progress[sid]
-        return n
+                moved.append(Progress(sess.id, *mark))
+        if moved:
+            self._publish(SessionEvent("progress", progress=tuple(moved)))
+        return len(moved)
 
     def bytes_by_protocol(self) -> dict[tuple[str, str], int]:
         """Bytes relayed so far, by (protocol, direction), live sessions included."""
         out = dict(self._closed_bytes)
         for sess in self._sessions.values():
-            p = sess.spec.protocol
+            p = str(sess.spec.protocol)
             out[(p, "up")] = out.get((p, "up"), 0) + sess.bytes_up
             out[(p, "down")] = out.get((p, "down"), 0) + sess.bytes_down
         return out
 
-    def subscribe(self) -> asyncio.Queue[SessionEvent | None]:
-        """A bounded event stream. A subscriber that falls behind gets `None` and is dropped."""
-        q: asyncio.Queue[SessionEvent | None] = asyncio.Queue(self._queue_size)
-        self._subscribers.add(q)
-        return q
+    def counts(self) -> dict[tuple[SessionProtocol, str], int]:
+        out: dict[tuple[SessionProtocol, str], int] = {}
+        for s in self._sessions.values():
+            key = (s.spec.protocol, s.spec.vm)
+            out[key] = out.get(key, 0) + 1
+        return out
 
-    def unsubscribe(self, q: asyncio.Queue[SessionEvent | None]) -> None:
-        self._subscribers.discard(q)
+    def subscribe(self) -> Subscription:
+        """A bounded event stream. Raises SubscriberLimit when too many are open."""
+        if len(self._subscribers) >= self._max_subscribers:
+            raise SubscriberLimit(f"at most {self._max_subscribers} event streams at once")
+        sub = Subscription(self._queue_size)
+        self._subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        self._subscribers.discard(sub)
 
     def totals(self) -> Totals:
         return Totals(active=len(self._sessions), opened=self._opened, closed=self._closed)
 
     def _publish(self, event: SessionEvent) -> None:
-        for q in list(self._subscribers):
-            try:
-                q.put_nowait(event)
-            except asyncio.QueueFull:
-                self._subscribers.discard(q)
-                while not q.empty():
-                    q.get_nowait()
-                q.put_nowait(None)
+        for sub in self._subscribers:
+            sub.put(event)
 
 
 def _fields(info: SessionInfo) -> dict[str, object]:
     d = info.as_dict()
     d["session_id"] = d.pop("id")
+    d.pop("ends_at", None)
     return d

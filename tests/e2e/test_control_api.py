@@ -182,12 +182,15 @@ async def test_bulk_disconnect_answers_per_id(gw: Gateway, api: Api) -> None:
 
 
 async def test_grace_period_keeps_the_session_until_it_ends(gw: Gateway, api: Api) -> None:
-    """With grace_s the API answers at once; the session stays until the grace period is over."""
+    """With grace_s the API answers `pending` with ends_at at once; the session shows terminating until then."""
     async with Live(gw) as live:
         status, body = await api.call("DELETE", f"/v1/sessions/{live.id}", json={"reason": "soon", "grace_s": 1.5})
-        assert status == 200 and body["result"] == "disconnected"
+        assert status == 200 and body["result"] == "pending"
         s = gw.app.registry.get(live.id)
         assert s is not None and s.state == "terminating"
+        assert s.ends_at is not None and body["ends_at"] == s.ends_at.isoformat().replace("+00:00", "Z")
+        status, shown = await api.call("GET", f"/v1/sessions/{live.id}")
+        assert shown["state"] == "terminating" and shown["ends_at"] == body["ends_at"]
         rc, err = await live.finish()
         assert "You will be disconnected in 2 seconds: soon" in err
         assert "You have been disconnected. soon" in err

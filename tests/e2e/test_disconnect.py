@@ -30,7 +30,7 @@ async def test_terminal_user_sees_the_notice_and_ssh_reports_it(gw: Gateway) -> 
             term.send("echo READY$((40+2))\r")
             await term.expect("READY42")
             reason = f"maintenance window {i}"
-            assert await gw.app.registry.terminate(sid, reason, 0.0)
+            assert gw.app.registry.terminate(sid, reason, 0.0)
             await term.expect(f"You have been disconnected. {reason}")
             await term.expect(rf"Received disconnect from 127\.0\.0\.1 port \d+:11: You have been disconnected\. {reason}")
             assert await term.wait() == 255
@@ -50,7 +50,7 @@ async def disconnect_while_running(gw: Gateway, argv: list[str], reason: str, pr
         sid = await first_session_id(gw, events)
         session = gw.app.registry.get(sid)
         assert session is not None and session.protocol == protocol
-        await gw.app.registry.terminate(sid, reason, 0.0)
+        gw.app.registry.terminate(sid, reason, 0.0)
         async with asyncio.timeout(20):
             _, err = await proc.communicate()
     finally:
@@ -87,7 +87,7 @@ async def test_grace_period_warns_then_disconnects(gw: Gateway) -> None:
     await term.start()
     try:
         sid = await first_session_id(gw, events)
-        await gw.app.registry.terminate(sid, "patching", 2.0)
+        gw.app.registry.terminate(sid, "patching", 2.0)
         await term.expect("You will be disconnected in 2 seconds: patching")
         term.send("echo STILL$((1+1))\r")
         await term.expect("STILL2")
@@ -105,7 +105,7 @@ async def test_notice_reaches_the_terminal_without_disconnecting(gw: Gateway) ->
     await term.start()
     try:
         sid = await first_session_id(gw, events)
-        assert await gw.app.registry.notify(sid, "Maintenance at 18:00 UTC") is True
+        assert gw.app.registry.notify(sid, "Maintenance at 18:00 UTC") is True
         await term.expect("Maintenance at 18:00 UTC")
         term.send("echo ALIVE$((2+2))\r")
         await term.expect("ALIVE4")

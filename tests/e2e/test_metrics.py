@@ -99,7 +99,7 @@ async def test_forced_disconnects_and_dial_failures_are_counted(make_gateway: Ga
             async with asyncio.timeout(20):
                 opened = await events.get()
             assert opened is not None
-            await gw.app.registry.terminate(opened.session.id, "metrics test", 0)
+            gw.app.registry.terminate(opened.session.id, "metrics test", 0)
             async with asyncio.timeout(20):
                 await proc.wait()
         finally:

@@ -100,7 +100,7 @@ async def test_non_inventory_targets_are_refused_without_a_connection(
         assert message in r.errtext, r.errtext
         with pytest.raises(BlockingIOError):
             watcher.accept()
-        assert gw.logs.events("forward_refused")
+        assert gw.logs.events("session_refused")
 
 
 async def test_port_not_granted_is_refused(gw: Gateway) -> None:

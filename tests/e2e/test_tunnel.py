@@ -218,7 +218,7 @@ async def test_forced_disconnect_ends_one_tunnel_with_the_notice(make_gateway: G
         await wait_for(lambda: len(gw.app.registry.list()) == 2, gw.logs.changed)
         first = min(gw.app.registry.list(), key=lambda s: s.started_at)
         assert first.protocol == "tcp"
-        assert await gw.app.registry.terminate(first.id, "closing RDP for patching", 0)
+        assert gw.app.registry.terminate(first.id, "closing RDP for patching", 0)
         await wait_for(lambda: "You have been disconnected. closing RDP for patching" in helper.text, helper.changed)
         async with asyncio.timeout(20):
             with_reset = False

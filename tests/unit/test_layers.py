@@ -1,4 +1,9 @@
-"""The import direction of DESIGN.md, enforced: lower layers never import higher ones."""
+"""The import direction of DESIGN.md, enforced as an allow-list that covers every module of the package.
+
+`cli -> app -> doors -> protocols/control -> policy/auth/metrics/logs -> net/sessions/config -> errors/clock/kinds`.
+Each module may import only the gateway modules its entry allows; a module with no entry fails the test, so a
+new module has to say where it sits. Protocol modules never import each other, only the shared lifecycle.
+"""
 
 from __future__ import annotations
 
@@ -8,28 +13,46 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[2] / "gateway"
-SHARED_PROTOCOL_MODULES = {"gateway.protocols.base", "gateway.protocols.upstream_ssh", "gateway.protocols.ssh_disconnect"}
 
-# module prefix -> prefixes it must not import
-FORBIDDEN = {
-    "gateway.net": (
-        "gateway.doors",
+BOTTOM = ("gateway.errors", "gateway.clock", "gateway.kinds")
+LOW = (*BOTTOM, "gateway.config")
+# Shared by every protocol: the lifecycle and the two SSH helpers. Everything else in protocols/ is one protocol.
+SHARED_PROTOCOL = ("gateway.protocols.lifecycle", "gateway.protocols.upstream_ssh", "gateway.protocols.ssh_disconnect")
+PROTOCOL_DEPS = (*LOW, "gateway.net", "gateway.sessions", "gateway.policy", "gateway.tokens", *SHARED_PROTOCOL)
+
+# module (or package prefix) -> the gateway modules (or prefixes) it may import. The longest match wins.
+ALLOWED: dict[str, tuple[str, ...]] = {
+    "gateway": (),
+    "gateway.__main__": ("gateway.cli",),
+    "gateway.errors": (),
+    "gateway.clock": (),
+    "gateway.kinds": (),
+    "gateway.logs": (),
+    "gateway.sdnotify": (),
+    "gateway.config": ("gateway.errors", "gateway.kinds"),
+    "gateway.tokens": ("gateway.errors", "gateway.clock"),
+    "gateway.net": (*LOW, "gateway.net"),
+    "gateway.sessions": (*LOW, "gateway.sessions"),
+    "gateway.policy": LOW,
+    "gateway.metrics": (*LOW, "gateway.sessions", "gateway"),
+    "gateway.protocols.lifecycle": (*LOW, "gateway.net", "gateway.sessions", "gateway.policy"),
+    "gateway.protocols.upstream_ssh": (*LOW, "gateway.net"),
+    "gateway.protocols.ssh_disconnect": (),
+    "gateway.protocols": PROTOCOL_DEPS,
+    "gateway.control": (*LOW, "gateway.sessions", "gateway.control"),
+    "gateway.doors": (*PROTOCOL_DEPS, "gateway.protocols"),
+    "gateway.client": ("gateway.client",),
+    "gateway.app": (
+        *PROTOCOL_DEPS,
         "gateway.protocols",
-        "gateway.app",
-        "gateway.cli",
+        "gateway.doors",
         "gateway.control",
-        "gateway.policy",
-        "gateway.auth",
+        "gateway.metrics",
+        "gateway.sdnotify",
+        "gateway.logs",
     ),
-    "gateway.sessions": ("gateway.doors", "gateway.protocols", "gateway.app", "gateway.cli", "gateway.control", "gateway.net"),
-    "gateway.config": ("gateway.doors", "gateway.protocols", "gateway.app", "gateway.cli", "gateway.net", "gateway.sessions"),
-    "gateway.errors": ("gateway.",),
-    "gateway.clock": ("gateway.",),
-    "gateway.policy": ("gateway.doors", "gateway.protocols", "gateway.app", "gateway.cli", "gateway.net"),
-    "gateway.protocols": ("gateway.doors", "gateway.app", "gateway.cli", "gateway.control", "gateway.metrics"),
-    "gateway.doors": ("gateway.app", "gateway.cli", "gateway.control"),
-    "gateway.control": ("gateway.protocols", "gateway.doors", "gateway.app", "gateway.cli"),
-    "gateway.metrics": ("gateway.protocols", "gateway.doors", "gateway.app", "gateway.cli", "gateway.control"),
+    "gateway.demo": (*LOW, "gateway.app", "gateway.logs", "gateway.net", "gateway.tokens"),
+    "gateway.cli": (*LOW, "gateway", "gateway.app", "gateway.logs", "gateway.sdnotify", "gateway.client", "gateway.demo"),
 }
 
 
@@ -49,17 +72,42 @@ def _imports(path: Path) -> set[str]:
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module)
-    return names
+            if node.module == "gateway":  # `from gateway import x` may name a submodule
+                names.update(f"gateway.{a.name}" for a in node.names if (PKG / f"{a.name}.py").exists() or (PKG / a.name).is_dir())
+    return {n for n in names if n == "gateway" or n.startswith("gateway.")}
+
+
+def _entry(module: str) -> tuple[str, ...] | None:
+    best = None
+    for prefix in ALLOWED:
+        if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > len(best)):
+            best = prefix
+    return None if best is None or (best == "gateway" and module != "gateway") else ALLOWED[best]
+
+
+def _allowed(imported: str, allowed: tuple[str, ...]) -> bool:
+    return any(imported == a or (a != "gateway" and imported.startswith(a + ".")) for a in allowed)
 
 
 @pytest.mark.parametrize(("module", "path"), _modules(), ids=[m for m, _ in _modules()])
 def test_module_respects_the_import_direction(module: str, path: Path) -> None:
-    """No module imports a layer above its own (see DESIGN.md, Layout)."""
-    imported = _imports(path)
-    for prefix, banned in FORBIDDEN.items():
-        if module == prefix or module.startswith(prefix + "."):
-            bad = sorted(i for i in imported if i.startswith(banned) and i != module)
-            assert not bad, f"{module} imports {bad}"
-    if module.startswith("gateway.protocols.") and module not in SHARED_PROTOCOL_MODULES:
-        others = sorted(i for i in imported if i.startswith("gateway.protocols.") and i not in SHARED_PROTOCOL_MODULES)
-        assert not others, f"protocol {module} imports another protocol: {others}"
+    """Every module imports only what its layer allows (see docs/architecture.md, Layers)."""
+    allowed = _entry(module)
+    assert allowed is not None, f"{module} has no entry in ALLOWED: say which layer it belongs to"
+    bad = sorted(i for i in _imports(path) if i != module and not _allowed(i, allowed))
+    assert not bad, f"{module} may not import {bad}"
+
+
+@pytest.mark.parametrize(("module", "path"), [(m, p) for m, p in _modules() if m.startswith("gateway.protocols.")])
+def test_protocols_do_not_import_each_other(module: str, path: Path) -> None:
+    """A protocol handler imports only the shared lifecycle modules, never another protocol, a door or the control app."""
+    others = sorted(i for i in _imports(path) if i.startswith("gateway.protocols.") and i not in SHARED_PROTOCOL and i != module)
+    assert not others, f"protocol {module} imports another protocol: {others}"
+    assert not any(i.startswith(("gateway.doors", "gateway.control", "gateway.metrics", "gateway.app")) for i in _imports(path))
+
+
+def test_the_allow_list_has_no_stale_entries() -> None:
+    """Every ALLOWED key names a module or package that exists."""
+    names = {m for m, _ in _modules()}
+    stale = [k for k in ALLOWED if not any(n == k or n.startswith(k + ".") for n in names)]
+    assert not stale

@@ -5,45 +5,17 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from gateway.errors import PolicyDenied, UpstreamTimeout
+from gateway.errors import GatewayError, PolicyDenied
+from gateway.kinds import Protocol, Reason
 from gateway.logs import make_logger
 from gateway.sessions.model import SessionSpec
-from gateway.sessions.registry import SessionRegistry, Totals
-
-START = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
-
-
-class FakeClock:
-    """A Clock whose wall time is fixed and whose monotonic time only moves when told."""
-
-    def __init__(self, wall: datetime = START, mono: float = 1000.0) -> None:
-        self.wall = wall
-        self.mono = mono
-
-    def now(self) -> datetime:
-        return self.wall
-
-    def monotonic(self) -> float:
-        return self.mono
-
-    def advance(self, seconds: float) -> None:
-        self.mono += seconds
-
-
-@dataclass
-class RecordingTerminate:
-    """A terminate callback that records each (reason, grace) it receives."""
-
-    calls: list[tuple[str, float]] = field(default_factory=list)
-
-    async def __call__(self, reason: str, grace: float) -> None:
-        self.calls.append((reason, grace))
+from gateway.sessions.registry import SessionRegistry, SubscriberLimit, Subscription, Totals
+from tests.support.clock import START, FakeClock
 
 
 @dataclass
@@ -77,7 +49,7 @@ def spec(user: str = "alice", vm: str = "web01") -> SessionSpec:
         vm=vm,
         target_address="10.0.0.5",
         target_port=22,
-        protocol="ssh",
+        protocol=Protocol.SSH,
         login="deploy",
     )
 
@@ -162,7 +134,8 @@ async def test_session_closed_line_has_every_field() -> None:
         session.add_up(100)
         session.add_up(23)
         session.add_down(4567)
-        h.clock.advance(12.3456)
+        h.clock.mono += 12.3456
+        session.end(Reason.VM_CLOSED)
     line = h.closed_line()
     expected = {
         "session_id": session.id,
@@ -179,75 +152,66 @@ async def test_session_closed_line_has_every_field() -> None:
         "bytes_down": 4567,
         "node": "gw1",
         "duration_s": 12.346,
-        "reason": "closed",
+        "reason": "vm_closed",
     }
     assert {k: line.get(k) for k in expected} == expected
 
 
-async def test_duration_uses_monotonic_not_wall_clock() -> None:
-    """Moving the wall clock does not change duration_s."""
+async def test_duration_uses_monotonic_time() -> None:
+    """duration_s is the monotonic time the session lived."""
     h = make_harness()
     async with h.registry.open(spec()):
-        h.clock.wall = datetime(2030, 1, 1, tzinfo=UTC)
-        h.clock.advance(2.0)
+        h.clock.mono += 2.0
     assert h.closed_line()["duration_s"] == 2.0
 
 
-async def test_reason_defaults_to_closed() -> None:
-    """A block that ends normally without a close_reason logs `closed`."""
+async def test_block_that_ends_without_a_reason_is_an_internal_error() -> None:
+    """A block that ends without anyone calling end() is a bug, and says so."""
     h = make_harness()
     async with h.registry.open(spec()):
         pass
-    assert h.closed_line()["reason"] == "closed"
+    assert h.closed_line()["reason"] == "internal_error"
 
 
-async def test_reason_from_close_reason() -> None:
-    """A close_reason set by the handler is the logged reason."""
+async def test_first_end_decides_the_reason() -> None:
+    """end() called by the side that went away first wins over every later one."""
     h = make_harness()
     async with h.registry.open(spec()) as session:
-        session.close_reason = "vm_closed"
-    assert h.closed_line()["reason"] == "vm_closed"
-
-
-async def test_close_reason_wins_over_exception() -> None:
-    """A close_reason set before an error is kept."""
-    h = make_harness()
-    with pytest.raises(UpstreamTimeout):
-        async with h.registry.open(spec()) as session:
-            session.close_reason = "client_closed"
-            raise UpstreamTimeout("too slow")
+        assert session.end(Reason.CLIENT_CLOSED) is True
+        assert session.end(Reason.VM_CLOSED) is False
     assert h.closed_line()["reason"] == "client_closed"
 
 
-async def test_reason_from_gateway_error_slug() -> None:
-    """A GatewayError subclass escaping the block logs its reason slug."""
+async def test_end_wins_over_a_later_exception() -> None:
+    """A reason set before an error escapes the block is kept."""
     h = make_harness()
-    with pytest.raises(UpstreamTimeout):
+    with pytest.raises(RuntimeError):
+        async with h.registry.open(spec()) as session:
+            session.end(Reason.VM_RESET)
+            raise RuntimeError("teardown failed")
+    assert h.closed_line()["reason"] == "vm_reset"
+
+
+async def test_reason_from_gateway_error_slug() -> None:
+    """A GatewayError whose slug is a close reason logs that reason."""
+    h = make_harness()
+    with pytest.raises(GatewayError):
         async with h.registry.open(spec()):
-            raise UpstreamTimeout("VM did not answer")
-    assert h.closed_line()["reason"] == "upstream_timeout"
+            raise GatewayError("the VM refused", reason="upstream_refused")
+    assert h.closed_line()["reason"] == "upstream_refused"
 
 
-async def test_reason_from_gateway_error_instance_reason() -> None:
-    """A reason given to the error instance overrides the class slug."""
+async def test_gateway_error_without_a_close_reason_is_internal() -> None:
+    """An error slug that is not a close reason (a policy slug) is an internal error here."""
     h = make_harness()
     with pytest.raises(PolicyDenied):
         async with h.registry.open(spec()):
             raise PolicyDenied("no", reason="login_denied")
-    assert h.closed_line()["reason"] == "login_denied"
+    assert h.closed_line()["reason"] == "internal_error"
 
 
-async def test_reason_cancelled() -> None:
-    """CancelledError escaping the block logs `cancelled` and propagates."""
-    h = make_harness()
-    with pytest.raises(asyncio.CancelledError):
-        async with h.registry.open(spec()):
-            raise asyncio.CancelledError
-    assert h.closed_line()["reason"] == "cancelled"
-
-
-async def test_reason_for_task_cancelled_while_in_block() -> None:
-    """Cancelling the task that holds a session logs `cancelled`."""
+async def test_cancelled_session_is_a_gateway_shutdown() -> None:
+    """Only the gateway cancels a session that has not ended: it logs gateway_shutdown and propagates."""
     h = make_harness()
     entered = asyncio.Event()
 
@@ -261,141 +225,223 @@ async def test_reason_for_task_cancelled_while_in_block() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert h.closed_line()["reason"] == "cancelled"
+    assert h.closed_line()["reason"] == "gateway_shutdown"
 
 
 async def test_reason_for_unexpected_exception() -> None:
-    """A non-gateway exception logs `internal_error` and propagates."""
+    """A non-gateway exception logs `internal_error` with its type and propagates."""
     h = make_harness()
     with pytest.raises(KeyError):
         async with h.registry.open(spec()):
             raise KeyError("bug")
-    assert h.closed_line()["reason"] == "internal_error"
+    line = h.closed_line()
+    assert line["reason"] == "internal_error"
+    assert line["error"].startswith("KeyError")
 
 
 # --- terminate --------------------------------------------------------------
 
 
-async def test_terminate_calls_callback_with_reason_and_grace() -> None:
-    """terminate() returns True and passes reason and grace to the callback."""
-    h = make_harness()
-    cb = RecordingTerminate()
-    async with h.registry.open(spec(), terminate=cb) as session:
-        assert await h.registry.terminate(session.id, "maintenance", grace=5.0) is True
-    assert cb.calls == [("maintenance", 5.0)]
-
-
-async def test_terminate_twice_calls_callback_once() -> None:
-    """A repeated terminate() is harmless: True again, no second callback."""
-    h = make_harness()
-    cb = RecordingTerminate()
-    async with h.registry.open(spec(), terminate=cb) as session:
-        await h.registry.terminate(session.id, "maintenance")
-        assert await h.registry.terminate(session.id, "again") is True
-    assert cb.calls == [("maintenance", 0.0)]
-
-
-async def test_terminate_unknown_id() -> None:
-    """terminate() of an unknown id returns False."""
-    assert await make_harness().registry.terminate("feedfacecafebeef", "x") is False
-
-
-async def test_terminate_after_close() -> None:
-    """terminate() of a session that already ended returns False and does not call back."""
-    h = make_harness()
-    cb = RecordingTerminate()
-    async with h.registry.open(spec(), terminate=cb) as session:
-        pass
-    assert await h.registry.terminate(session.id, "late") is False
-    assert cb.calls == []
-
-
-async def test_terminate_without_callback() -> None:
-    """A session opened without a callback can still be marked terminated."""
+async def test_terminate_records_a_pending_end() -> None:
+    """terminate() records reason, text and the end time, and shows the session as terminating."""
     h = make_harness()
     async with h.registry.open(spec()) as session:
-        assert await h.registry.terminate(session.id, "x") is True
-
-
-async def test_terminate_marks_state_terminating() -> None:
-    """A terminated session shows state `terminating` until its block exits."""
-    h = make_harness()
-    async with h.registry.open(spec()) as session:
-        await h.registry.terminate(session.id, "x")
+        result = h.registry.terminate(session.id, "maintenance", grace=5.0)
+        assert result is not None and result.changed
+        assert result.pending.reason is Reason.TERMINATED_BY_OPERATOR
+        assert result.pending.text == "maintenance"
+        assert result.pending.ends_mono == h.clock.mono + 5.0
         info = h.registry.get(session.id)
-        assert info is not None
-        assert info.state == "terminating"
+        assert info is not None and info.state == "terminating" and info.ends_at == result.pending.ends_at
+        session.end(Reason.TERMINATED_BY_OPERATOR)
 
 
-async def test_terminated_session_logs_operator_reason() -> None:
-    """The session_closed line of a terminated session says terminated_by_operator."""
+async def test_shorter_grace_replaces_a_pending_end_and_its_reason() -> None:
+    """A second disconnect that ends the session sooner wins, with its own text."""
     h = make_harness()
     async with h.registry.open(spec()) as session:
-        await h.registry.terminate(session.id, "maintenance")
-    assert h.closed_line()["reason"] == "terminated_by_operator"
+        h.registry.terminate(session.id, "in 30 s", grace=30.0)
+        second = h.registry.terminate(session.id, "now", grace=0.0)
+        assert second is not None and second.changed
+        assert session.pending is not None and session.pending.text == "now"
+        assert session.pending.ends_mono == h.clock.mono
+        session.end(Reason.TERMINATED_BY_OPERATOR)
+
+
+async def test_longer_grace_leaves_the_pending_end() -> None:
+    """A second disconnect that would end the session later changes nothing and says so."""
+    h = make_harness()
+    async with h.registry.open(spec()) as session:
+        h.registry.terminate(session.id, "soon", grace=5.0)
+        later = h.registry.terminate(session.id, "later", grace=50.0)
+        assert later is not None and not later.changed
+        assert later.pending.text == "soon"
+        session.end(Reason.TERMINATED_BY_OPERATOR)
+
+
+async def test_terminate_unknown_or_ended_id_is_none() -> None:
+    """terminate() of an unknown id, or of a session that already ended, returns None."""
+    h = make_harness()
+    assert h.registry.terminate("feedfacecafebeef", "x") is None
+    async with h.registry.open(spec()) as session:
+        session.end(Reason.CLIENT_CLOSED)
+        assert h.registry.terminate(session.id, "late") is None
+
+
+async def test_terminate_wakes_the_session() -> None:
+    """A session waiting for a change wakes when a disconnect is requested."""
+    h = make_harness()
+    async with h.registry.open(spec()) as session:
+        waiter = asyncio.create_task(session.wait_change(None))
+        await h.clock.settle()
+        assert not waiter.done()
+        h.registry.terminate(session.id, "x", grace=10.0)
+        await asyncio.wait_for(waiter, 1)
+        session.end(Reason.TERMINATED_BY_OPERATOR)
+
+
+async def test_pending_reason_is_logged_beside_the_real_one() -> None:
+    """The session_closed line says what really ended it, and what had been requested."""
+    h = make_harness()
+    async with h.registry.open(spec()) as session:
+        h.registry.terminate(session.id, "later", grace=60.0)
+        session.end(Reason.CLIENT_CLOSED)
+    line = h.closed_line()
+    assert (line["reason"], line["requested_reason"]) == ("client_closed", "terminated_by_operator")
+
+
+async def test_wait_closed_returns_once_the_session_is_gone() -> None:
+    """wait_closed() returns True once the session has left the registry, False on timeout."""
+    h = make_harness()
+    gate = asyncio.Event()
+
+    async def hold() -> None:
+        async with h.registry.open(spec()) as session:
+            session.end(Reason.CLIENT_CLOSED)
+            await gate.wait()
+
+    task = asyncio.create_task(hold())
+    await h.clock.settle()
+    [sid] = h.registry.ids()
+    assert await h.registry.wait_closed(sid, 0.05) is False
+    gate.set()
+    assert await h.registry.wait_closed(sid, 5) is True
+    await task
 
 
 # --- subscribe and totals ---------------------------------------------------
 
 
+def events(sub: Subscription) -> list[Any]:
+    return list(sub.drain())
+
+
 async def test_subscriber_receives_opened_and_closed() -> None:
     """A subscriber sees `opened` then `closed` with the reason."""
     h = make_harness()
-    q = h.registry.subscribe()
+    sub = h.registry.subscribe()
     async with h.registry.open(spec()) as session:
-        session.close_reason = "client_closed"
-    opened, closed = q.get_nowait(), q.get_nowait()
-    assert opened is not None
-    assert closed is not None
+        session.end(Reason.CLIENT_CLOSED)
+    opened, closed = events(sub)
+    assert opened.session is not None and closed.session is not None
     assert (opened.kind, opened.session.id, opened.reason) == ("opened", session.id, None)
     assert (closed.kind, closed.session.id, closed.session.state, closed.reason) == ("closed", session.id, "closed", "client_closed")
-    assert q.empty()
 
 
-async def test_unsubscribed_queue_gets_nothing() -> None:
+async def test_unsubscribed_stream_gets_nothing() -> None:
     """After unsubscribe() no more events arrive."""
     h = make_harness()
-    q = h.registry.subscribe()
-    h.registry.unsubscribe(q)
-    async with h.registry.open(spec()):
-        pass
-    assert q.empty()
+    sub = h.registry.subscribe()
+    h.registry.unsubscribe(sub)
+    async with h.registry.open(spec()) as session:
+        session.end(Reason.CLIENT_CLOSED)
+    assert events(sub) == []
 
 
-async def test_slow_subscriber_gets_none_and_is_dropped() -> None:
-    """A full queue is drained to a single None and receives nothing further."""
+async def test_overflow_costs_one_resync_never_a_silent_gap() -> None:
+    """A stream that overflows is emptied and its next get() says so (None) once; then events flow again."""
     h = make_harness(queue_size=1)
-    q = h.registry.subscribe()
-    async with h.registry.open(spec()):
-        pass
-    async with h.registry.open(spec()):
-        pass
-    assert q.get_nowait() is None
-    assert q.empty()
+    sub = h.registry.subscribe()
+    for _ in range(2):
+        async with h.registry.open(spec()) as session:
+            session.end(Reason.CLIENT_CLOSED)
+    assert await sub.get() is None
+    async with h.registry.open(spec()) as session:
+        opened = await sub.get()
+        assert opened is not None and opened.kind == "opened"
+        session.end(Reason.CLIENT_CLOSED)
+
+
+async def test_a_burst_of_1000_sessions_reaches_a_subscriber_whole() -> None:
+    """1,000 sessions opened and closed at once: every opened and closed event arrives, in order."""
+    h = make_harness(queue_size=8192)
+    sub = h.registry.subscribe()
+    gate = asyncio.Event()
+
+    async def one(i: int) -> None:
+        async with h.registry.open(spec(f"u{i}")) as session:
+            await gate.wait()
+            session.end(Reason.VM_CLOSED)
+
+    tasks = [asyncio.create_task(one(i)) for i in range(1000)]
+    await h.clock.settle(5)
+    gate.set()
+    await asyncio.gather(*tasks)
+    got = events(sub)
+    assert [e.kind for e in got].count("opened") == 1000
+    assert [e.kind for e in got].count("closed") == 1000
+    assert {e.session.id for e in got if e.kind == "opened"} == {e.session.id for e in got if e.kind == "closed"}
+
+
+async def test_subscribers_are_bounded() -> None:
+    """More event streams than the limit are refused, not queued."""
+    stream = io.StringIO()
+    reg = SessionRegistry("gw1", FakeClock(), make_logger(stream, fmt="json"), max_subscribers=2)
+    reg.subscribe()
+    reg.subscribe()
+    with pytest.raises(SubscriberLimit):
+        reg.subscribe()
 
 
 async def test_totals_count_active_opened_closed() -> None:
     """totals() counts live sessions and lifetime opens and closes."""
     h = make_harness()
     assert h.registry.totals() == Totals(active=0, opened=0, closed=0)
-    async with h.registry.open(spec()):
-        async with h.registry.open(spec("bob")):
+    async with h.registry.open(spec()) as a:
+        async with h.registry.open(spec("bob")) as b:
             assert h.registry.totals() == Totals(active=2, opened=2, closed=0)
+            b.end(Reason.CLIENT_CLOSED)
         assert h.registry.totals() == Totals(active=1, opened=2, closed=1)
+        a.end(Reason.CLIENT_CLOSED)
     assert h.registry.totals() == Totals(active=0, opened=2, closed=2)
 
 
-async def test_publish_progress_reports_only_sessions_whose_bytes_moved() -> None:
-    """publish_progress emits `updated` for sessions with new bytes, once per change."""
+async def test_progress_is_one_event_per_tick_for_every_moving_session() -> None:
+    """publish_progress emits one coalesced `progress` event listing only the sessions whose bytes moved."""
     reg = make_harness().registry
-    q = reg.subscribe()
+    sub = reg.subscribe()
     async with reg.open(spec()) as a, reg.open(spec()) as b:
-        while not q.empty():
-            q.get_nowait()
+        events(sub)
         a.add_up(10)
         assert reg.publish_progress() == 2  # first call: both are new to it
         b.add_down(5)
         assert reg.publish_progress() == 1
         assert reg.publish_progress() == 0
-        kinds = [ev.kind for ev in (q.get_nowait() for _ in range(3)) if ev is not None]
-        assert kinds == ["updated", "updated", "updated"]
+        got = events(sub)
+        assert [e.kind for e in got] == ["progress", "progress"]
+        assert [(p.id, p.bytes_up, p.bytes_down) for p in got[1].progress] == [(b.id, 0, 5)]
+        a.end(Reason.CLIENT_CLOSED)
+        b.end(Reason.CLIENT_CLOSED)
+
+
+async def test_input_is_activity_and_output_is_not() -> None:
+    """add_up moves the idle clock, add_down does not."""
+    h = make_harness()
+    async with h.registry.open(spec()) as session:
+        start = session.last_input
+        h.clock.mono += 5
+        session.add_down(100)
+        assert session.last_input == start
+        session.add_up(1)
+        assert session.last_input == start + 5
+        session.end(Reason.CLIENT_CLOSED)

@@ -1,0 +1,121 @@
+"""The gateway's own session: a user connected with no VM in the user name.
+
+A shell shows a banner listing the VMs the user may reach and stays open, so
+`ssh -L` forwards on the same connection keep working; `token` and `ls` are the
+only commands. It relays nothing, so it is not a registry session.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import asyncssh
+from structlog.typing import FilteringBoundLogger
+
+from gateway.policy import Policy
+from gateway.protocols.lifecycle import Client
+from gateway.tokens import TokenService
+
+
+class ShellContext(Protocol):
+    """What the gateway shell needs from the door that accepted the connection."""
+
+    @property
+    def policy(self) -> Policy: ...
+
+    @property
+    def tokens(self) -> TokenService | None: ...
+
+    @property
+    def node(self) -> str: ...
+
+    @property
+    def public_hint(self) -> str: ...
+
+    @property
+    def log(self) -> FilteringBoundLogger: ...
+
+
+class GatewayShellSession(asyncssh.SSHServerSession[bytes]):
+    """A session on the gateway itself (no VM named): a banner, then it stays open for forwards."""
+
+    def __init__(self, door: ShellContext, client: Client) -> None:
+        self._door = door
+        self._client = client
+        self._chan: asyncssh.SSHServerChannel[bytes] | None = None
+        self._kind = "shell"
+        self._command: str | None = None
+        self._pty = False
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
+        self._chan = chan
+
+    def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int], term_modes: dict[int, int]) -> bool:  # type: ignore[override]
+        self._pty = True
+        return True
+
+    def shell_requested(self) -> bool:
+        return True
+
+    def exec_requested(self, command: str) -> bool:
+        self._kind = "exec"
+        self._command = command
+        return True
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        return False
+
+    def session_started(self) -> None:
+        assert self._chan is not None
+        nl = "\r\n" if self._pty else "\n"
+        name = self._client.principal.name
+        if self._kind == "exec":
+            self._run_gateway_command((self._command or "").strip(), nl)
+            return
+        lines = [
+            f"Bastion {self._door.node}: signed in as {name}. No VM named in the user name.",
+            "Port forwards stay open while this session lasts (Ctrl-D or Ctrl-C ends it).",
+            "VMs you may reach:",
+        ]
+        reachable = self._door.policy.reachable(self._client.principal)
+        for vm, protos in reachable:
+            lines.append(f"  {vm.name:<20} {', '.join(protos)}")
+        if not reachable:
+            lines.append("  (none)")
+        lines.append(f"Open a shell on one with: ssh -p PORT {name}+VM@{self._door.public_hint}")
+        self._chan.write((nl.join(lines) + nl).encode())
+
+    def _listing(self) -> list[str]:
+        lines = []
+        principal = self._client.principal
+        for vm, protos in self._door.policy.reachable(principal):
+            ports = self._door.policy.granted_ports(principal, vm)
+            shown = "ports " + ", ".join(str(p) for p in ports) if ports else ""
+            lines.append(f"  {vm.name:<20} {', '.join(protos):<28} {shown}".rstrip())
+        return lines or ["  (none)"]
+
+    def _run_gateway_command(self, command: str, nl: str) -> None:
+        """The few commands the gateway itself answers: `token`, `ls`."""
+        assert self._chan is not None
+        name = self._client.principal.name
+        if command == "token" and self._door.tokens is not None:
+            token, claims = self._door.tokens.issue(name)
+            self._door.log.info("token_issued", user=name, token_id=claims.token_id, lifetime_s=self._door.tokens.lifetime)
+            self._chan.write((token + nl).encode())
+            self._chan.exit(0)
+        elif command == "ls":
+            self._chan.write((nl.join(["VMs you may reach:", *self._listing()]) + nl).encode())
+            self._chan.exit(0)
+        else:
+            msg = f"bastion: the gateway runs only `token` and `ls`; connect as {name}+VM to run commands on a VM{nl}"
+            self._chan.write(msg.encode(), asyncssh.EXTENDED_DATA_STDERR)
+            self._chan.exit(2)
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if self._chan is not None and (b"\x03" in data or b"\x04" in data):
+            self._chan.exit(0)
+
+    def eof_received(self) -> bool:
+        if self._chan is not None:
+            self._chan.exit(0)
+        return True
