@@ -4,13 +4,18 @@ Runs on the user's machine. Each accepted local connection opens
 `wss://GATEWAY/v1/tunnel?vm=VM&port=N` with a bearer token, then relays bytes both
 ways with backpressure. When the local side stops sending, the helper sends
 `{"type": "eof"}` (WebSockets cannot half-close) and keeps delivering the VM's answer.
-A close with code 4001 is an operator's disconnect: its reason is printed.
+A local connection that resets is passed on: the WebSocket closes with 4499, so the
+gateway ends the session at once instead of waiting on the VM. Notices the gateway
+sends (`{"type": "notice"}`: a warning before a limit or a disconnect) are printed; a
+close with code 4001 is a disconnect (by an operator, a limit or a restart): its
+reason is printed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shlex
 import ssl
 import sys
@@ -23,12 +28,18 @@ from urllib.parse import urlencode
 import aiohttp
 
 CLOSE_OPERATOR = 4001
+CLOSE_HALF_CLOSE = 4408
+CLOSE_LOCAL_RESET = 4499
 CLOSE_VM_FAILED = 4502
 _READ = 256 * 1024
 
 
 class TunnelError(Exception):
     pass
+
+
+class _LocalReset(Exception):
+    """The local connection broke (RST) while the helper read from it."""
 
 
 @dataclass
@@ -161,18 +172,30 @@ class Tunnel:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         ws = await self._connect()
-        up = asyncio.create_task(self._local_to_ws(reader, ws))
+        up = asyncio.create_task(self._local_to_ws(reader, ws), name="tunnel-local-to-ws")
+        down = asyncio.create_task(self._ws_to_local(ws, writer), name="tunnel-ws-to-local")
         try:
-            code, reason = await self._ws_to_local(ws, writer)
+            await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+            if not down.done() and up.done() and not up.cancelled() and isinstance(up.exception(), _LocalReset):
+                # The local connection broke (reset): tell the gateway, which ends the session now.
+                with contextlib.suppress(aiohttp.ClientError, ConnectionError, RuntimeError):
+                    await ws.close(code=CLOSE_LOCAL_RESET, message=b"the local connection was reset")
+                writer.transport.abort()
+                return
+            code, reason = await down
         finally:
-            up.cancel()
-            await asyncio.gather(up, return_exceptions=True)
+            for t in (up, down):
+                t.cancel()
+            await asyncio.gather(up, down, return_exceptions=True)
             await ws.close()
         if code == CLOSE_OPERATOR:
             text = reason or "You have been disconnected."
             if not text.startswith("You have been disconnected."):
                 text = f"You have been disconnected. {text}"
             self.say(text)
+            writer.transport.abort()
+        elif code == CLOSE_HALF_CLOSE:
+            self.say(f"the gateway ended the connection: {reason}")
             writer.transport.abort()
         elif code == CLOSE_VM_FAILED or (code not in (1000, None)):
             self.say(f"the tunnel ended with an error ({code}): {reason}")
@@ -183,10 +206,22 @@ class Tunnel:
                 await writer.wait_closed()
 
     async def _local_to_ws(self, reader: asyncio.StreamReader, ws: aiohttp.ClientWebSocketResponse) -> None:
-        with contextlib.suppress(ConnectionError, OSError):
-            while data := await reader.read(_READ):
+        """Local bytes to the gateway, then `eof`. Raises _LocalReset when the local connection broke.
+
+        A WebSocket that fails to send is left to `_ws_to_local`, which reads how it ended.
+        """
+        with contextlib.suppress(aiohttp.ClientError, ConnectionError, RuntimeError):
+            while True:
+                try:
+                    data = await reader.read(_READ)
+                except OSError as exc:
+                    raise _LocalReset(str(exc)) from None
+                if not data:
+                    break
                 await ws.send_bytes(data)
             await ws.send_str('{"type":"eof"}')
+        # Stay alive until the WebSocket ends, so only a broken local side ends this task early.
+        await asyncio.Event().wait()
 
     async def _ws_to_local(self, ws: aiohttp.ClientWebSocketResponse, writer: asyncio.StreamWriter) -> tuple[int | None, str]:
         """Relay until the WebSocket closes; returns the close code and reason from the CLOSE message."""
@@ -195,12 +230,22 @@ class Tunnel:
             if msg.type == aiohttp.WSMsgType.BINARY:
                 writer.write(msg.data)
                 await writer.drain()
+            elif msg.type == aiohttp.WSMsgType.TEXT:
+                self._notice(msg.data)
             elif msg.type == aiohttp.WSMsgType.CLOSE:
                 return int(msg.data), str(msg.extra or "")
             elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
                 return ws.close_code, ""
             elif msg.type == aiohttp.WSMsgType.ERROR:
                 return None, str(ws.exception() or "WebSocket error")
+
+    def _notice(self, data: str) -> None:
+        try:
+            body = json.loads(data)
+        except ValueError:
+            return
+        if isinstance(body, dict) and body.get("type") == "notice" and isinstance(body.get("message"), str):
+            self.say(" ".join(body["message"].split())[:400])
 
 
 async def run_tunnel(

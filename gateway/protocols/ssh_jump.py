@@ -82,10 +82,10 @@ class _Pair:
         self.down_eof = False  # VM -> user direction finished
         self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    def maybe_close(self, last: Reason) -> None:
-        """Both directions finished: the side whose EOF came last ended the session."""
+    def maybe_close(self) -> None:
+        """Both directions finished: the side that sent EOF first ended the session (the other only followed)."""
         if self.up_eof and self.down_eof:
-            self.session.end(last)
+            self.session.end(Reason.CLIENT_CLOSED if self.session.half_closed_side == "user" else Reason.VM_CLOSED)
             self.close()
 
     def close(self, *, abort: bool = False) -> None:
@@ -124,7 +124,7 @@ class ChannelSide(asyncssh.SSHTCPSession[bytes]):
         t = self._p.transport
         if t is not None and not t.is_closing() and t.can_write_eof():
             t.write_eof()
-        self._p.maybe_close(Reason.CLIENT_CLOSED)
+        self._p.maybe_close()
         return True
 
     def pause_writing(self) -> None:
@@ -167,7 +167,7 @@ class SocketSide(asyncio.Protocol):
         self._p.session.half_closed("vm")
         if self._p.chan is not None:
             self._p.chan.write_eof()
-        self._p.maybe_close(Reason.VM_CLOSED)
+        self._p.maybe_close()
         return True
 
     def pause_writing(self) -> None:

@@ -216,7 +216,8 @@ class TunnelHandler:
         except (ConnectionError, OSError):
             session.end(Reason.VM_RESET)
             return
-        session.end(Reason.CLIENT_CLOSED if ws.close_code in (1000, 1001, None) else Reason.CLIENT_LOST)
+        # 4499: the helper's local connection was reset. Any other non-normal code: the helper went away badly.
+        session.end(Reason.CLIENT_CLOSED if ws.close_code in (1000, 1001) else Reason.CLIENT_LOST)
 
     async def _vm_to_user(self, ws: web.WebSocketResponse, reader: asyncio.StreamReader, session: Session) -> None:
         try:
@@ -232,4 +233,5 @@ class TunnelHandler:
         except OSError:
             session.end(Reason.VM_RESET)
             return
-        session.end(Reason.VM_CLOSED)
+        # The VM finished. If the helper had sent its EOF first, the user ended the stream and the VM followed.
+        session.end(Reason.CLIENT_CLOSED if session.half_closed_side == "user" else Reason.VM_CLOSED)

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from gateway.config import ListenAddress, load_config, parse_config, parse_duration, parse_listen
+from gateway.config import Limits, ListenAddress, load_config, parse_config, parse_duration, parse_listen
 from gateway.errors import ConfigError
 
 from .helpers import problem_message, problem_paths, public_key, valid_config_data
@@ -520,3 +520,67 @@ def test_bad_token_digest_is_not_echoed() -> None:
         parse_config({"users": [{"name": "alice", "tokens_sha256": ["my-secret-token"]}]})
     [(path, message)] = [p for p in err.value.problems if "tokens_sha256" in p[0]]
     assert path == "users[0].tokens_sha256[0]" and "my-secret-token" not in message
+
+
+# --- session limits and the drain -------------------------------------------
+
+
+def test_session_limit_defaults() -> None:
+    """Without [sessions] every rule gets the documented defaults: bounded, with a warning first."""
+    cfg = parse_config(valid_config_data())
+    assert cfg.sessions == Limits(idle_timeout=1800.0, max_duration=43200.0, warn_before=60.0, half_close_timeout=30.0)
+    assert cfg.rules[0].limits == cfg.sessions
+
+
+def test_sessions_section_sets_every_rules_default_and_a_rule_overrides_it() -> None:
+    """[sessions] sets the defaults; a key on a rule overrides only that key for that rule; "off" means no limit."""
+    data = valid_config_data()
+    data["sessions"] = {"idle_timeout": "15m", "max_duration": "8h", "warn_before": "2m", "half_close_timeout": "10s"}
+    data["rules"].append({"users": ["alice"], "vms": ["web01"], "protocols": ["ssh-jump"], "idle_timeout": "off", "max_duration": "1h"})
+    cfg = parse_config(data)
+    assert cfg.rules[0].limits == Limits(900.0, 28800.0, 120.0, 10.0)
+    assert cfg.rules[1].limits == Limits(None, 3600.0, 120.0, 10.0)
+
+
+@pytest.mark.parametrize("key", ["idle_timeout", "max_duration", "warn_before", "half_close_timeout"])
+def test_bad_limit_names_the_key_and_the_value(key: str) -> None:
+    """A limit that is not a duration is reported at its key path with the value, in [sessions] and on a rule."""
+    data = valid_config_data()
+    data["sessions"] = {key: "soon"}
+    _rule(data)[key] = "-1s"
+    assert problem_paths(data) == [f"sessions.{key}", f"rules[0].{key}"]
+    assert "'soon'" in problem_message(data, f"sessions.{key}")
+    assert "'-1s'" in problem_message(data, f"rules[0].{key}")
+
+
+def test_unknown_key_in_sessions() -> None:
+    """A misspelt limit is an error, not a silent default."""
+    data = valid_config_data()
+    data["sessions"] = {"idle_timout": "5m"}
+    assert problem_paths(data) == ["sessions.idle_timout"]
+
+
+def test_most_permissive_rule_limits_win() -> None:
+    """Two rules granting the same access add up: the longer limit (or none) applies, and the earlier warning."""
+    a = Limits(idle_timeout=600, max_duration=None, warn_before=60, half_close_timeout=30)
+    b = Limits(idle_timeout=1800, max_duration=3600, warn_before=120, half_close_timeout=None)
+    assert a.most_permissive(b) == Limits(idle_timeout=1800, max_duration=None, warn_before=60, half_close_timeout=None)
+
+
+def test_shutdown_grace_and_notice() -> None:
+    """The drain's grace and notice are read, bounded, and bad values named."""
+    data = valid_config_data()
+    data["gateway"].update(shutdown_grace="45s", shutdown_notice="  The gateway is restarting:\n upgrade.  ")
+    cfg = parse_config(data)
+    assert (cfg.gateway.shutdown_grace, cfg.gateway.shutdown_notice) == (45.0, "The gateway is restarting: upgrade.")
+    data["gateway"].update(shutdown_grace="2h", shutdown_notice="")
+    assert sorted(problem_paths(data)) == ["gateway.shutdown_grace", "gateway.shutdown_notice"]
+    assert "'2h'" in problem_message(data, "gateway.shutdown_grace")
+
+
+def test_keepalive_count_and_ping_interval() -> None:
+    """SSH keepalive count and the tunnel ping interval are validated like every other key."""
+    data = valid_config_data()
+    data["ssh"]["keepalive_count"] = 0
+    data["tunnel"] = {"ping_interval": "fast"}
+    assert problem_paths(data) == ["ssh.keepalive_count", "tunnel.ping_interval"]
