@@ -122,7 +122,7 @@ def _duration(seconds: float) -> str:
 
 def render_sessions(rows: list[dict[str, Any]]) -> str:
     """The `bastion sessions` table."""
-    header = ("ID", "USER", "VM", "SOURCE IP", "PROTOCOL", "STARTED", "DURATION", "UP", "DOWN")
+    header = ("ID", "USER", "VM", "SOURCE IP", "PROTOCOL", "STARTED", "DURATION", "UP", "DOWN", "STATE")
     table = [header] + [
         (
             r["id"],
@@ -134,6 +134,7 @@ def render_sessions(rows: list[dict[str, Any]]) -> str:
             _duration(r["duration_s"]),
             _human_bytes(r["bytes_up"]),
             _human_bytes(r["bytes_down"]),
+            f"terminating, ends {r['ends_at'].replace('T', ' ')[:19]}" if r.get("ends_at") else r.get("state", "active"),
         )
         for r in rows
     ]
@@ -192,9 +193,11 @@ def cmd_disconnect(args: argparse.Namespace) -> int:
             print(f"bastion: {exc.message}", file=sys.stderr)
             return 1
         results: dict[str, str] = data["results"]
+        ends: dict[str, str] = data.get("ends_at") or {}
         for sid in args.ids:
-            print(f"{sid}: {results.get(sid, 'not_found')}")
-        return 0 if all(r == "disconnected" for r in results.values()) else 3
+            result = results.get(sid, "not_found")
+            print(f"{sid}: {result} (ends at {ends[sid]})" if sid in ends else f"{sid}: {result}")
+        return 0 if all(r in ("disconnected", "pending") for r in results.values()) else 3
 
     return _run(run)
 

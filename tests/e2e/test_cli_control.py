@@ -33,8 +33,9 @@ async def test_sessions_table_and_json(gw: Gateway) -> None:
         rc, out, err = await cli(gw, "sessions", "--ca-file", str(gw.ca_file), token=VIEWER_TOKEN)
         assert rc == 0, err
         header, row = out.splitlines()[:2]
-        assert header.split() == ["ID", "USER", "VM", "SOURCE", "IP", "PROTOCOL", "STARTED", "DURATION", "UP", "DOWN"]
+        assert header.split() == ["ID", "USER", "VM", "SOURCE", "IP", "PROTOCOL", "STARTED", "DURATION", "UP", "DOWN", "STATE"]
         assert row.split()[:5] == [live.id, "alice", "web01", "127.0.0.1", "ssh"]
+        assert row.split()[-1] == "active"
         rc, out, _ = await cli(gw, "sessions", "--json", "--vm", "web01", "--ca-file", str(gw.ca_file))
         assert rc == 0
         [item] = json.loads(out)
@@ -49,6 +50,25 @@ async def test_disconnect_reports_each_result_and_the_user_sees_the_reason(gw: G
         assert out.splitlines() == [f"{live.id}: disconnected", "nosuchid: not_found"]
         code, user_err = await live.finish()
         assert code == 255 and "You have been disconnected. cli test" in user_err
+
+
+async def test_a_second_disconnect_without_grace_ends_a_pending_one_with_its_reason(gw: Gateway) -> None:
+    """`disconnect --grace 30`, then `disconnect --reason now`: the first answers pending with its end time and the
+    list shows it terminating; the second ends the session at once, and the user reads the second reason."""
+    async with Live(gw) as live:
+        ca = str(gw.ca_file)
+        rc, out, err = await cli(gw, "disconnect", live.id, "--grace", "30", "--reason", "in a while", "--ca-file", ca)
+        assert rc == 0, err
+        assert out.startswith(f"{live.id}: pending (ends at ") and out.strip().endswith("Z)")
+        rc, table, _ = await cli(gw, "sessions", "--ca-file", ca)
+        assert "terminating, ends " in table.splitlines()[1]
+        rc, out, err = await cli(gw, "disconnect", live.id, "--reason", "now", "--ca-file", ca)
+        assert (rc, out.strip()) == (0, f"{live.id}: disconnected"), err
+        code, user_err = await live.finish()
+        assert "You will be disconnected in 30 seconds: in a while" in user_err
+        assert "You have been disconnected. now" in user_err and code == 255
+        [closed] = [e for e in gw.logs.events("session_closed") if e["session_id"] == live.id]
+        assert closed["reason"] == "terminated_by_operator" and closed["duration_s"] < 25
 
 
 async def test_cli_verifies_the_certificate_and_explains_failures(gw: Gateway) -> None:

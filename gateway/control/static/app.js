@@ -66,7 +66,8 @@
       const started = new Date(s.started_at);
       tr.append(first, cell(s.user), cell(s.vm), cell(s.source_ip), cell(s.protocol), cell(s.login || "-"),
         cell(started.toLocaleTimeString()), cell(fmtDuration((now - started.getTime()) / 1000), "num"),
-        cell(fmtBytes(s.bytes_up), "num"), cell(fmtBytes(s.bytes_down), "num"), cell(s.node), cell(s.state));
+        cell(fmtBytes(s.bytes_up), "num"), cell(fmtBytes(s.bytes_down), "num"), cell(s.node),
+        cell(s.state === "terminating" && s.ends_at ? "terminating (ends " + new Date(s.ends_at).toLocaleTimeString() + ")" : s.state));
       body.append(tr);
     }
     updateButtons();
@@ -124,8 +125,13 @@
   function onEvent(kind, data) {
     if (kind === "snapshot") { sessions.clear(); for (const s of data.sessions) sessions.set(s.id, s); }
     else if (kind === "opened" || kind === "updated") sessions.set(data.session.id, data.session);
-    else if (kind === "closed") sessions.delete(data.session.id);
-    else if (kind === "resync") return refresh();
+    else if (kind === "closed") { sessions.delete(data.session.id); selected.delete(data.session.id); }
+    else if (kind === "progress") {
+      for (const p of data.sessions) {
+        const s = sessions.get(p.id);
+        if (s) { s.bytes_up = p.bytes_up; s.bytes_down = p.bytes_down; }
+      }
+    }
     render();
   }
 
