@@ -291,6 +291,7 @@ class App:
             await self._listener.stop()
         if self._https is not None:
             await self._https.stop()
+        self.registry.end_subscriptions()  # event streams end cleanly instead of waiting out aiohttp's shutdown
         if self._control is not None:
             await self._control.stop()
         if self._control_https is not None:

@@ -29,7 +29,7 @@ from gateway.clock import Clock
 from gateway.config import Operator
 from gateway.control.openapi import OPENAPI
 from gateway.sessions.model import SessionEvent, SessionInfo, iso
-from gateway.sessions.registry import SessionRegistry, SubscriberLimit
+from gateway.sessions.registry import SessionRegistry, StreamEnded, SubscriberLimit
 
 MAX_BODY = 16 * 1024
 MAX_REASON = 400
@@ -336,6 +336,8 @@ class ControlAPI:
                 for more in sub.drain():  # what else is queued goes out in one write
                     chunk.append(_event_bytes(self._view, more))
                 await resp.write(b"".join(chunk))
+        except StreamEnded:
+            self._log.info("event_stream_closed", source_ip=request.remote, reason="gateway_stopping")
         except (ConnectionError, RuntimeError) as exc:
             # aiohttp raises ClientConnectionResetError (a ConnectionError) or RuntimeError once the peer is gone.
             self._log.info("event_stream_closed", source_ip=request.remote, reason="client_gone", error=type(exc).__name__)

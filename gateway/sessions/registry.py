@@ -211,13 +211,22 @@ class TerminateResult:
     changed: bool  # False: an earlier end was already pending and stays
 
 
+class StreamEnded(Exception):
+    """The registry closed this subscription (the gateway is stopping)."""
+
+
 class Subscription:
     """A bounded event stream. On overflow it is emptied and marked for one resync, never silently gapped."""
 
     def __init__(self, size: int) -> None:
         self._queue: asyncio.Queue[SessionEvent] = asyncio.Queue(size)
         self.overflowed = False
+        self.ended = False
         self._signal = asyncio.Event()
+
+    def end(self) -> None:
+        self.ended = True
+        self._signal.set()
 
     def put(self, event: SessionEvent) -> None:
         if self.overflowed:
@@ -231,8 +240,13 @@ class Subscription:
         self._signal.set()
 
     async def get(self) -> SessionEvent | None:
-        """The next event, or None when events were lost: the caller resyncs from `registry.list()`."""
+        """The next event, or None when events were lost: the caller resyncs from `registry.list()`.
+
+        Raises StreamEnded once the registry ended the subscription and every queued event was read.
+        """
         while True:
+            if self.ended and self._queue.empty():
+                raise StreamEnded
             if self.overflowed:
                 self.overflowed = False
                 return None
@@ -444,6 +458,12 @@ class SessionRegistry:
 
     def unsubscribe(self, sub: Subscription) -> None:
         self._subscribers.discard(sub)
+
+    def end_subscriptions(self) -> None:
+        """End every event stream (the gateway is stopping): readers get what is queued, then StreamEnded."""
+        for sub in list(self._subscribers):
+            sub.end()
+        self._subscribers.clear()
 
     def totals(self) -> Totals:
         return Totals(active=len(self._sessions), opened=self._opened, closed=self._closed)
