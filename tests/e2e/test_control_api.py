@@ -280,3 +280,61 @@ async def test_events_stream_follows_a_real_session(gw: Gateway, api: Api) -> No
         assert opened["session"]["vm"] == "web01"
         kind, closed = await next_event()
         assert kind == "closed" and closed["session"]["id"] == opened["session"]["id"] and closed["reason"] == "vm_closed"
+
+
+async def test_event_stream_delivers_every_event_of_a_1000_session_burst(gw: Gateway, api: Api) -> None:
+    """1,000 sessions opened and then closed in one burst: an SSE client over HTTPS reads every opened and closed
+    event (no resync, no gap), and progress arrives as coalesced events, not one per session."""
+    from gateway.kinds import Protocol, Reason
+    from gateway.sessions.model import SessionSpec
+
+    headers = {"Authorization": f"Bearer {VIEWER_TOKEN}"}
+    counts: dict[str, int] = {}
+    ids: dict[str, set[str]] = {"opened": set(), "closed": set()}
+    async with api.http.get(gw.control_url + "/v1/events", headers=headers, ssl=api.ssl) as resp:
+        assert resp.status == 200
+
+        async def read_until_all_closed() -> None:
+            kind, data = "", ""
+            async for raw in resp.content:
+                line = raw.decode().rstrip("\n")
+                if line.startswith("event: "):
+                    kind = line[7:]
+                elif line.startswith("data: "):
+                    data = line[6:]
+                elif not line and data:
+                    body = json.loads(data)
+                    counts[kind] = counts.get(kind, 0) + 1
+                    if kind in ids:
+                        ids[kind].add(body["session"]["id"])
+                    assert not (kind == "snapshot" and body.get("resync")), "the stream fell behind"
+                    if len(ids["closed"]) == 1000:
+                        return
+                    kind, data = "", ""
+
+        reader = asyncio.create_task(read_until_all_closed())
+        release, all_open = asyncio.Event(), asyncio.Event()
+        opened = 0
+
+        async def one(i: int) -> None:
+            nonlocal opened
+            spec = SessionSpec(f"user{i}", "127.0.0.1", 40000 + i, "web01", "127.0.0.1", 22, Protocol.SSH, "root")
+            async with gw.app.registry.open(spec) as session:
+                opened += 1
+                if opened == 1000:
+                    all_open.set()
+                session.add_up(i)
+                await release.wait()
+                session.end(Reason.CLIENT_CLOSED)
+
+        # The stream subscribed before its headers were sent, so every session below arrives as an event.
+        sessions = [asyncio.create_task(one(i)) for i in range(1000)]
+        async with asyncio.timeout(30):
+            await all_open.wait()
+        gw.app.registry.publish_progress()
+        release.set()
+        await asyncio.gather(*sessions)
+        async with asyncio.timeout(30):
+            await reader
+    assert len(ids["opened"]) == 1000 and ids["opened"] == ids["closed"]
+    assert counts.get("progress", 0) <= 5 and counts["snapshot"] == 1
