@@ -26,6 +26,20 @@ def check(name: str, body: Any) -> None:
     jsonschema.validate(body, schema(name))
 
 
+async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """The (event, data) pairs of a Server-Sent Events response, as they arrive."""
+    kind, data = "", ""
+    async for raw in resp.content:
+        line = raw.decode().rstrip("\n")
+        if line.startswith("event: "):
+            kind = line[7:]
+        elif line.startswith("data: "):
+            data = line[6:]
+        elif not line and data:
+            yield kind, json.loads(data)
+            kind, data = "", ""
+
+
 class Api:
     def __init__(self, gw: Gateway, http: aiohttp.ClientSession) -> None:
         self.gw = gw
@@ -257,18 +271,11 @@ async def test_events_stream_follows_a_real_session(gw: Gateway, api: Api) -> No
     async with api.http.get(gw.control_url + "/v1/events", headers=headers, ssl=api.ssl) as resp:
         assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
 
+        stream = sse_events(resp)
+
         async def next_event() -> tuple[str, dict[str, Any]]:
-            kind, data = "", ""
             async with asyncio.timeout(20):
-                async for raw in resp.content:
-                    line = raw.decode().rstrip("\n")
-                    if line.startswith("event: "):
-                        kind = line[7:]
-                    elif line.startswith("data: "):
-                        data = line[6:]
-                    elif not line and data:
-                        return kind, json.loads(data)
-            raise AssertionError("stream ended")
+                return await anext(stream)
 
         kind, snap = await next_event()
         assert kind == "snapshot" and snap["sessions"] == []
@@ -295,22 +302,13 @@ async def test_event_stream_delivers_every_event_of_a_1000_session_burst(gw: Gat
         assert resp.status == 200
 
         async def read_until_all_closed() -> None:
-            kind, data = "", ""
-            async for raw in resp.content:
-                line = raw.decode().rstrip("\n")
-                if line.startswith("event: "):
-                    kind = line[7:]
-                elif line.startswith("data: "):
-                    data = line[6:]
-                elif not line and data:
-                    body = json.loads(data)
-                    counts[kind] = counts.get(kind, 0) + 1
-                    if kind in ids:
-                        ids[kind].add(body["session"]["id"])
-                    assert not (kind == "snapshot" and body.get("resync")), "the stream fell behind"
-                    if len(ids["closed"]) == 1000:
-                        return
-                    kind, data = "", ""
+            async for kind, body in sse_events(resp):
+                counts[kind] = counts.get(kind, 0) + 1
+                if kind in ids:
+                    ids[kind].add(body["session"]["id"])
+                assert not (kind == "snapshot" and body.get("resync")), "the stream fell behind"
+                if len(ids["closed"]) == 1000:
+                    return
 
         reader = asyncio.create_task(read_until_all_closed())
         release, all_open = asyncio.Event(), asyncio.Event()
