@@ -153,3 +153,39 @@ async def test_bastion_rdp_launches_freerdp_through_a_tunnel(make_gateway: Gatew
         assert proc.returncode == 0, out.decode(errors="replace")
         closed = [e for e in gw.logs.events("session_closed") if e["vm"] == "win01"]
         assert closed and all(e["protocol"] == "rdp" for e in closed)
+
+
+@pytest.mark.parametrize("event", ["client_killed", "helper_killed", "operator"])
+async def test_rdp_session_through_the_tunnel_ends_when_a_side_goes_away(
+    make_gateway: GatewayFactory, xrdp: XRDP, display: str, event: str
+) -> None:
+    """A full RDP session through `bastion tunnel`: xfreerdp killed, the helper killed, or an operator's
+    disconnect. Each time the session leaves the registry at once with the reason of what happened."""
+    loop = asyncio.get_running_loop()
+    async with make_gateway(with_win_vm(xrdp.port, ["rdp"])) as gw, Helper(gw, "win01", xrdp.port) as helper:
+        assert helper.proc is not None
+        async with follow_logs(xrdp) as lines, rdp_client(display, xrdp, helper.local, "/size:800x600") as client:
+            await wait_for_desktop(xrdp, lines)
+            [live] = gw.app.registry.list()
+            started = loop.time()
+            if event == "client_killed":
+                client.proc.kill()
+            elif event == "helper_killed":
+                helper.proc.kill()
+            else:
+                gw.app.registry.terminate(live.id, "RDP maintenance", 0)
+            await wait_for(lambda: gw.app.registry.get(live.id) is None, gw.logs.changed, timeout=20)
+            took = loop.time() - started
+            if event == "operator":
+                async with asyncio.timeout(20):
+                    await client.proc.wait()  # the RDP client notices that its connection ended
+        [closed] = [e for e in gw.logs.events("session_closed") if e["session_id"] == live.id]
+        expected = {
+            # The killed client's socket is closed by the kernel: the helper passes its EOF or reset on, and
+            # xrdp closes at once, so the user side ended it.
+            "client_killed": {"client_closed", "client_lost"},
+            "helper_killed": {"client_lost"},  # the WebSocket dropped without a close
+            "operator": {"terminated_by_operator"},
+        }[event]
+        assert closed["reason"] in expected, closed
+        print(f"rdp tunnel / {event}: {closed['reason']} after {took:.2f}s")
