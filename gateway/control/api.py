@@ -35,6 +35,7 @@ MAX_BODY = 16 * 1024
 MAX_REASON = 400
 MAX_IDS = 1000
 MAX_GRACE = 3600.0
+SSE_WRITE_DEADLINE = 30.0  # an event stream whose client has not taken a write for this long is dropped
 _ROLE_RANK = {"viewer": 1, "operator": 2}
 _OPERATOR_KEY = web.RequestKey("operator", Operator)
 
@@ -319,25 +320,35 @@ class ControlAPI:
         except SubscriberLimit as exc:
             raise ApiError(503, "busy", exc.message) from None
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+        async def send(data: bytes) -> None:
+            # A client that stops reading must not hold its subscription (and our buffers) forever.
+            async with asyncio.timeout(SSE_WRITE_DEADLINE):
+                await resp.write(data)
+
         try:
             await resp.prepare(request)
-            await resp.write(self._snapshot())
+            await send(self._snapshot())
             while True:
                 try:
                     async with asyncio.timeout(15):
                         ev = await sub.get()
                 except TimeoutError:
-                    await resp.write(b": keep-alive\n\n")
+                    await send(b": keep-alive\n\n")
                     continue
                 if ev is None:  # fell behind: the whole state again
-                    await resp.write(self._snapshot(resync=True))
+                    await send(self._snapshot(resync=True))
                     continue
                 chunk = [_event_bytes(self._view, ev)]
                 for more in sub.drain():  # what else is queued goes out in one write
                     chunk.append(_event_bytes(self._view, more))
-                await resp.write(b"".join(chunk))
+                await send(b"".join(chunk))
         except StreamEnded:
             self._log.info("event_stream_closed", source_ip=request.remote, reason="gateway_stopping")
+        except TimeoutError:
+            self._log.info("event_stream_closed", source_ip=request.remote, reason="client_not_reading", limit_s=SSE_WRITE_DEADLINE)
+            if request.transport is not None:
+                request.transport.abort()
         except (ConnectionError, RuntimeError) as exc:
             # aiohttp raises ClientConnectionResetError (a ConnectionError) or RuntimeError once the peer is gone.
             self._log.info("event_stream_closed", source_ip=request.remote, reason="client_gone", error=type(exc).__name__)
