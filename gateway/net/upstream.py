@@ -11,6 +11,19 @@ import socket
 
 from gateway.errors import UpstreamError, UpstreamRefused, UpstreamTimeout
 
+# TCP keepalive on every VM connection: a VM host that vanished without a FIN or RST (powered off, link
+# down) is found by the kernel after KEEPIDLE + KEEPCNT x KEEPINTVL seconds of silence, and its session
+# ends `vm_silent`. SSH-level keepalives cover terminating SSH too; this also covers raw TCP (jump, tunnels).
+KEEPIDLE, KEEPINTVL, KEEPCNT = 30, 10, 3
+
+
+def keepalive(sock: socket.socket, idle: int = KEEPIDLE, interval: int = KEEPINTVL, count: int = KEEPCNT) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_KEEPIDLE"):  # Linux; elsewhere the system defaults apply
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+
 
 async def dial(address: str, port: int, timeout: float) -> socket.socket:
     """Return a connected, non-blocking socket. The caller owns it.
@@ -27,6 +40,7 @@ async def dial(address: str, port: int, timeout: float) -> socket.socket:
                 try:
                     sock.setblocking(False)
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    keepalive(sock)
                     await loop.sock_connect(sock, addr)
                     return sock
                 except OSError as exc:

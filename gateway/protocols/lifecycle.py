@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -314,6 +315,7 @@ def ended_reason(exc: Exception | None, *, user: bool) -> Reason:
     """The reason for a side whose connection was lost with `exc` (None: closed cleanly)."""
     if exc is None:
         return Reason.CLIENT_CLOSED if user else Reason.VM_CLOSED
-    if "keepalive" in str(exc).lower():
+    # asyncssh: "... not responding to keepalive"; the kernel's TCP keepalive: ETIMEDOUT.
+    if "keepalive" in str(exc).lower() or isinstance(exc, TimeoutError) or getattr(exc, "errno", None) == errno.ETIMEDOUT:
         return Reason.CLIENT_SILENT if user else Reason.VM_SILENT
     return Reason.CLIENT_LOST if user else Reason.VM_RESET

@@ -32,6 +32,7 @@ from gateway.errors import GatewayError, UpstreamError
 from gateway.kinds import Reason
 from gateway.net.upstream import dial
 from gateway.policy import Grant, Policy, Principal
+from gateway.protocols.lifecycle import ended_reason
 from gateway.sessions.registry import Session
 
 CLOSE_OPERATOR = 4001
@@ -224,14 +225,11 @@ class TunnelHandler:
             while data := await reader.read(_READ):
                 await ws.send_bytes(data)
                 session.add_down(len(data))
-        except (ConnectionResetError, BrokenPipeError) as exc:
-            if isinstance(exc, BrokenPipeError) or ws.closed:
-                session.end(Reason.CLIENT_CLOSED)
-            else:
-                session.end(Reason.VM_RESET)
+        except BrokenPipeError:
+            session.end(Reason.CLIENT_CLOSED)
             return
-        except OSError:
-            session.end(Reason.VM_RESET)
+        except OSError as exc:  # a reset, or the kernel's keepalive giving up on a vanished VM (vm_silent)
+            session.end(Reason.CLIENT_CLOSED if ws.closed else ended_reason(exc, user=False))
             return
         # The VM finished. If the helper had sent its EOF first, the user ended the stream and the VM followed.
         session.end(Reason.CLIENT_CLOSED if session.half_closed_side == "user" else Reason.VM_CLOSED)
