@@ -7,7 +7,9 @@ what a client typed: that is what keeps the gateway from being an open proxy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import struct
 
 from gateway.errors import UpstreamError, UpstreamRefused, UpstreamTimeout
 
@@ -56,3 +58,18 @@ async def dial(address: str, port: int, timeout: float) -> socket.socket:
         raise UpstreamRefused("connection refused") from None
     except OSError as exc:
         raise UpstreamError(exc.strerror or str(exc)) from None
+
+
+def reset(transport: asyncio.WriteTransport) -> None:
+    """Drop a connection now, with an RST, whatever is still queued for the peer.
+
+    `transport.abort()` alone closes the socket, and the kernel then keeps an orphan trying to deliver the
+    queued bytes to a peer that stopped reading (FIN_WAIT with a zero window, for minutes). SO_LINGER 0 makes
+    the close a reset, so the peer and both kernels are done with it at once.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+

@@ -21,7 +21,7 @@ import asyncssh
 
 from gateway.errors import GatewayError
 from gateway.kinds import Reason
-from gateway.net.upstream import dial
+from gateway.net.upstream import dial, reset
 from gateway.policy import Grant, Policy, Principal
 from gateway.protocols.lifecycle import ended_reason
 from gateway.protocols.ssh_disconnect import disconnect_with_notice
@@ -81,6 +81,7 @@ class _Pair:
         self.up_eof = False  # user -> VM direction finished
         self.down_eof = False  # VM -> user direction finished
         self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.transport_lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # the VM socket is gone
 
     def maybe_close(self) -> None:
         """Both directions finished: the side that sent EOF first ended the session (the other only followed)."""
@@ -90,7 +91,7 @@ class _Pair:
 
     def close(self, *, abort: bool = False) -> None:
         if self.transport is not None:
-            self.transport.abort() if abort else self.transport.close()
+            reset(self.transport) if abort else self.transport.close()
         if self.chan is not None:
             self.chan.abort() if abort else self.chan.close()
 
@@ -139,7 +140,7 @@ class ChannelSide(asyncssh.SSHTCPSession[bytes]):
         self._p.session.end(ended_reason(exc, user=True))
         t = self._p.transport
         if t is not None:
-            t.abort() if exc is not None else t.close()
+            reset(t) if exc is not None else t.close()
 
 
 class SocketSide(asyncio.Protocol):
@@ -180,9 +181,15 @@ class SocketSide(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._p.session.end(ended_reason(exc, user=False))
+        if not self._p.transport_lost.done():
+            self._p.transport_lost.set_result(None)
         c = self._p.chan
         if c is not None:
             c.abort() if exc is not None else c.close()
+
+
+# After an orderly end both sides get this long to take what is still buffered for them; then the sockets are aborted.
+_FLUSH_DEADLINE = 2.0
 
 
 class _JumpRelay:
@@ -190,8 +197,21 @@ class _JumpRelay:
         self._pair = pair
 
     async def close(self) -> None:
-        reason = self._pair.session.reason
-        self._pair.close(abort=reason in (Reason.CLIENT_LOST, Reason.VM_RESET, Reason.HALF_CLOSE_TIMEOUT))
+        """Flush and close after an orderly end (both sides finished); abort otherwise.
+
+        A peer that stopped reading (the idle, half-close or operator end of a stuck stream) must not keep
+        the gateway's socket open with data queued for it: that socket is aborted, at once or after the flush
+        deadline.
+        """
+        pair = self._pair
+        orderly = pair.session.reason in (Reason.CLIENT_CLOSED, Reason.VM_CLOSED)
+        pair.close(abort=not orderly)
+        if orderly and pair.transport is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_FLUSH_DEADLINE):
+                    await pair.transport_lost
+            if not pair.transport_lost.done():
+                pair.close(abort=True)
 
 
 class SSHJumpHandler:

@@ -30,7 +30,7 @@ from aiohttp import WSMsgType, web
 
 from gateway.errors import GatewayError, UpstreamError
 from gateway.kinds import Reason
-from gateway.net.upstream import dial
+from gateway.net.upstream import dial, reset
 from gateway.policy import Grant, Policy, Principal
 from gateway.protocols.lifecycle import ended_reason
 from gateway.sessions.registry import Session
@@ -39,6 +39,7 @@ CLOSE_OPERATOR = 4001
 CLOSE_HALF_CLOSE = 4408
 CLOSE_VM_FAILED = 4502
 _EOF = "eof"
+_FLUSH_DEADLINE = 2.0
 _READ = 256 * 1024
 
 
@@ -134,9 +135,14 @@ class _TunnelRelay:
             await self._side.close(CLOSE_HALF_CLOSE, "the VM did not finish after your end of the stream")
         else:
             await self._side.close(1000, "")
-        self._writer.transport.abort() if reason in (Reason.CLIENT_LOST, Reason.VM_RESET) else self._writer.close()
-        with contextlib.suppress(OSError):
-            await self._writer.wait_closed()
+        # Flush to the VM after an orderly end; otherwise (or if the VM takes nothing more) abort, so a VM
+        # that stopped reading never keeps the gateway's socket open with data queued for it.
+        if reason in (Reason.CLIENT_CLOSED, Reason.VM_CLOSED):
+            self._writer.close()
+            with contextlib.suppress(TimeoutError, OSError):
+                async with asyncio.timeout(_FLUSH_DEADLINE):
+                    await self._writer.wait_closed()
+        reset(self._writer.transport)
 
 
 class TunnelHandler:
