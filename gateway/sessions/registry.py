@@ -381,9 +381,12 @@ class SessionRegistry:
         The session's lifecycle warns the user, then ends it; this returns at once.
         """
         s = self._sessions.get(sid)
-        if s is None or s.ended:
+        if s is None:
             return None
-        ends_mono = self._clock.monotonic() + max(0.0, grace)
+        now = self._clock.monotonic()
+        if s.ended:  # already ending (its notice is being shown): nothing to change, it is gone in a moment
+            return TerminateResult(Pending(s.reason or reason, text, now, self._clock.now()), changed=False)
+        ends_mono = now + max(0.0, grace)
         current = s.pending
         if current is not None and current.ends_mono <= ends_mono:
             return TerminateResult(current, changed=False)

@@ -279,13 +279,24 @@ async def test_longer_grace_leaves_the_pending_end() -> None:
         session.end(Reason.TERMINATED_BY_OPERATOR)
 
 
-async def test_terminate_unknown_or_ended_id_is_none() -> None:
-    """terminate() of an unknown id, or of a session that already ended, returns None."""
+async def test_terminate_unknown_or_gone_id_is_none() -> None:
+    """terminate() of an unknown id, or of a session that has left the registry, returns None."""
     h = make_harness()
     assert h.registry.terminate("feedfacecafebeef", "x") is None
     async with h.registry.open(spec()) as session:
         session.end(Reason.CLIENT_CLOSED)
-        assert h.registry.terminate(session.id, "late") is None
+    assert h.registry.terminate(session.id, "late") is None
+
+
+async def test_terminate_of_a_session_already_ending_changes_nothing() -> None:
+    """A session that ended but is still leaving (showing its notice) is not "not found": the request is a no-op."""
+    h = make_harness()
+    async with h.registry.open(spec()) as session:
+        session.end(Reason.VM_CLOSED)
+        result = h.registry.terminate(session.id, "late")
+        assert result is not None and not result.changed and result.pending.ends_mono == h.clock.mono
+        assert session.pending is None
+    assert h.closed_line()["reason"] == "vm_closed"
 
 
 async def test_terminate_wakes_the_session() -> None:
