@@ -9,6 +9,7 @@ say why (the helper prints it); nothing is dialled for a refused request.
 
 from __future__ import annotations
 
+import re
 import ssl
 from typing import Any, Protocol
 
@@ -21,6 +22,8 @@ from gateway.policy import Principal
 from gateway.protocols.lifecycle import Client, Deps, ProtocolHandler, run_session
 from gateway.protocols.tunnel import TunnelRequest, TunnelSide
 from gateway.tokens import TokenService
+
+_PORT = re.compile(r"[0-9]{1,5}")
 
 
 class AuthObserver(Protocol):
@@ -86,7 +89,8 @@ class PublicApp:
             return _refuse(401, "unauthorized", "the token's user is not configured")
         vm_name = request.query.get("vm", "")
         port_text = request.query.get("port", "")
-        if not vm_name or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        # ASCII digits only: str.isdigit() accepts "²" and 5000-digit numbers, which int() then chokes on.
+        if not vm_name or len(vm_name) > 64 or not _PORT.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
             return _refuse(400, "bad_request", "give ?vm=NAME&port=1-65535")
         principal = Principal(user.name, user.groups, "token")
         peer = request.transport.get_extra_info("peername") if request.transport else None

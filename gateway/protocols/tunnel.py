@@ -25,6 +25,7 @@ import contextlib
 import json
 import socket
 from dataclasses import dataclass
+from functools import partial
 
 from aiohttp import WSMsgType, web
 
@@ -115,6 +116,21 @@ class TunnelSide:
                 await self.ws.close(code=code, message=close_reason(text))
 
 
+_MAX_CONTROL = 256  # a control message is `{"type":"eof"}`; anything longer is not one
+
+
+def _control_kind(data: str) -> str | None:
+    """The `type` of a control text message, or None. Bounded before parsing, so deep nesting cannot recurse."""
+    if len(data) > _MAX_CONTROL:
+        return None
+    try:
+        body = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    kind = body.get("type") if isinstance(body, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
 class _TunnelRelay:
     def __init__(self, side: TunnelSide, writer: asyncio.StreamWriter, session: Session, tasks: list[asyncio.Task[None]]) -> None:
         self._side = side
@@ -143,6 +159,12 @@ class _TunnelRelay:
                 async with asyncio.timeout(_FLUSH_DEADLINE):
                     await self._writer.wait_closed()
         reset(self._writer.transport)
+
+
+def _pump_done(session: Session, task: asyncio.Task[None]) -> None:
+    """A pump that died of a bug still ends its session (the registry logs the reason); it never lingers."""
+    if not task.cancelled() and task.exception() is not None:
+        session.end(Reason.INTERNAL_ERROR)
 
 
 class TunnelHandler:
@@ -180,6 +202,8 @@ class TunnelHandler:
             loop.create_task(self._user_to_vm(client.ws, writer, session), name=f"tunnel-up:{session.id}"),
             loop.create_task(self._vm_to_user(client.ws, reader, session), name=f"tunnel-down:{session.id}"),
         ]
+        for task in tasks:
+            task.add_done_callback(partial(_pump_done, session))
         return _TunnelRelay(client, writer, session, tasks)
 
     async def _user_to_vm(self, ws: web.WebSocketResponse, writer: asyncio.StreamWriter, session: Session) -> None:
@@ -195,10 +219,7 @@ class TunnelHandler:
                     session.add_up(len(msg.data))
                     await writer.drain()
                 elif msg.type == WSMsgType.TEXT:
-                    try:
-                        kind = json.loads(msg.data).get("type")
-                    except (ValueError, AttributeError):
-                        kind = None
+                    kind = _control_kind(msg.data)
                     if kind == _EOF and not eof:
                         eof = True
                         session.activity()

@@ -184,8 +184,9 @@ async def test_refusals_happen_before_any_connection(make_gateway: GatewayFactor
         s2, m2 = await ws_status(gw, "vm=nosuch&port=22", good)
         assert (s1, s2) == (403, 403)
         assert m1 == "VM 'web02' does not exist or you may not reach it" and m2 == "VM 'nosuch' does not exist or you may not reach it"
-        status, _ = await ws_status(gw, "vm=echo01&port=http", good)
-        assert status == 400
+        for bad in ("http", "%C2%B2", "9" * 5000, "0", "65536"):  # "²" and huge numbers once gave a 500
+            status, _ = await ws_status(gw, f"vm=echo01&port={bad}", good)
+            assert status == 400, bad
         with pytest.raises(BlockingIOError):
             watcher.accept()
         assert all(e["reason"] for e in gw.logs.events("tunnel_refused"))
@@ -272,3 +273,26 @@ async def test_static_token_from_config_opens_a_tunnel(make_gateway: GatewayFact
         assert await roundtrip(helper.local, b"automated") == b"automated"
         await wait_for(lambda: bool(gw.logs.events("session_closed")), gw.logs.changed)
         assert gw.logs.events("session_closed")[0]["user"] == "alice"
+
+
+async def test_junk_control_messages_are_ignored(make_gateway: GatewayFactory, echo: Echo) -> None:
+    """Deeply nested or oversized JSON in text frames (once a RecursionError and a lingering session) is ignored:
+    the tunnel keeps relaying and ends normally, with nothing but JSON lines logged."""
+    async with make_gateway(with_tcp_vm(echo.port)) as gw:
+        token = (await gw.ssh("alice", "token")).text.strip()
+        ctx = ssl.create_default_context(cafile=str(gw.ca_file))
+        url = f"wss://127.0.0.1:{gw.port}/v1/tunnel?vm=echo01&port={echo.port}"
+        async with aiohttp.ClientSession() as http, http.ws_connect(url, headers={"Authorization": f"Bearer {token}"}, ssl=ctx) as ws:
+            for junk in ("[" * 50_000, '{"type": ' * 2000, "not json", '{"type": 7}', "[]"):
+                await ws.send_str(junk)
+            await ws.send_bytes(b"still here")
+            async with asyncio.timeout(20):
+                msg = await ws.receive()
+            assert msg.type == aiohttp.WSMsgType.BINARY and msg.data == b"still here"
+            await ws.send_str('{"type":"eof"}')
+            async with asyncio.timeout(20):
+                closed = await ws.receive()
+            assert closed.type == aiohttp.WSMsgType.CLOSE and closed.data == 1000
+        await wait_for(lambda: bool(gw.logs.events("session_closed")), gw.logs.changed)
+        [line] = gw.logs.events("session_closed")
+        assert line["reason"] == "client_closed"
