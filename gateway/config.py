@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from gateway.errors import ConfigError
 from gateway.kinds import Protocol
+from gateway.text import one_line
 
 # Names are matched exactly; restricting them to ASCII means a Unicode
 # lookalike typed by a client can never equal a configured name.
@@ -542,7 +543,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
 
 def _notice(r: _Reader, g: Mapping[str, Any]) -> str:
     text = r.get(g, "gateway", "shutdown_notice", str, GatewaySection.shutdown_notice)
-    clean = " ".join(str(text).split())
+    clean = one_line(str(text))
     if not clean or len(clean) > 300:
         r.problem("gateway.shutdown_notice", f"must be 1 to 300 characters of text, got {text!r}")
         return GatewaySection.shutdown_notice

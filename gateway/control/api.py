@@ -30,6 +30,7 @@ from gateway.config import Operator
 from gateway.control.openapi import OPENAPI
 from gateway.sessions.model import SessionEvent, SessionInfo, iso
 from gateway.sessions.registry import SessionRegistry, StreamEnded, SubscriberLimit
+from gateway.text import one_line
 
 MAX_BODY = 16 * 1024
 MAX_REASON = 400
@@ -174,6 +175,8 @@ class ControlAPI:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ApiError(400, "bad_request", f"body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ApiError(400, "bad_request", "body is nested too deeply") from None
         if not isinstance(body, dict):
             raise ApiError(400, "bad_request", "body must be a JSON object")
         return body
@@ -183,7 +186,7 @@ class ControlAPI:
         reason = body.get("reason", "")
         if not isinstance(reason, str):
             raise ApiError(400, "bad_request", "reason must be a string")
-        reason = " ".join(reason.split())  # no control characters or line breaks into terminals
+        reason = " ".join(one_line(reason).split())  # no ESC, C1, bidi controls or line breaks into terminals
         if len(reason) > MAX_REASON:
             raise ApiError(400, "bad_request", f"reason is limited to {MAX_REASON} characters")
         return reason
@@ -292,7 +295,9 @@ class ControlAPI:
         message = body.get("message")
         if not isinstance(message, str) or not message.strip():
             raise ApiError(400, "bad_request", "message must be a non-empty string")
-        message = " ".join(message.split())
+        message = " ".join(one_line(message).split())
+        if not message:
+            raise ApiError(400, "bad_request", "message must contain printable text")
         if len(message) > MAX_REASON:
             raise ApiError(400, "bad_request", f"message is limited to {MAX_REASON} characters")
         ids = body.get("ids")

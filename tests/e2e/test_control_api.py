@@ -218,14 +218,16 @@ async def test_notices_reach_live_sessions(gw: Gateway, api: Api) -> None:
         assert status == 200
         check("NoticeResults", body)
         assert body["results"] == {live.id: "delivered"}
-        status, body = await api.call("POST", "/v1/notices", json={"message": "again", "ids": [live.id, "gone"]})
+        hostile = "\x1b]0;pwned\x07again\x1b[2J \u202eevil"  # a title-setting OSC, a screen clear, a bidi override
+        status, body = await api.call("POST", "/v1/notices", json={"message": hostile, "ids": [live.id, "gone"]})
         assert body["results"] == {live.id: "delivered", "gone": "not_found"}
         assert gw.app.registry.get(live.id) is not None
         assert live.proc is not None and live.proc.stdin is not None
         live.proc.stdin.close()
         rc, err = await live.finish()
         assert rc == 0
-        assert "Maintenance at 18:00" in err and "again" in err
+        assert "Maintenance at 18:00" in err and "]0;pwnedagain[2J evil" in err
+        assert "\x1b" not in err and "\u202e" not in err and "\x07" not in err
 
 
 @pytest.mark.parametrize(
@@ -241,6 +243,8 @@ async def test_notices_reach_live_sessions(gw: Gateway, api: Api) -> None:
         ("DELETE", "/v1/sessions/a", b'{"reason": "' + b"x" * 401 + b'"}', "400 characters"),
         ("POST", "/v1/notices", b"{}", "message"),
         ("POST", "/v1/notices", b'{"message": "hi", "ids": "x"}', "ids must be"),
+        ("POST", "/v1/notices", b'{"message": "\\u001b\\u009b\\u202e"}', "printable text"),
+        ("POST", "/v1/sessions/disconnect", b"[" * 15000, "nested too deeply"),  # once a RecursionError and a 500
     ],
 )
 async def test_bad_requests_get_400_naming_the_problem(api: Api, method: str, path: str, payload: bytes, fragment: str) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[2] / "gateway"
 
-BOTTOM = ("gateway.errors", "gateway.clock", "gateway.kinds")
+BOTTOM = ("gateway.errors", "gateway.clock", "gateway.kinds", "gateway.text")
 LOW = (*BOTTOM, "gateway.config")
 # Shared by every protocol: the lifecycle and the two SSH helpers. Everything else in protocols/ is one protocol.
 SHARED_PROTOCOL = ("gateway.protocols.lifecycle", "gateway.protocols.upstream_ssh", "gateway.protocols.ssh_disconnect")
@@ -27,9 +27,10 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "gateway.errors": (),
     "gateway.clock": (),
     "gateway.kinds": (),
+    "gateway.text": (),
     "gateway.logs": (),
     "gateway.sdnotify": (),
-    "gateway.config": ("gateway.errors", "gateway.kinds"),
+    "gateway.config": ("gateway.errors", "gateway.kinds", "gateway.text"),
     "gateway.tokens": ("gateway.errors", "gateway.clock"),
     "gateway.net": (*LOW, "gateway.net"),
     "gateway.sessions": (*LOW, "gateway.sessions"),
