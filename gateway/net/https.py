@@ -46,7 +46,13 @@ class HTTPSServer:
     async def _one_request(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.transport is not None:
             self._seen[id(request.transport)] = request.transport
-        response = await handler(request)
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            # A raised 404/405/400 (aiohttp 3 answers with the exception itself) would otherwise leave the
+            # connection in keep-alive with aiohttp's hour-long timer, past the header deadline: close it too.
+            exc.force_close()
+            raise
         if not response.prepared:
             response.force_close()
         return response

@@ -8,6 +8,7 @@ import ssl
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.e2e.conftest import Gateway, GatewayFactory
 
@@ -62,3 +63,23 @@ async def test_https_client_that_never_sends_headers_is_dropped(make_gateway: Ga
         finally:
             w.close()
         assert gw.logs.events("http_request_timeout")
+
+
+@pytest.mark.parametrize(
+    "request_line",
+    [b"GET /nosuch HTTP/1.1", b"DELETE /healthz HTTP/1.1", b"GET /v1/tunnel?vm=x&port=1 HTTP/1.1"],
+    ids=["404", "405", "401"],
+)
+async def test_every_answer_closes_the_connection(gw: Gateway, request_line: bytes) -> None:
+    """A 404, 405 or refusal (raised or returned) ends its connection: keep-alive would let one connection outlive
+    the header deadline for aiohttp's hour-long keep-alive timer."""
+    ctx = ssl.create_default_context(cafile=str(gw.tmp / "state" / "tls.crt"))
+    r, w = await asyncio.open_connection("127.0.0.1", gw.port, ssl=ctx)
+    try:
+        w.write(request_line + b"\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+        async with asyncio.timeout(10):
+            answer = await r.read()  # returns only once the gateway closed the connection
+        head = answer.split(b"\r\n\r\n", 1)[0].lower()
+        assert head.startswith(b"http/1.1 4") and b"connection: close" in head, head
+    finally:
+        w.close()
