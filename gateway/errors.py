@@ -49,6 +49,12 @@ class PolicyDenied(GatewayError):
     reason = "policy_denied"
 
 
+class BadRequest(GatewayError):
+    """A request a door could parse but no handler can serve as asked (e.g. a tunnel without the upgrade)."""
+
+    reason = "bad_request"
+
+
 class TargetRefused(GatewayError):
     """The client asked for a target that is not an inventory name (IP literal, localhost, ...)."""
 

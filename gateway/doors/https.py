@@ -96,7 +96,9 @@ class PublicApp:
         peer = request.transport.get_extra_info("peername") if request.transport else None
         client = Client(principal, request.remote or "", int(peer[1]) if peer else 0)
         side = TunnelSide(request, max_message=self._max_message, ping_interval=self._ping_interval)
-        await run_session(self._deps, self._tunnel, TunnelRequest(principal, vm_name, int(port_text)), client, side, target=vm_name)
+        upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+        tunnel = TunnelRequest(principal, vm_name, int(port_text), upgrade=upgrade)
+        await run_session(self._deps, self._tunnel, tunnel, client, side, target=vm_name)
         return side.response
 
     def _count_auth(self, reason: str) -> None:

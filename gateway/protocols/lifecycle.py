@@ -32,7 +32,7 @@ from structlog.typing import FilteringBoundLogger
 
 from gateway.clock import Clock
 from gateway.config import Limits
-from gateway.errors import GatewayError, PolicyDenied, TargetRefused, UpstreamError, UpstreamHostKeyMismatch
+from gateway.errors import BadRequest, GatewayError, PolicyDenied, TargetRefused, UpstreamError, UpstreamHostKeyMismatch
 from gateway.kinds import Protocol as SessionProtocol
 from gateway.kinds import Reason
 from gateway.policy import Grant, Policy, Principal
@@ -92,7 +92,7 @@ class ProtocolHandler(Protocol[R_contra, U, S_contra]):
         ...
 
     def authorize(self, policy: Policy, request: R_contra) -> Grant:
-        """What policy grants this request. Raises PolicyDenied or TargetRefused."""
+        """What policy grants this request. Raises PolicyDenied, TargetRefused or BadRequest."""
         ...
 
     async def connect(self, request: R_contra, grant: Grant) -> U:
@@ -175,7 +175,7 @@ async def run_session(
     log = deps.log.bind(user=client.principal.name, source_ip=client.source_ip, source_port=client.source_port, handler=handler.kind)
     try:
         grant = handler.authorize(deps.policy, request)
-    except (PolicyDenied, TargetRefused) as exc:
+    except (PolicyDenied, TargetRefused, BadRequest) as exc:
         # `target` is what the client typed: bounded, and only ever a log field, never a metric label.
         log.info("session_refused", target=target[:64], reason=exc.reason, error=exc.message)
         deps.observer.refused(exc.reason)

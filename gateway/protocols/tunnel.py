@@ -29,7 +29,7 @@ from functools import partial
 
 from aiohttp import WSMsgType, web
 
-from gateway.errors import GatewayError, UpstreamError
+from gateway.errors import BadRequest, GatewayError, UpstreamError
 from gateway.kinds import Reason
 from gateway.net.upstream import dial, reset
 from gateway.policy import Grant, Policy, Principal
@@ -66,6 +66,7 @@ class TunnelRequest:
     principal: Principal
     vm: str
     port: int
+    upgrade: bool = True  # False: a plain GET (the helper reading why it was refused) must dial nothing
 
 
 class TunnelSide:
@@ -102,6 +103,8 @@ class TunnelSide:
             return
         if isinstance(error, UpstreamError):
             self.response = _refusal(502, error.reason, error.message)
+        elif isinstance(error, BadRequest):
+            self.response = _refusal(400, error.reason, error.message)
         else:
             self.response = _refusal(403, "forbidden", error.message)
 
@@ -176,7 +179,10 @@ class TunnelHandler:
         self._timeout = connect_timeout
 
     def authorize(self, policy: Policy, request: TunnelRequest) -> Grant:
-        return policy.check_tunnel(request.principal, request.vm, request.port)
+        grant = policy.check_tunnel(request.principal, request.vm, request.port)
+        if not request.upgrade:
+            raise BadRequest("this endpoint needs a WebSocket upgrade (use `bastion tunnel`)", reason="upgrade_required")
+        return grant
 
     async def connect(self, request: TunnelRequest, grant: Grant) -> socket.socket:
         return await dial(grant.vm.address, grant.port, self._timeout)

@@ -296,3 +296,19 @@ async def test_junk_control_messages_are_ignored(make_gateway: GatewayFactory, e
         await wait_for(lambda: bool(gw.logs.events("session_closed")), gw.logs.changed)
         [line] = gw.logs.events("session_closed")
         assert line["reason"] == "client_closed"
+
+
+async def test_a_plain_get_of_an_allowed_tunnel_dials_nothing(make_gateway: GatewayFactory, watcher: socket.socket) -> None:
+    """GET /v1/tunnel without the WebSocket upgrade, for a VM and port that are granted: 400, and the VM's port is
+    never dialled (before, the gateway dialled it and only then refused)."""
+    port = watcher.getsockname()[1]
+    async with make_gateway(with_tcp_vm(port)) as gw:
+        token = (await gw.ssh("alice", "token")).text.strip()
+        ctx = ssl.create_default_context(cafile=str(gw.ca_file))
+        url = f"https://127.0.0.1:{gw.port}/v1/tunnel?vm=echo01&port={port}"
+        async with aiohttp.ClientSession() as http, http.get(url, headers={"Authorization": f"Bearer {token}"}, ssl=ctx) as resp:
+            assert resp.status == 400
+            assert "WebSocket upgrade" in (await resp.json())["message"]
+        with pytest.raises(BlockingIOError):
+            watcher.accept()
+        assert not gw.logs.events("session_opened")
