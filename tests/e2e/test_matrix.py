@@ -497,8 +497,19 @@ class LocalClient:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def connect(self, port: int) -> LocalClient:
-        await asyncio.get_running_loop().sock_connect(self.sock, ("127.0.0.1", port))
-        return self
+        # `ssh -v` prints "Local forwarding listening on ..." just before it calls listen(): a connect in
+        # between is refused. Retry that one error, bounded (about 2 s), on a fresh socket each time.
+        loop = asyncio.get_running_loop()
+        for _ in range(100):
+            try:
+                await loop.sock_connect(self.sock, ("127.0.0.1", port))
+                return self
+            except ConnectionRefusedError:
+                self.sock.close()
+                self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                self.sock.setblocking(False)
+                await asyncio.sleep(0.02)
+        raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
 
     async def send(self, data: bytes) -> None:
         await asyncio.get_running_loop().sock_sendall(self.sock, data)
