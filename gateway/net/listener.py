@@ -50,9 +50,15 @@ async def peek_door(sock: socket.socket, deadline: float) -> Door:
 
     Silence until `deadline` seconds means SSH (the server speaks first).
     A closed connection or unknown bytes give Door.UNKNOWN.
+
+    After a partial prefix (`S`, a lone TLS record byte) the socket stays readable with the same bytes, so
+    instead of re-peeking on a timer (a connection sending one byte cost the loop a wake-up every 10 ms) the
+    socket's SO_RCVLOWAT is raised past what is there: the kernel wakes us only when more bytes (or a FIN)
+    arrive. It is back to 1 before the socket is handed on.
     """
     loop = asyncio.get_running_loop()
     fd = sock.fileno()
+    raised = False
     try:
         async with asyncio.timeout(deadline):
             while True:
@@ -73,10 +79,16 @@ async def peek_door(sock: socket.socket, deadline: float) -> Door:
                 door = classify(data)
                 if door is not Door.NEED_MORE:
                     return door
-                # Partial prefix: the socket stays readable, so wait a little for the rest.
-                await asyncio.sleep(0.01)
+                if len(data) >= _PEEK:
+                    return Door.UNKNOWN
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, len(data) + 1)
+                raised = True
     except TimeoutError:
         return Door.SSH
+    finally:
+        if raised:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
 
 def _wake(fut: asyncio.Future[None]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 from typing import Any
 
@@ -83,3 +84,38 @@ async def test_every_answer_closes_the_connection(gw: Gateway, request_line: byt
         assert head.startswith(b"http/1.1 4") and b"connection: close" in head, head
     finally:
         w.close()
+
+
+class CountingSocket(socket.socket):
+    """A real socket that counts its peeks (the OS boundary the detector works at)."""
+
+    peeks = 0
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        if flags & socket.MSG_PEEK:
+            self.peeks += 1
+        return super().recv(bufsize, flags)
+
+
+async def test_one_byte_does_not_make_the_detector_spin() -> None:
+    """A client that sends `S` and stops: the detector waits for more bytes without re-peeking on a timer
+    (once a wake-up every 10 ms until the deadline), then classifies when the rest arrives."""
+    from gateway.net.detect import Door
+    from gateway.net.listener import peek_door
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        raw, _ = server.accept()
+        sock = CountingSocket(fileno=raw.detach())
+        sock.setblocking(False)
+        try:
+            client.sendall(b"S")
+            assert await peek_door(sock, 0.5) is Door.SSH  # the deadline: silence after a prefix is SSH
+            assert sock.peeks == 1, sock.peeks
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1  # handed on as it came
+            client.sendall(b"SH-2.0-x\r\n")
+            assert await peek_door(sock, 5) is Door.SSH
+            assert sock.recv(1, socket.MSG_PEEK) == b"S"  # nothing was consumed
+        finally:
+            client.close()
+            sock.close()
