@@ -217,7 +217,9 @@ class VMSide(asyncssh.SSHClientSession[bytes]):
             self._session.add_down(len(data))
 
     def eof_received(self) -> bool:
-        self._session.half_closed("vm")
+        # No half-close timer here, either way: an SSH session's EOF only ends its data. `cmd > log 2>&1`
+        # closes stdout at once and runs on; the session lasts until exit-status and close (bounded by the
+        # idle and duration limits).
         uc = self._user.chan
         if uc is not None and not self._user.closed.done():
             uc.write_eof()

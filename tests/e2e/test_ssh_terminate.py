@@ -190,3 +190,18 @@ async def test_unreachable_vm_is_reported_to_the_user(make_gateway: GatewayFacto
         [failed] = gw.logs.events("upstream_dial_failed")
         assert (failed["vm"], failed["reason"]) == ("down01", "upstream_refused")
         assert not gw.app.registry.list()
+
+
+async def test_a_command_that_closes_its_output_early_runs_to_its_end(make_gateway: GatewayFactory) -> None:
+    """`ssh host 'job > log 2>&1'`: the VM sends EOF at once and the job runs on. The half-close limit is for byte
+    streams, so even a 1 s one does not cut the session: the exit status arrives and the session ends vm_closed."""
+
+    def edit(cfg: dict[str, Any]) -> None:
+        cfg["sessions"] = {"half_close_timeout": "1s"}
+
+    async with make_gateway(edit) as gw:
+        r = await gw.ssh("alice+web01", "exec >/dev/null 2>&1; sleep 3; exit 4", stdin=None)
+        assert r.rc == 4, r.errtext
+        await wait_for(lambda: bool(gw.logs.events("session_closed")), gw.logs.changed)
+        [line] = gw.logs.events("session_closed")
+        assert line["reason"] == "vm_closed" and line["duration_s"] >= 3
