@@ -119,7 +119,7 @@ class App:
         self.notifier: ServiceNotifier = notifier or Notifier()
         self._watchdog: asyncio.Task[None] | None = None
         self._stopping = False
-        self.registry = SessionRegistry(config.gateway.node, self.clock, log)
+        self.registry = SessionRegistry(config.gateway.node, self.clock, log, max_per_user=config.max_sessions_per_user)
         self.metrics = Metrics(self.registry, config.vms)
         self.registry.set_observer(self.metrics)
         self.policy = Policy(config.vms, config.users, config.rules)
@@ -191,6 +191,7 @@ class App:
             max_startups=cfg.ssh.max_startups,
             keepalive_interval=cfg.ssh.keepalive_interval,
             keepalive_count=cfg.ssh.keepalive_count,
+            max_sessions=cfg.ssh.max_sessions,
             log=self.log,
             public_hint=hint,
             observer=self.metrics,

@@ -125,6 +125,7 @@ class SSHSection:
     max_startups: int = 100
     keepalive_interval: float = 30.0
     keepalive_count: int = 3
+    max_sessions: int = 10  # channels (sessions and forwards) open at once on one SSH connection, like sshd's MaxSessions
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,7 @@ class Config:
     operators: tuple[Operator, ...] = ()
     tunnel: TunnelSection = field(default_factory=TunnelSection)
     sessions: Limits = field(default_factory=Limits)
+    max_sessions_per_user: int = 50
 
 
 T = TypeVar("T")
@@ -380,8 +382,11 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         r.problem("gateway.shutdown_grace", f"must be at most 10m (systemd's stop timeout exceeds it), got {g['shutdown_grace']!r}")
 
     sess = r.get(data, "", "sessions", dict, {})
-    r.table(sess, "sessions", set(LIMIT_KEYS))
+    r.table(sess, "sessions", {*LIMIT_KEYS, "max_per_user"})
     session_limits = r.limits(sess, "sessions", Limits())
+    max_per_user = r.get(sess, "sessions", "max_per_user", int, 50)
+    if not 1 <= max_per_user <= 100_000:
+        r.problem("sessions.max_per_user", f"must be 1 to 100000, got {max_per_user!r}")
 
     pub = r.get(data, "", "public", dict, {})
     r.table(pub, "public", {"listen", "tls_cert", "tls_key", "detect_timeout", "header_timeout"})
@@ -395,11 +400,15 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
     )
 
     s = r.get(data, "", "ssh", dict, {})
-    ssh_keys = {"host_keys", "user_ca_keys", "login_grace_time", "max_auth_tries", "max_startups", "keepalive_interval", "keepalive_count"}
+    ssh_keys = {"host_keys", "user_ca_keys", "login_grace_time", "max_auth_tries", "max_startups", "keepalive_interval"}
+    ssh_keys |= {"keepalive_count", "max_sessions"}
     r.table(s, "ssh", ssh_keys)
     keepalive_count = r.get(s, "ssh", "keepalive_count", int, 3)
     if not 1 <= keepalive_count <= 100:
         r.problem("ssh.keepalive_count", f"must be 1 to 100, got {keepalive_count!r}")
+    max_sessions = r.get(s, "ssh", "max_sessions", int, 10)
+    if not 1 <= max_sessions <= 1000:
+        r.problem("ssh.max_sessions", f"must be 1 to 1000, got {max_sessions!r}")
     max_auth = r.get(s, "ssh", "max_auth_tries", int, 6)
     if max_auth < 1:
         r.problem("ssh.max_auth_tries", f"must be at least 1, got {max_auth!r}")
@@ -414,6 +423,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         max_startups=max_startups,
         keepalive_interval=r.duration(s, "ssh", "keepalive_interval", 30.0),
         keepalive_count=keepalive_count,
+        max_sessions=max_sessions,
     )
 
     vms: dict[str, VM] = {}
@@ -538,6 +548,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         operators=operators,
         tunnel=tunnel,
         sessions=session_limits,
+        max_sessions_per_user=max_per_user,
     )
 
 

@@ -66,6 +66,7 @@ class SSHDoor:
         keepalive_interval: float,
         keepalive_count: int,
         log: FilteringBoundLogger,
+        max_sessions: int = 10,
         public_hint: str = "GATEWAY",
         observer: DoorObserver | None = None,
         tokens: TokenService | None = None,
@@ -84,6 +85,7 @@ class SSHDoor:
         self.node = node
         self.max_auth_tries = max_auth_tries
         self.max_startups = max_startups
+        self.max_sessions = max_sessions
         self.log = log
         self.public_hint = public_hint
         self.unauthenticated = 0
@@ -263,9 +265,20 @@ class GatewaySSHServer(asyncssh.SSHServer):
         return Client(self._principal, self._peer[0], self._peer[1])
 
     # -- channels --
+    def _channel_allowed(self, kind: str) -> None:
+        """At most `max_sessions` relaying channels per connection (each is one task here). Raises ChannelOpenError."""
+        limit = self._door.max_sessions
+        if len(self._tasks) >= limit:
+            self._log.info("channel_refused", user=self.username, kind=kind, reason="connection_session_limit", limit=limit)
+            self._door.observer.refused("connection_session_limit")
+            message = f"at most {limit} sessions and forwards at once on one connection"
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, message)
+
     def session_requested(self) -> asyncssh.SSHServerSession[bytes]:
         client = self._client()
         vm = self._vm
+        if vm is not None:
+            self._channel_allowed("session")
         if vm is None:
             return GatewayShellSession(self._door, client)
         request_login = self._login
@@ -279,6 +292,7 @@ class GatewaySSHServer(asyncssh.SSHServer):
         return UserSide(start)
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
+        self._channel_allowed("direct-tcpip")
         client = self._client()
         side = JumpSide()
         request = JumpRequest(client.principal, dest_host, dest_port)

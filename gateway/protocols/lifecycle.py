@@ -181,6 +181,32 @@ async def run_session(
         deps.observer.refused(exc.reason)
         await side.refuse(exc)
         return None
+    user = client.principal.name
+    if not deps.registry.reserve(user):
+        limit = deps.registry.max_per_user
+        refusal = GatewayError(
+            f"you already have {limit} sessions open, the most allowed at once; close one first", reason="user_session_limit"
+        )
+        log.info("session_refused", target=target[:64], reason=refusal.reason, limit=limit)
+        deps.observer.refused(refusal.reason)
+        await side.refuse(refusal)
+        return None
+    try:
+        return await _dial_and_serve(deps, handler, request, client, side, grant=grant, log=log)
+    finally:
+        deps.registry.release(user)
+
+
+async def _dial_and_serve(
+    deps: Deps,
+    handler: ProtocolHandler[R_contra, U, S],
+    request: R_contra,
+    client: Client,
+    side: S,
+    *,
+    grant: Grant,
+    log: FilteringBoundLogger,
+) -> Reason | None:
     vm = grant.vm
     log = log.bind(vm=vm.name, port=grant.port)
     loop = asyncio.get_running_loop()

@@ -274,6 +274,7 @@ class SessionRegistry:
         event_queue_size: int = EVENT_QUEUE_SIZE,
         observer: SessionObserver | None = None,
         max_subscribers: int = MAX_SUBSCRIBERS,
+        max_per_user: int | None = None,
     ) -> None:
         self._observer = observer
         self._node = node
@@ -289,6 +290,8 @@ class SessionRegistry:
         self._progress: dict[str, tuple[int, int]] = {}
         self._empty = asyncio.Event()
         self._empty.set()
+        self._max_per_user = max_per_user
+        self._per_user: dict[str, int] = {}  # sessions open or being dialled, by user
 
     @property
     def clock(self) -> Clock:
@@ -359,6 +362,28 @@ class SessionRegistry:
         self._log.info("session_closed", **_fields(info), duration_s=duration, reason=str(reason), **extra)
         if self._observer is not None:
             self._observer.session_closed(info, str(reason), duration)
+
+    def reserve(self, user: str) -> bool:
+        """Hold one of `user`'s session slots while a session is dialled and lives. False: the user is at the limit.
+
+        Every True must be paired with one `release(user)`.
+        """
+        n = self._per_user.get(user, 0)
+        if self._max_per_user is not None and n >= self._max_per_user:
+            return False
+        self._per_user[user] = n + 1
+        return True
+
+    def release(self, user: str) -> None:
+        n = self._per_user.get(user, 0) - 1
+        if n > 0:
+            self._per_user[user] = n
+        else:
+            self._per_user.pop(user, None)
+
+    @property
+    def max_per_user(self) -> int | None:
+        return self._max_per_user
 
     def list(self) -> list[SessionInfo]:
         return [s.snapshot() for s in self._sessions.values()]

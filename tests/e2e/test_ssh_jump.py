@@ -206,3 +206,43 @@ async def test_unreachable_vm_port_is_reported(make_gateway: GatewayFactory) -> 
         [failed] = gw.logs.events("upstream_dial_failed")
         assert (failed["vm"], failed["reason"]) == ("echo01", "upstream_refused")
         assert not gw.app.registry.list()
+
+
+async def test_channels_per_connection_are_capped(make_gateway: GatewayFactory, echo: Echo) -> None:
+    """With ssh.max_sessions = 3, one `ssh -N -L` carries 3 streams at once; a 4th is refused (the client closes
+    it, the gateway logs and counts why, nothing is dialled for it); when one ends a new one is allowed."""
+
+    def edit(cfg: dict[str, Any]) -> None:
+        with_echo_vm(echo.port)(cfg)
+        cfg["ssh"]["max_sessions"] = 3
+
+    async with make_gateway(edit) as gw:
+        local = free_port()
+        proc = await open_forward(gw, "alice", f"{local}:echo01:{echo.port}", "-N")
+        try:
+            await wait_for(lambda: not gw.app.registry.list(), gw.logs.changed)  # the readiness probe's stream is gone
+            streams = []
+            for i in range(3):
+                r, w = await asyncio.open_connection("127.0.0.1", local)
+                w.write(b"x%d\n" % i)
+                async with asyncio.timeout(20):
+                    assert await r.readline() == b"x%d\n" % i
+                streams.append((r, w))
+            r4, w4 = await asyncio.open_connection("127.0.0.1", local)
+            async with asyncio.timeout(20):
+                assert await r4.read() == b""  # ssh closes the local socket when the channel open fails
+            w4.close()
+            [refused] = gw.logs.events("channel_refused")
+            assert refused["reason"] == "connection_session_limit" and refused["limit"] == 3
+            assert len(gw.app.registry.list()) == 3
+            _, w0 = streams.pop(0)
+            w0.close()
+            await wait_for(lambda: len(gw.app.registry.list()) == 2, gw.logs.changed)
+            r5, w5 = await asyncio.open_connection("127.0.0.1", local)
+            w5.write(b"again\n")
+            async with asyncio.timeout(20):
+                assert await r5.readline() == b"again\n"
+            for _, w in [*streams, (r5, w5)]:
+                w.close()
+        finally:
+            await stop(proc)

@@ -584,3 +584,13 @@ def test_keepalive_count_and_ping_interval() -> None:
     data["ssh"]["keepalive_count"] = 0
     data["tunnel"] = {"ping_interval": "fast"}
     assert problem_paths(data) == ["ssh.keepalive_count", "tunnel.ping_interval"]
+
+
+def test_session_caps() -> None:
+    """Sessions per user and channels per SSH connection have defaults and are validated."""
+    cfg = parse_config(valid_config_data())
+    assert (cfg.max_sessions_per_user, cfg.ssh.max_sessions) == (50, 10)
+    data = valid_config_data()
+    data["sessions"] = {"max_per_user": 0}
+    data["ssh"]["max_sessions"] = "many"
+    assert sorted(problem_paths(data)) == ["sessions.max_per_user", "ssh.max_sessions"]

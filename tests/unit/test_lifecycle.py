@@ -294,3 +294,33 @@ async def test_protocol_without_text_is_not_warned(world: World) -> None:
     await world.clock.advance(120)
     assert await task == Reason.IDLE_TIMEOUT
     assert side.notices == []
+
+
+async def test_sessions_per_user_are_capped_and_the_slot_comes_back() -> None:
+    """With max_per_user=2 a third concurrent session is refused before any dial, with a message that says why;
+    when one ends its slot is free again."""
+    clock = FakeClock()
+    stream = io.StringIO()
+    log = make_logger(stream, fmt="json")
+    registry = SessionRegistry("gw1", clock, log, max_per_user=2)
+    observer = Counting()
+    policy = make_policy(Rule(users=("alice",), vms=("web01",), protocols=("ssh-jump",)))
+    w = World(clock, registry, Deps(registry, policy, log, observer), stream, observer)
+    first, second, third = FakeHandler(), FakeHandler(), FakeHandler(dial_error=UpstreamRefused("must not be dialled"))
+    t1 = await start(w, first, FakeSide())
+    t2 = await start(w, second, FakeSide())
+    side3 = FakeSide()
+    assert await (await start(w, third, side3)) is None
+    assert [e.reason for e in side3.refused] == ["user_session_limit"]
+    assert "already have 2 sessions open" in side3.refused[0].message
+    assert ("refused", "user_session_limit") in observer.calls and ("dial_failed", "upstream_refused") not in observer.calls
+    assert first.session is not None
+    first.session.end(Reason.CLIENT_CLOSED)
+    assert await t1 == Reason.CLIENT_CLOSED
+    fourth = FakeHandler()
+    t4 = await start(w, fourth, FakeSide())
+    assert fourth.session is not None and registry.totals().active == 2
+    for h, t in ((second, t2), (fourth, t4)):
+        assert h.session is not None
+        h.session.end(Reason.VM_CLOSED)
+        await t
