@@ -28,7 +28,7 @@ from gateway.policy import Policy, Principal, parse_username
 from gateway.protocols.gateway_shell import GatewayShellSession
 from gateway.protocols.lifecycle import Client, Deps, ProtocolHandler, run_session
 from gateway.protocols.ssh_jump import ChannelSide, JumpRequest, JumpSide
-from gateway.protocols.ssh_terminate import TerminateRequest, UserSide
+from gateway.protocols.ssh_terminate import TerminateRequest, UserSide, bounded_channel
 from gateway.tokens import TokenService
 
 
@@ -274,7 +274,9 @@ class GatewaySSHServer(asyncssh.SSHServer):
             message = f"at most {limit} sessions and forwards at once on one connection"
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, message)
 
-    def session_requested(self) -> asyncssh.SSHServerSession[bytes]:
+    def session_requested(
+        self,
+    ) -> asyncssh.SSHServerSession[bytes] | tuple[asyncssh.SSHServerChannel[bytes], asyncssh.SSHServerSession[bytes]]:
         client = self._client()
         vm = self._vm
         if vm is not None:
@@ -289,7 +291,9 @@ class GatewaySSHServer(asyncssh.SSHServer):
             request = TerminateRequest(client.principal, vm, request_login, user)
             self.spawn(self._run(self._door.terminate, request, client, user, vm), name=f"ssh:{client.principal.name}:{vm[:64]}")
 
-        return UserSide(start)
+        if self._conn is None:
+            return UserSide(start)
+        return bounded_channel(self._conn), UserSide(start)
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
         self._channel_allowed("direct-tcpip")

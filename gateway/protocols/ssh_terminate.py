@@ -27,6 +27,35 @@ from gateway.sessions.registry import Session
 # Input the user sends before the VM side is open is held up to this much,
 # then the user channel is paused (its window stops growing).
 _EARLY_INPUT_LIMIT = 256 * 1024
+# Environment a user may pass on one session channel (OpenSSH's client sends a handful). Beyond this, env
+# requests are refused: 300,000 of them once cost 110 MB and delayed other users' logins.
+MAX_ENV_ENTRIES = 64
+MAX_ENV_BYTES = 16 * 1024
+
+
+def bounded_channel(conn: asyncssh.SSHServerConnection) -> asyncssh.SSHServerChannel[bytes]:
+    """A session channel whose environment is bounded in entries and bytes.
+
+    asyncssh stores every `env` request in the channel without a limit; this wraps its handler (an internal of
+    the pinned asyncssh 2.24.1, looked up per request by name) and refuses what goes past the bounds.
+    """
+    chan: asyncssh.SSHServerChannel[bytes] = conn.create_server_channel(encoding=None)
+    store: dict[bytes, bytes] = chan._env
+    original = chan._process_env_request
+
+    def limited(packet: object) -> bool:
+        before = set(store)
+        if not original(packet):  # type: ignore[arg-type]
+            return False
+        size = sum(len(k) + len(v) for k, v in store.items())
+        if len(store) > MAX_ENV_ENTRIES or size > MAX_ENV_BYTES:
+            for key in set(store) - before:
+                del store[key]
+            return False
+        return True
+
+    setattr(chan, "_process_env_request", limited)  # noqa: B010 - an instance attribute shadows the method
+    return chan
 
 
 @dataclass

@@ -205,3 +205,11 @@ async def test_a_command_that_closes_its_output_early_runs_to_its_end(make_gatew
         await wait_for(lambda: bool(gw.logs.events("session_closed")), gw.logs.changed)
         [line] = gw.logs.events("session_closed")
         assert line["reason"] == "vm_closed" and line["duration_s"] >= 3
+
+
+async def test_environment_per_channel_is_bounded(gw: Gateway) -> None:
+    """A client that sends 200 env entries gets the first 64 through and the rest refused; the session works."""
+    pairs = " ".join(f"LC_BASTION_{i:03d}=x" for i in range(200))
+    r = await gw.ssh("alice+web01", "env | grep -c '^LC_BASTION_'", opts=("-o", f"SetEnv={pairs}"))
+    assert r.rc == 0, r.errtext
+    assert int(r.text.strip()) == 64
