@@ -122,10 +122,36 @@ class SSHSection:
     user_ca_keys: tuple[str, ...] = ()
     login_grace_time: float = 30.0
     max_auth_tries: int = 6
-    max_startups: int = 100
+    max_startups: StartupPolicy = field(default_factory=lambda: StartupPolicy(10, 30, 100, 10))
     keepalive_interval: float = 30.0
     keepalive_count: int = 3
     max_sessions: int = 10  # channels (sessions and forwards) open at once on one SSH connection, like sshd's MaxSessions
+
+
+_STARTUPS = re.compile(r"(\d+)(?::(\d+):(\d+))?")
+
+
+@dataclass(frozen=True)
+class StartupPolicy:
+    """OpenSSH's MaxStartups `start:rate:full` (N alone: `N:100:N`) and PerSourceMaxStartups."""
+
+    start: int
+    rate: int  # percent refused at `start`, rising to 100 at `full`
+    full: int
+    per_source: int
+
+    @classmethod
+    def parse(cls, spec: str | int, per_source: int) -> StartupPolicy:
+        """Raises ValueError naming what is wrong."""
+        m = _STARTUPS.fullmatch(str(spec)) if isinstance(spec, str | int) and not isinstance(spec, bool) else None
+        if m is None:
+            raise ValueError(f"expected N or 'start:rate:full', got {spec!r}")
+        start = int(m.group(1))
+        rate = int(m.group(2)) if m.group(2) is not None else 100
+        full = int(m.group(3)) if m.group(3) is not None else start
+        if start < 1 or not 1 <= rate <= 100 or full < start:
+            raise ValueError(f"need start >= 1, 1 <= rate <= 100 and full >= start, got {spec!r}")
+        return cls(start, rate, full, per_source)
 
 
 @dataclass(frozen=True)
@@ -401,7 +427,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
 
     s = r.get(data, "", "ssh", dict, {})
     ssh_keys = {"host_keys", "user_ca_keys", "login_grace_time", "max_auth_tries", "max_startups", "keepalive_interval"}
-    ssh_keys |= {"keepalive_count", "max_sessions"}
+    ssh_keys |= {"keepalive_count", "max_sessions", "per_source_max_startups"}
     r.table(s, "ssh", ssh_keys)
     keepalive_count = r.get(s, "ssh", "keepalive_count", int, 3)
     if not 1 <= keepalive_count <= 100:
@@ -412,9 +438,15 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
     max_auth = r.get(s, "ssh", "max_auth_tries", int, 6)
     if max_auth < 1:
         r.problem("ssh.max_auth_tries", f"must be at least 1, got {max_auth!r}")
-    max_startups = r.get(s, "ssh", "max_startups", int, 100)
-    if max_startups < 1:
-        r.problem("ssh.max_startups", f"must be at least 1, got {max_startups!r}")
+    per_source = r.get(s, "ssh", "per_source_max_startups", int, 10)
+    if per_source < 1:
+        r.problem("ssh.per_source_max_startups", f"must be at least 1, got {per_source!r}")
+        per_source = 10
+    try:
+        max_startups = StartupPolicy.parse(s.get("max_startups", "10:30:100"), per_source)
+    except ValueError as exc:
+        r.problem("ssh.max_startups", str(exc))
+        max_startups = StartupPolicy(10, 30, 100, per_source)
     ssh = SSHSection(
         host_keys=tuple(path_of(x) for x in r.str_list(s, "ssh", "host_keys") or ()),
         user_ca_keys=r.str_list(s, "ssh", "user_ca_keys", _key_check) or (),

@@ -17,13 +17,17 @@ Remote forwarding, agent forwarding, X11 and streamlocal are refused.
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
+import time
 from collections.abc import Coroutine
 from typing import Any, Protocol
 
 import asyncssh
 from structlog.typing import FilteringBoundLogger
 
+from gateway.config import StartupPolicy
+from gateway.net.startups import Startups
 from gateway.policy import Policy, Principal, parse_username
 from gateway.protocols.gateway_shell import GatewayShellSession
 from gateway.protocols.lifecycle import Client, Deps, ProtocolHandler, run_session
@@ -62,7 +66,7 @@ class SSHDoor:
         node: str,
         login_grace_time: float,
         max_auth_tries: int,
-        max_startups: int,
+        max_startups: StartupPolicy,
         keepalive_interval: float,
         keepalive_count: int,
         log: FilteringBoundLogger,
@@ -85,10 +89,11 @@ class SSHDoor:
         self.node = node
         self.max_auth_tries = max_auth_tries
         self.max_startups = max_startups
+        self.startups = Startups(max_startups, random.random)
+        self._refusal_logged: dict[str, tuple[float, int]] = {}
         self.max_sessions = max_sessions
         self.log = log
         self.public_hint = public_hint
-        self.unauthenticated = 0
         self._options = asyncssh.SSHServerConnectionOptions(
             server_host_keys=host_keys,
             server_version="Bastion",
@@ -107,15 +112,25 @@ class SSHDoor:
             encoding=None,
         )
 
+    def _log_refusal(self, log: FilteringBoundLogger, reason: str) -> None:
+        """Refusals a scanner can trigger are logged at most once a second per reason, saying how many were not."""
+        now = time.monotonic()
+        last, skipped = self._refusal_logged.get(reason, (0.0, 0))
+        if now - last < _REFUSAL_LOG_EVERY:
+            self._refusal_logged[reason] = (last, skipped + 1)
+            return
+        self._refusal_logged[reason] = (now, 0)
+        log.warning("connection_refused", reason=reason, unauthenticated=self.startups.total, suppressed=skipped)
+
     async def handle(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         """Own `sock` from here: run SSH on it until the connection ends."""
         log = self.log.bind(source_ip=peer[0], source_port=peer[1])
-        if self.unauthenticated >= self.max_startups:
-            log.warning("connection_refused", reason="max_startups", limit=self.max_startups)
-            self.observer.refused("max_startups")
+        refused = self.startups.admit(peer[0])
+        if refused is not None:
+            self.observer.refused(refused)
             sock.close()
+            self._log_refusal(log, refused)
             return
-        self.unauthenticated += 1
         server = GatewaySSHServer(self, peer, log)
         conn: asyncssh.SSHServerConnection | None = None
         try:
@@ -136,6 +151,9 @@ class SSHDoor:
         finally:
             conn.abort()
             await server.wait_tasks()
+
+
+_REFUSAL_LOG_EVERY = 1.0  # seconds: a flood of refused connections writes one line a second per reason, with a count
 
 
 def _slug(exc: BaseException) -> str:
@@ -199,7 +217,7 @@ class GatewaySSHServer(asyncssh.SSHServer):
     def release_startup(self) -> None:
         if self._counted:
             self._counted = False
-            self._door.unauthenticated -= 1
+            self._door.startups.release(self._peer[0])
 
     # -- connection & auth --
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:

@@ -177,7 +177,13 @@ def base_config(tmp: Path, keys: Keys, vm: SSHD) -> dict[str, Any]:
             {"name": "noc", "role": "operator", "token_sha256": hashlib.sha256(OPERATOR_TOKEN.encode()).hexdigest()},
             {"name": "watcher", "role": "viewer", "token_sha256": hashlib.sha256(VIEWER_TOKEN.encode()).hexdigest()},
         ],
-        "ssh": {"login_grace_time": "20s", "max_auth_tries": 6, "max_startups": 50, "user_ca_keys": [keys.ca.public]},
+        "ssh": {
+            "login_grace_time": "20s",
+            "max_auth_tries": 6,
+            "max_startups": 50,
+            "per_source_max_startups": 50,  # every test client comes from 127.0.0.1
+            "user_ca_keys": [keys.ca.public],
+        },
         "vms": [
             {
                 "name": "web01",

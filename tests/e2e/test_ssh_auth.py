@@ -140,3 +140,36 @@ async def test_remote_forwarding_is_refused(gw: Gateway) -> None:
     r = await gw.run(*gw.ssh_argv("alice", "-N", "-o", "ExitOnForwardFailure=yes", "-R", "0:127.0.0.1:9"), timeout=30)
     assert r.rc == 255
     assert "remote port forwarding failed" in r.errtext
+
+
+async def test_one_source_cannot_hold_every_startup_slot(make_gateway: GatewayFactory) -> None:
+    """per_source_max_startups = 2: a third silent connection from 127.0.0.1 is closed at once, while a real
+    user from another loopback address still logs in; a flood of refusals is logged once, with a count."""
+
+    def edit(cfg: dict[str, Any]) -> None:
+        cfg["ssh"]["max_startups"] = "10:30:100"
+        cfg["ssh"]["per_source_max_startups"] = 2
+
+    async with make_gateway(edit) as gw:
+        held = []
+        try:
+            for _ in range(2):
+                r, w = await asyncio.open_connection("127.0.0.1", gw.port)
+                w.write(b"SSH-2.0-held\r\n")
+                held.append(w)
+                async with asyncio.timeout(10):
+                    assert (await r.readline()).startswith(b"SSH-2.0-Bastion")
+            for _ in range(5):
+                r, w = await asyncio.open_connection("127.0.0.1", gw.port)
+                w.write(b"SSH-2.0-more\r\n")
+                held.append(w)
+                async with asyncio.timeout(10):
+                    with contextlib.suppress(ConnectionResetError):
+                        assert await r.read(100) == b""
+            ok = await gw.ssh("alice+web01", "echo from-elsewhere", opts=("-b", "127.0.0.2"))
+            assert ok.rc == 0 and ok.text.strip() == "from-elsewhere", ok.errtext
+            refused = [e for e in gw.logs.events("connection_refused") if e["reason"] == "per_source_max_startups"]
+            assert 1 <= len(refused) < 5  # rate-limited: one line a second, saying how many it left out
+        finally:
+            for w in held:
+                w.close()

@@ -594,3 +594,14 @@ def test_session_caps() -> None:
     data["sessions"] = {"max_per_user": 0}
     data["ssh"]["max_sessions"] = "many"
     assert sorted(problem_paths(data)) == ["sessions.max_per_user", "ssh.max_sessions"]
+
+
+def test_max_startups_takes_sshd_syntax_and_a_per_source_cap() -> None:
+    """max_startups is N or start:rate:full; a bad one is named with its value; per_source_max_startups is checked."""
+    data = valid_config_data()
+    data["ssh"].update(max_startups="5:20:50", per_source_max_startups=3)
+    mp = parse_config(data).ssh.max_startups
+    assert (mp.start, mp.rate, mp.full, mp.per_source) == (5, 20, 50, 3)
+    data["ssh"].update(max_startups="50:20:5", per_source_max_startups=0)
+    assert sorted(problem_paths(data)) == ["ssh.max_startups", "ssh.per_source_max_startups"]
+    assert "'50:20:5'" in problem_message(data, "ssh.max_startups")
