@@ -192,6 +192,7 @@ class App:
             keepalive_interval=cfg.ssh.keepalive_interval,
             keepalive_count=cfg.ssh.keepalive_count,
             max_sessions=cfg.ssh.max_sessions,
+            max_forwards=cfg.ssh.max_forwards,
             log=self.log,
             public_hint=hint,
             observer=self.metrics,

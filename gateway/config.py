@@ -125,7 +125,8 @@ class SSHSection:
     max_startups: StartupPolicy = field(default_factory=lambda: StartupPolicy(10, 30, 100, 10))
     keepalive_interval: float = 30.0
     keepalive_count: int = 3
-    max_sessions: int = 10  # channels (sessions and forwards) open at once on one SSH connection, like sshd's MaxSessions
+    max_sessions: int = 10  # session channels (shell, exec, sftp) open at once on one SSH connection, like sshd's MaxSessions
+    max_forwards: int = 100  # direct-tcpip channels (ssh -J/-W/-L streams) open at once on one SSH connection
 
 
 _STARTUPS = re.compile(r"(\d+)(?::(\d+):(\d+))?")
@@ -427,7 +428,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
 
     s = r.get(data, "", "ssh", dict, {})
     ssh_keys = {"host_keys", "user_ca_keys", "login_grace_time", "max_auth_tries", "max_startups", "keepalive_interval"}
-    ssh_keys |= {"keepalive_count", "max_sessions", "per_source_max_startups"}
+    ssh_keys |= {"keepalive_count", "max_sessions", "max_forwards", "per_source_max_startups"}
     r.table(s, "ssh", ssh_keys)
     keepalive_count = r.get(s, "ssh", "keepalive_count", int, 3)
     if not 1 <= keepalive_count <= 100:
@@ -435,6 +436,9 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
     max_sessions = r.get(s, "ssh", "max_sessions", int, 10)
     if not 1 <= max_sessions <= 1000:
         r.problem("ssh.max_sessions", f"must be 1 to 1000, got {max_sessions!r}")
+    max_forwards = r.get(s, "ssh", "max_forwards", int, 100)
+    if not 1 <= max_forwards <= 10_000:
+        r.problem("ssh.max_forwards", f"must be 1 to 10000, got {max_forwards!r}")
     max_auth = r.get(s, "ssh", "max_auth_tries", int, 6)
     if max_auth < 1:
         r.problem("ssh.max_auth_tries", f"must be at least 1, got {max_auth!r}")
@@ -456,6 +460,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         keepalive_interval=r.duration(s, "ssh", "keepalive_interval", 30.0),
         keepalive_count=keepalive_count,
         max_sessions=max_sessions,
+        max_forwards=max_forwards,
     )
 
     vms: dict[str, VM] = {}

@@ -37,6 +37,7 @@ MAX_REASON = 400
 MAX_IDS = 1000
 MAX_GRACE = 3600.0
 SSE_WRITE_DEADLINE = 30.0  # an event stream whose client has not taken a write for this long is dropped
+BODY_DEADLINE = 10.0  # a body trickled byte by byte must not hold a connection past this
 _ROLE_RANK = {"viewer": 1, "operator": 2}
 _OPERATOR_KEY = web.RequestKey("operator", Operator)
 
@@ -166,7 +167,11 @@ class ControlAPI:
             if required:
                 raise ApiError(400, "bad_request", "a JSON object body is required")
             return {}
-        raw = await request.read()
+        try:
+            async with asyncio.timeout(BODY_DEADLINE):
+                raw = await request.read()
+        except TimeoutError:
+            raise ApiError(408, "timeout", f"the request body did not arrive within {BODY_DEADLINE:g} s") from None
         if not raw.strip():
             if required:
                 raise ApiError(400, "bad_request", "a JSON object body is required")

@@ -24,6 +24,9 @@ from collections.abc import Coroutine
 from typing import Any, Protocol
 
 import asyncssh
+from asyncssh.encryption import get_encryption_algs
+from asyncssh.kex import get_kex_algs
+from asyncssh.mac import get_mac_algs
 from structlog.typing import FilteringBoundLogger
 
 from gateway.config import StartupPolicy
@@ -71,6 +74,7 @@ class SSHDoor:
         keepalive_count: int,
         log: FilteringBoundLogger,
         max_sessions: int = 10,
+        max_forwards: int = 100,
         public_hint: str = "GATEWAY",
         observer: DoorObserver | None = None,
         tokens: TokenService | None = None,
@@ -92,11 +96,15 @@ class SSHDoor:
         self.startups = Startups(max_startups, random.random)
         self._refusal_logged: dict[str, tuple[float, int]] = {}
         self.max_sessions = max_sessions
+        self.max_forwards = max_forwards
         self.log = log
         self.public_hint = public_hint
         self._options = asyncssh.SSHServerConnectionOptions(
             server_host_keys=host_keys,
             server_version="Bastion",
+            kex_algs=_supported(KEX_ALGS, get_kex_algs()),
+            encryption_algs=_supported(ENCRYPTION_ALGS, get_encryption_algs()),
+            mac_algs=_supported(MAC_ALGS, get_mac_algs()),
             login_timeout=login_grace_time,
             keepalive_interval=keepalive_interval,
             keepalive_count_max=keepalive_count,
@@ -154,6 +162,28 @@ class SSHDoor:
 
 
 _REFUSAL_LOG_EVERY = 1.0  # seconds: a flood of refused connections writes one line a second per reason, with a count
+
+
+# Modern algorithms only, in preference order: no SHA-1 key exchange or MAC, no CBC, RC4 or 3DES. Every
+# current OpenSSH, PuTTY and Windows client speaks several of each.
+KEX_ALGS = (
+    "mlkem768x25519-sha256", "curve25519-sha256", "curve25519-sha256@libssh.org",
+    "ecdh-sha2-nistp521", "ecdh-sha2-nistp384", "ecdh-sha2-nistp256",
+    "diffie-hellman-group-exchange-sha256", "diffie-hellman-group16-sha512", "diffie-hellman-group18-sha512",
+    "diffie-hellman-group14-sha256",
+)  # fmt: skip
+ENCRYPTION_ALGS = (
+    "chacha20-poly1305@openssh.com", "aes256-gcm@openssh.com", "aes128-gcm@openssh.com", "aes256-ctr", "aes192-ctr", "aes128-ctr",
+)  # fmt: skip
+MAC_ALGS = (
+    "hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com", "umac-128-etm@openssh.com",
+    "hmac-sha2-256", "hmac-sha2-512", "umac-128@openssh.com",
+)  # fmt: skip
+
+
+def _supported(wanted: tuple[str, ...], available: list[bytes]) -> list[str]:
+    have = {a.decode() for a in available}
+    return [a for a in wanted if a in have]
 
 
 def _slug(exc: BaseException) -> str:
@@ -284,13 +314,18 @@ class GatewaySSHServer(asyncssh.SSHServer):
 
     # -- channels --
     def _channel_allowed(self, kind: str) -> None:
-        """At most `max_sessions` relaying channels per connection (each is one task here). Raises ChannelOpenError."""
-        limit = self._door.max_sessions
-        if len(self._tasks) >= limit:
-            self._log.info("channel_refused", user=self.username, kind=kind, reason="connection_session_limit", limit=limit)
-            self._door.observer.refused("connection_session_limit")
-            message = f"at most {limit} sessions and forwards at once on one connection"
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, message)
+        """Session channels (like sshd's MaxSessions) and forwards are capped per connection. Raises ChannelOpenError.
+
+        Each relaying channel is one task here, named by kind, so the live count is the task count.
+        """
+        limit = self._door.max_sessions if kind == "session" else self._door.max_forwards
+        prefix = "ssh:" if kind == "session" else "jump:"
+        if sum(1 for t in self._tasks if t.get_name().startswith(prefix)) >= limit:
+            reason = "connection_session_limit" if kind == "session" else "connection_forward_limit"
+            self._log.info("channel_refused", user=self.username, kind=kind, reason=reason, limit=limit)
+            self._door.observer.refused(reason)
+            what = "sessions" if kind == "session" else "forwarded connections"
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, f"at most {limit} {what} at once on one connection")
 
     def session_requested(
         self,

@@ -19,6 +19,11 @@ from aiohttp.typedefs import Handler
 from structlog.typing import FilteringBoundLogger
 
 
+async def _plain_server_header(request: web.Request, response: web.StreamResponse) -> None:
+    # aiohttp announces "Python/3.x aiohttp/3.y": no versions for a scanner to match against.
+    response.headers["Server"] = "bastion"
+
+
 class HTTPSServer:
     """Owns an aiohttp runner; `handle()` takes ownership of one accepted socket."""
 
@@ -41,6 +46,7 @@ class HTTPSServer:
         # id() but checked by identity, so a recycled id cannot vouch for a new connection.
         self._seen: dict[int, asyncio.BaseTransport] = {}
         app.middlewares.insert(0, self._one_request)
+        app.on_response_prepare.append(_plain_server_header)
 
     @web.middleware
     async def _one_request(self, request: web.Request, handler: Handler) -> web.StreamResponse:

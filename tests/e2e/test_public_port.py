@@ -20,6 +20,22 @@ async def test_healthz_over_tls_on_the_ssh_port(gw: Gateway) -> None:
     async with aiohttp.ClientSession() as http, http.get(f"https://127.0.0.1:{gw.port}/healthz", ssl=ctx) as resp:
         assert resp.status == 200
         assert await resp.json() == {"status": "ok", "node": "test-node"}
+        assert resp.headers["Server"] == "bastion"  # no library or Python version for scanners
+
+
+async def test_tls_offers_no_cbc_and_no_static_rsa(gw: Gateway) -> None:
+    """A TLS 1.2 client that offers only CBC suites is refused; an AEAD one is served."""
+    cbc = ssl.create_default_context(cafile=str(gw.tmp / "state" / "tls.crt"))
+    cbc.maximum_version = ssl.TLSVersion.TLSv1_2
+    cbc.set_ciphers("ECDHE-ECDSA-AES128-SHA:ECDHE-RSA-AES128-SHA:AES128-SHA")
+    with pytest.raises((ssl.SSLError, ConnectionResetError)):
+        _, w = await asyncio.open_connection("127.0.0.1", gw.port, ssl=cbc)
+        w.close()
+    gcm = ssl.create_default_context(cafile=str(gw.tmp / "state" / "tls.crt"))
+    gcm.maximum_version = ssl.TLSVersion.TLSv1_2
+    gcm.set_ciphers("ECDHE+AESGCM")
+    _, w = await asyncio.open_connection("127.0.0.1", gw.port, ssl=gcm)
+    w.close()
 
 
 async def test_silent_client_gets_the_ssh_banner(gw: Gateway) -> None:

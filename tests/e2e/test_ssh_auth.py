@@ -173,3 +173,16 @@ async def test_one_source_cannot_hold_every_startup_slot(make_gateway: GatewayFa
         finally:
             for w in held:
                 w.close()
+
+
+async def test_ssh_offers_no_sha1_kex_or_mac_and_no_cbc(gw: Gateway) -> None:
+    """Clients limited to SHA-1 key exchange, SHA-1 MACs or CBC ciphers find nothing in common; defaults log in."""
+    for opt, words in (
+        ("KexAlgorithms=diffie-hellman-group14-sha1", "no matching key exchange method"),
+        ("MACs=hmac-sha1", "no matching MAC"),
+        ("Ciphers=aes128-cbc", "no matching cipher"),
+    ):
+        r = await gw.ssh("alice+web01", "true", opts=("-o", opt, *(("-c", "aes128-ctr") if opt.startswith("MACs") else ())))
+        assert r.rc == 255 and words in r.errtext, (opt, r.errtext)
+    ok = await gw.ssh("alice+web01", "echo modern")
+    assert ok.rc == 0 and ok.text.strip() == "modern"

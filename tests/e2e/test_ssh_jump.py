@@ -208,13 +208,13 @@ async def test_unreachable_vm_port_is_reported(make_gateway: GatewayFactory) -> 
         assert not gw.app.registry.list()
 
 
-async def test_channels_per_connection_are_capped(make_gateway: GatewayFactory, echo: Echo) -> None:
-    """With ssh.max_sessions = 3, one `ssh -N -L` carries 3 streams at once; a 4th is refused (the client closes
+async def test_forwards_per_connection_are_capped(make_gateway: GatewayFactory, echo: Echo) -> None:
+    """With ssh.max_forwards = 3, one `ssh -N -L` carries 3 streams at once; a 4th is refused (the client closes
     it, the gateway logs and counts why, nothing is dialled for it); when one ends a new one is allowed."""
 
     def edit(cfg: dict[str, Any]) -> None:
         with_echo_vm(echo.port)(cfg)
-        cfg["ssh"]["max_sessions"] = 3
+        cfg["ssh"]["max_forwards"] = 3
 
     async with make_gateway(edit) as gw:
         local = free_port()
@@ -233,7 +233,7 @@ async def test_channels_per_connection_are_capped(make_gateway: GatewayFactory, 
                 assert await r4.read() == b""  # ssh closes the local socket when the channel open fails
             w4.close()
             [refused] = gw.logs.events("channel_refused")
-            assert refused["reason"] == "connection_session_limit" and refused["limit"] == 3
+            assert refused["reason"] == "connection_forward_limit" and refused["limit"] == 3
             assert len(gw.app.registry.list()) == 3
             _, w0 = streams.pop(0)
             w0.close()

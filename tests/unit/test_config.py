@@ -589,11 +589,12 @@ def test_keepalive_count_and_ping_interval() -> None:
 def test_session_caps() -> None:
     """Sessions per user and channels per SSH connection have defaults and are validated."""
     cfg = parse_config(valid_config_data())
-    assert (cfg.max_sessions_per_user, cfg.ssh.max_sessions) == (50, 10)
+    assert (cfg.max_sessions_per_user, cfg.ssh.max_sessions, cfg.ssh.max_forwards) == (50, 10, 100)
     data = valid_config_data()
     data["sessions"] = {"max_per_user": 0}
     data["ssh"]["max_sessions"] = "many"
-    assert sorted(problem_paths(data)) == ["sessions.max_per_user", "ssh.max_sessions"]
+    data["ssh"]["max_forwards"] = 0
+    assert sorted(problem_paths(data)) == ["sessions.max_per_user", "ssh.max_forwards", "ssh.max_sessions"]
 
 
 def test_max_startups_takes_sshd_syntax_and_a_per_source_cap() -> None:
