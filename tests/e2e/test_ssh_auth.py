@@ -89,6 +89,20 @@ async def test_max_auth_tries_disconnects(make_gateway: GatewayFactory, tmp_path
         assert gw.logs.events("auth_tries_exceeded")
 
 
+async def hello(gw: Gateway, held: list[asyncio.StreamWriter]) -> bool:
+    """Open an unauthenticated SSH connection that sends its version and then nothing; True if the gateway answered
+    with its banner, False if it closed the connection at once (the writer is kept in `held` either way)."""
+    r, w = await asyncio.open_connection("127.0.0.1", gw.port)
+    w.write(b"SSH-2.0-held\r\n")
+    held.append(w)
+    async with asyncio.timeout(10):
+        # Closed without a banner; with our hello unread the kernel may answer with a reset.
+        with contextlib.suppress(ConnectionResetError):
+            line = await r.readline()
+            return line.startswith(b"SSH-2.0-Bastion")
+    return False
+
+
 async def test_max_startups_refuses_extra_unauthenticated_connections(make_gateway: GatewayFactory) -> None:
     """With max_startups = 2, two silent SSH clients are served and a third is closed at once."""
 
@@ -96,21 +110,11 @@ async def test_max_startups_refuses_extra_unauthenticated_connections(make_gatew
         cfg["ssh"]["max_startups"] = 2
 
     async with make_gateway(edit) as gw:
-        held = []
+        held: list[asyncio.StreamWriter] = []
         try:
             for _ in range(2):
-                r, w = await asyncio.open_connection("127.0.0.1", gw.port)
-                w.write(b"SSH-2.0-held\r\n")
-                held.append(w)
-                async with asyncio.timeout(10):
-                    assert (await r.readline()).startswith(b"SSH-2.0-Bastion")
-            r, w = await asyncio.open_connection("127.0.0.1", gw.port)
-            w.write(b"SSH-2.0-third\r\n")
-            held.append(w)
-            async with asyncio.timeout(10):
-                # Closed without a banner; with our hello unread the kernel may answer with a reset.
-                with contextlib.suppress(ConnectionResetError):
-                    assert await r.read(100) == b""
+                assert await hello(gw, held)
+            assert not await hello(gw, held)
             assert [e for e in gw.logs.events("connection_refused") if e["reason"] == "max_startups"]
         finally:
             for w in held:
@@ -151,21 +155,12 @@ async def test_one_source_cannot_hold_every_startup_slot(make_gateway: GatewayFa
         cfg["ssh"]["per_source_max_startups"] = 2
 
     async with make_gateway(edit) as gw:
-        held = []
+        held: list[asyncio.StreamWriter] = []
         try:
             for _ in range(2):
-                r, w = await asyncio.open_connection("127.0.0.1", gw.port)
-                w.write(b"SSH-2.0-held\r\n")
-                held.append(w)
-                async with asyncio.timeout(10):
-                    assert (await r.readline()).startswith(b"SSH-2.0-Bastion")
+                assert await hello(gw, held)
             for _ in range(5):
-                r, w = await asyncio.open_connection("127.0.0.1", gw.port)
-                w.write(b"SSH-2.0-more\r\n")
-                held.append(w)
-                async with asyncio.timeout(10):
-                    with contextlib.suppress(ConnectionResetError):
-                        assert await r.read(100) == b""
+                assert not await hello(gw, held)
             ok = await gw.ssh("alice+web01", "echo from-elsewhere", opts=("-b", "127.0.0.2"))
             assert ok.rc == 0 and ok.text.strip() == "from-elsewhere", ok.errtext
             refused = [e for e in gw.logs.events("connection_refused") if e["reason"] == "per_source_max_startups"]
