@@ -497,19 +497,8 @@ class LocalClient:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def connect(self, port: int) -> LocalClient:
-        # `ssh -v` prints "Local forwarding listening on ..." just before it calls listen(): a connect in
-        # between is refused. Retry that one error, bounded (about 2 s), on a fresh socket each time.
-        loop = asyncio.get_running_loop()
-        for _ in range(100):
-            try:
-                await loop.sock_connect(self.sock, ("127.0.0.1", port))
-                return self
-            except ConnectionRefusedError:
-                self.sock.close()
-                self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                self.sock.setblocking(False)
-                await asyncio.sleep(0.02)
-        raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
+        await asyncio.get_running_loop().sock_connect(self.sock, ("127.0.0.1", port))
+        return self
 
     async def send(self, data: bytes) -> None:
         await asyncio.get_running_loop().sock_sendall(self.sock, data)
@@ -1067,7 +1056,9 @@ async def forward_l(run: Run) -> float:
     gw, vm = run.gw, run.vm
     port = free_port()
     c = await run.client(*gw.ssh_argv("alice", "-v", "-N", "-o", "ExitOnForwardFailure=yes", "-L", f"{port}:{TCP_VM}:{vm.port}"))
-    await c.wait_err(rf"Local forwarding listening on 127\.0\.0\.1 port {port}\b")
+    # ssh -v prints "Local forwarding listening on ..." before bind() and listen(); the listener's channel
+    # ("channel N: new port-listener") is made after them, so that line means a connect will be accepted.
+    await c.wait_err(rf"(?s)Local forwarding listening on 127\.0\.0\.1 port {port}\b.*?channel \d+: new port-listener")
     lc, conn = await stream_client(run, port)
     return await stream_event(run, lc, conn, c)
 
