@@ -32,8 +32,8 @@ class _RegistryCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         active = GaugeMetricFamily("bastion_sessions_active", "Sessions relaying now, by protocol and VM.", labels=["protocol", "vm"])
         counts: dict[tuple[str, str], int] = {(p, vm): 0 for p in PROTOCOLS for vm in self._vms}
-        for s in self._sessions.list():
-            counts[(s.protocol, s.vm)] = counts.get((s.protocol, s.vm), 0) + 1
+        for (kind, vm), n in self._sessions.counts().items():  # no snapshot per session on every scrape
+            counts[(str(kind), vm)] = n
         for (protocol, vm), n in sorted(counts.items()):
             active.add_metric([protocol, vm], n)
         yield active

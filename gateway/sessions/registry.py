@@ -141,9 +141,6 @@ class Session:
     def ended(self) -> bool:
         return self._ended.done()
 
-    async def wait_ended(self) -> Reason:
-        return await asyncio.shield(self._ended)
-
     async def wait_gone(self) -> None:
         """Until the session has left the registry (its notice shown, its relay closed)."""
         await self._gone.wait()
@@ -470,6 +467,7 @@ class SessionRegistry:
         return out
 
     def counts(self) -> dict[tuple[SessionProtocol, str], int]:
+        """Live sessions by (protocol, VM), for the active-sessions gauge."""
         out: dict[tuple[SessionProtocol, str], int] = {}
         for s in self._sessions.values():
             key = (s.spec.protocol, s.spec.vm)
