@@ -13,27 +13,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import asyncssh
 from structlog.typing import FilteringBoundLogger
 
+from gateway.access import AccessControl
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config
 from gateway.control.api import ControlAPI
 from gateway.doors.https import PublicApp, public_https
 from gateway.doors.ssh import SSHDoor
-from gateway.errors import StartupError
+from gateway.errors import ConfigError, StartupError
+from gateway.filemodes import check_private_file, check_state_dir
 from gateway.kinds import Reason
+from gateway.locks import LockStore
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.net import tls
 from gateway.net.detect import Door
 from gateway.net.https import HTTPSServer
-from gateway.net.listener import Listener, bind
+from gateway.net.listener import Caps, Listener, bind, default_max_connections
+from gateway.net.penalties import Penalties
 from gateway.policy import Policy
 from gateway.protocols.lifecycle import CLOSE_DEADLINE, END_DEADLINE, Deps
 from gateway.protocols.ssh_jump import SSHJumpHandler
@@ -41,16 +47,19 @@ from gateway.protocols.ssh_terminate import SSHTerminateHandler
 from gateway.protocols.tunnel import TunnelHandler
 from gateway.protocols.upstream_ssh import Credentials, HostKeys
 from gateway.sdnotify import Notifier, ServiceNotifier
+from gateway.sessions.connections import ConnectionRegistry
 from gateway.sessions.registry import SessionRegistry
 from gateway.tokens import TokenService, load_or_create_key
 
 
 def ensure_state_dir(path: Path) -> Path:
-    """Create the state directory (mode 0700). Raises StartupError if it cannot."""
+    """Create the state directory (mode 0700). Raises StartupError if it cannot, or if an existing one is
+    not the gateway's own or is open to group or others (`filemodes.check_state_dir`)."""
     try:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise StartupError(f"gateway.state_dir: cannot create {str(path)!r}: {exc.strerror}") from None
+    check_state_dir(path)
     if not os.access(path, os.W_OK):
         raise StartupError(f"gateway.state_dir: not writable: {str(path)!r}")
     return path
@@ -60,6 +69,7 @@ def load_host_keys(config: Config, state_dir: Path, log: FilteringBoundLogger) -
     """The gateway's own SSH host keys; an ed25519 key is generated in state_dir when none are configured."""
     keys = []
     for i, p in enumerate(config.ssh.host_keys):
+        check_private_file(p, f"ssh.host_keys[{i}]", "SSH host key")
         try:
             keys.append(asyncssh.read_private_key(p))
         except FileNotFoundError:
@@ -78,6 +88,7 @@ def load_host_keys(config: Config, state_dir: Path, log: FilteringBoundLogger) -
             f.write(key.export_private_key())
         (state_dir / "ssh_host_ed25519_key.pub").write_bytes(key.export_public_key())
         log.info("host_key_generated", path=str(path), fingerprint=key.get_fingerprint())
+    check_private_file(path, "gateway.state_dir", "generated SSH host key")
     try:
         return [asyncssh.read_private_key(path)]
     except (OSError, asyncssh.KeyImportError, ValueError) as exc:
@@ -95,7 +106,64 @@ def load_tls(config: Config, state_dir: Path, log: FilteringBoundLogger) -> ssl.
         )
         tls.write_self_signed(cert, key, names)
         log.warning("tls_self_signed_generated", cert=str(cert), hint="set public.tls_cert and public.tls_key for production")
+    check_private_file(key, "gateway.state_dir", "generated TLS key")
     return tls.server_context(cert, key)
+
+
+# Operators, scrapers and event streams (at most 64) on the control port: a few hundred at most, from few sources.
+CONTROL_CAPS = Caps(total=256, per_source=256)
+
+
+@dataclass(frozen=True)
+class Files:
+    """Everything the config points at, read and checked: what start and reload need before they change anything."""
+
+    ssh_host_keys: list[asyncssh.SSHKey]
+    tls: ssl.SSLContext
+    control_tls: ssl.SSLContext
+    credentials: Credentials
+    vm_host_keys: HostKeys
+
+
+def load_files(cfg: Config, state_dir: Path, log: FilteringBoundLogger) -> Files:
+    """Read every key and certificate the config names. Raises StartupError naming the key and the file."""
+    ssl_ctx = load_tls(cfg, state_dir, log)
+    control_ssl = (
+        tls.server_context(cfg.control.tls_cert, cfg.control.tls_key, label="control")
+        if cfg.control.tls_cert is not None and cfg.control.tls_key is not None
+        else ssl_ctx
+    )
+    return Files(
+        ssh_host_keys=load_host_keys(cfg, state_dir, log),
+        tls=ssl_ctx,
+        control_tls=control_ssl,
+        credentials=Credentials.load(cfg.vms),
+        vm_host_keys=HostKeys(cfg.vms, state_dir / "known_hosts_tofu", log),
+    )
+
+
+# What a reload cannot change: the sockets are bound and the state dir is open. A change is logged and waits for a restart.
+RESTART_ONLY = ("gateway.node", "gateway.state_dir", "public.listen", "control.listen")
+
+
+def _restart_only_changes(old: Config, new: Config) -> list[str]:
+    pairs = {
+        "gateway.node": (old.gateway.node, new.gateway.node),
+        "gateway.state_dir": (old.gateway.state_dir, new.gateway.state_dir),
+        "public.listen": (old.public.listen, new.public.listen),
+        "control.listen": (old.control.listen, new.control.listen),
+    }
+    return [key for key in RESTART_ONLY if pairs[key][0] != pairs[key][1]]
+
+
+def build_handlers(cfg: Config, credentials: Credentials, host_keys: HostKeys) -> Handlers:
+    """The handler table: every way of reaching a VM. A new protocol is a module and a line here."""
+    keepalive = (cfg.ssh.keepalive_interval, cfg.ssh.keepalive_count)
+    return Handlers(
+        ssh=SSHTerminateHandler(credentials, host_keys, cfg.gateway.connect_timeout, keepalive=keepalive),
+        ssh_jump=SSHJumpHandler(cfg.gateway.connect_timeout),
+        tunnel=TunnelHandler(cfg.gateway.connect_timeout),
+    )
 
 
 @dataclass(frozen=True)
@@ -111,15 +179,30 @@ class App:
     """The gateway. `start()` binds and serves; `stop()` ends every connection and returns."""
 
     def __init__(
-        self, config: Config, log: FilteringBoundLogger, clock: Clock | None = None, notifier: ServiceNotifier | None = None
+        self,
+        config: Config,
+        log: FilteringBoundLogger,
+        clock: Clock | None = None,
+        notifier: ServiceNotifier | None = None,
+        reload_config: Callable[[], Config] | None = None,
     ) -> None:
         self.config = config
+        self._reload_config = reload_config  # reads and validates the config again (raises ConfigError); None: no reload
+        self._reload_lock = asyncio.Lock()
+        self._reloads: set[asyncio.Task[bool]] = set()
         self.log = log
         self.clock = clock or SystemClock()
         self.notifier: ServiceNotifier = notifier or Notifier()
         self._watchdog: asyncio.Task[None] | None = None
         self._stopping = False
-        self.registry = SessionRegistry(config.gateway.node, self.clock, log, max_per_user=config.max_sessions_per_user)
+        self.registry = SessionRegistry(
+            config.gateway.node,
+            self.clock,
+            log,
+            max_per_user=config.max_sessions_per_user,
+            rate_per_user=config.session_rate_per_user,
+        )
+        self.connections = ConnectionRegistry(config.gateway.node, self.clock)
         self.metrics = Metrics(self.registry, config.vms)
         self.registry.set_observer(self.metrics)
         self.policy = Policy(config.vms, config.users, config.rules)
@@ -130,6 +213,9 @@ class App:
         self._listener: Listener | None = None
         self._https: HTTPSServer | None = None
         self.host_keys: list[asyncssh.SSHKey] = []
+        self._ssh_door: SSHDoor | None = None
+        self._public: PublicApp | None = None
+        self._api: ControlAPI | None = None
 
     @property
     def public_addresses(self) -> list[tuple[str, int]]:
@@ -143,21 +229,18 @@ class App:
         """Validate files, bind every port, then start serving. Raises StartupError, binding nothing on failure."""
         cfg = self.config
         state_dir = ensure_state_dir(cfg.gateway.state_dir)
-        self.host_keys = load_host_keys(cfg, state_dir, self.log)
-        ssl_ctx = load_tls(cfg, state_dir, self.log)
-        credentials = Credentials.load(cfg.vms)
-        host_keys = HostKeys(cfg.vms, state_dir / "known_hosts_tofu", self.log)
-        control_ssl = (
-            tls.server_context(cfg.control.tls_cert, cfg.control.tls_key, label="control")
-            if cfg.control.tls_cert is not None and cfg.control.tls_key is not None
-            else ssl_ctx
-        )
+        files = load_files(cfg, state_dir, self.log)
+        self.host_keys = files.ssh_host_keys
+        ssl_ctx, control_ssl, credentials, host_keys = files.tls, files.control_tls, files.credentials, files.vm_host_keys
         self.tokens = TokenService(
             load_or_create_key(state_dir / "token.key"),
             self.clock,
             cfg.tunnel.token_lifetime,
             {d: u.name for u in cfg.users.values() for d in u.token_sha256s},
         )
+        self.locks = LockStore(state_dir / "locks.json", self.clock)
+        self.locks.load()
+        self.access = AccessControl(self.registry, self.connections, self.locks, self.log)
         sockets: list[socket.socket] = []
         control_sockets: list[socket.socket] = []
         try:
@@ -169,17 +252,16 @@ class App:
             for s in sockets + control_sockets:
                 s.close()
             raise
-        deps = Deps(self.registry, self.policy, self.log, self.metrics)
-        keepalive = (cfg.ssh.keepalive_interval, cfg.ssh.keepalive_count)
-        # The handler table: every way of reaching a VM. A new protocol is a module and a line here.
-        handlers = Handlers(
-            ssh=SSHTerminateHandler(credentials, host_keys, cfg.gateway.connect_timeout, keepalive=keepalive),
-            ssh_jump=SSHJumpHandler(cfg.gateway.connect_timeout),
-            tunnel=TunnelHandler(cfg.gateway.connect_timeout),
-        )
+        deps = Deps(self.registry, self.policy, self.log, self.metrics, locks=self.locks)
+        handlers = build_handlers(cfg, credentials, host_keys)
         first = cfg.public.listen[0] if cfg.public.listen else None
         hint = first.host if first and first.host not in ("0.0.0.0", "::") else "GATEWAY"
+        penalties = Penalties(cfg.penalties, self.clock, observer=self.metrics)
+        self.metrics.watch_penalties(lambda: penalties.tracked)
         ssh_door = SSHDoor(
+            penalties=penalties,
+            version_timeout=cfg.ssh.version_timeout,
+            refusals=self.metrics,
             host_keys=self.host_keys,
             deps=deps,
             user_ca_keys=cfg.ssh.user_ca_keys,
@@ -197,7 +279,11 @@ class App:
             public_hint=hint,
             observer=self.metrics,
             tokens=self.tokens,
+            connections=self.connections,
+            locks=self.locks,
+            idle_connection_timeout=cfg.ssh.idle_connection_timeout,
         )
+        self._ssh_door = ssh_door
         public = PublicApp(
             cfg.gateway.node,
             deps=deps,
@@ -207,10 +293,21 @@ class App:
             ping_interval=cfg.tunnel.ping_interval,
             log=self.log,
             auth_observer=self.metrics,
+            connections=self.connections,
+            locks=self.locks,
+            max_per_token=cfg.tunnel.max_per_token,
         )
-        self._https = public_https(public, ssl_ctx, self.log, cfg.public.header_timeout)
+        self._public = public
+        self._https = public_https(
+            public, ssl_ctx, self.log, cfg.public.header_timeout, handshake_timeout=cfg.public.tls_handshake_timeout,
+            max_handshakes=cfg.public.max_tls_handshakes, observer=self.metrics,
+        )  # fmt: skip
         await self._https.start()
-        self._listener = Listener(sockets, {Door.SSH: ssh_door.handle, Door.TLS: self._https.handle}, cfg.public.detect_timeout, self.log)
+        caps = Caps(cfg.public.max_connections or default_max_connections(), cfg.public.max_connections_per_source)
+        doors = {Door.SSH: ssh_door.handle, Door.TLS: self._https.handle}
+        listener = Listener(sockets, doors, cfg.public.detect_timeout, self.log, caps=caps, penalties=penalties, observer=self.metrics)
+        self._listener = listener
+        self.metrics.watch_listener("public", lambda: listener.held)
         self._listener.start()
         api = ControlAPI(
             self.registry,
@@ -223,10 +320,18 @@ class App:
             node=cfg.gateway.node,
             ready=lambda: self._ready,
             stopping=lambda: self._stopping,
+            access=self.access,
         )
+        self._api = api
+        self.metrics.watch_connections(self.connections.counts)
         self._control_https = HTTPSServer(api.build(), control_ssl, self.log, header_timeout=cfg.control.header_timeout)
         await self._control_https.start()
-        self._control = Listener(control_sockets, {Door.TLS: self._control_https.handle}, cfg.public.detect_timeout, self.log)
+        control = Listener(
+            control_sockets, {Door.TLS: self._control_https.handle}, cfg.public.detect_timeout, self.log,
+            caps=CONTROL_CAPS, observer=self.metrics, name="control",
+        )  # fmt: skip
+        self._control = control
+        self.metrics.watch_listener("control", lambda: control.held)
         self._control.start()
         self._ticker = asyncio.create_task(self._tick(), name="session-progress")
         if self.notifier.watchdog_interval is not None:
@@ -243,6 +348,102 @@ class App:
             users=len(cfg.users),
             rules=len(cfg.rules),
         )
+
+    def request_reload(self) -> None:
+        """SIGHUP: reload in an owned task. Reloads run one at a time, in the order asked."""
+        if not self._ready or self._reload_config is None:
+            self.log.warning("config_reload_ignored", reason="not serving" if not self._ready else "no config file to read again")
+            return
+        task = asyncio.create_task(self.reload(), name="config-reload")
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def reload(self) -> bool:
+        """Read and validate the config again; apply it if it is valid, else log every problem and keep the old one.
+
+        New connections and sessions use the new config at once; live ones go on, except that sessions
+        the new rules no longer grant end with a notice (`access_revoked`) unless `sessions.on_revoke` is
+        "continue", and connections of removed users end. Returns whether the new config was applied.
+        """
+        async with self._reload_lock:
+            assert self._reload_config is not None
+            self.notifier.reloading()
+            try:
+                return self._reload_now(self._reload_config)
+            finally:
+                self.notifier.ready("serving")
+
+    def _reload_now(self, read: Callable[[], Config]) -> bool:
+        old = self.config
+        try:
+            new = read()
+            files = load_files(new, old.gateway.state_dir, self.log)
+        except ConfigError as exc:
+            self.log.error("config_reload_failed", problems=[f"{path}: {msg}" for path, msg in exc.problems], kept="the running config")
+            return False
+        except StartupError as exc:
+            self.log.error("config_reload_failed", problems=[exc.message], kept="the running config")
+            return False
+        restart = _restart_only_changes(old, new)
+        if restart:
+            self.log.warning("config_reload_needs_restart", keys=restart, hint="these keys keep their running values until a restart")
+            new = dataclasses.replace(
+                new,
+                gateway=dataclasses.replace(new.gateway, node=old.gateway.node, state_dir=old.gateway.state_dir),
+                public=dataclasses.replace(new.public, listen=old.public.listen),
+                control=dataclasses.replace(new.control, listen=old.control.listen),
+            )
+        self._apply(new, files)
+        ended = self.access.revoke(lambda name: self.policy.user(name) is not None) if new.on_revoke == "end" else None
+        self.log.info(
+            "config_reloaded",
+            vms=len(new.vms),
+            users=len(new.users),
+            rules=len(new.rules),
+            operators=len(new.operators),
+            sessions_ended=ended.sessions if ended else 0,
+            connections_ended=ended.connections if ended else 0,
+            on_revoke=new.on_revoke,
+            restart_needed=restart,
+        )
+        return True
+
+    def _apply(self, cfg: Config, files: Files) -> None:
+        """Swap the new config in. Nothing here can fail on input: `load_files` read everything already."""
+        self.config = cfg
+        self.policy.replace(cfg.vms, cfg.users, cfg.rules)
+        self.registry.set_limits(cfg.max_sessions_per_user, cfg.session_rate_per_user)
+        self.metrics.set_vms(cfg.vms)
+        self.tokens.reconfigure(cfg.tunnel.token_lifetime, {d: u.name for u in cfg.users.values() for d in u.token_sha256s})
+        self.host_keys = files.ssh_host_keys
+        handlers = build_handlers(cfg, files.credentials, files.vm_host_keys)
+        assert self._ssh_door is not None and self._public is not None and self._api is not None
+        self._ssh_door.reconfigure(
+            host_keys=files.ssh_host_keys,
+            user_ca_keys=cfg.ssh.user_ca_keys,
+            terminate=handlers.ssh,
+            jump=handlers.ssh_jump,
+            login_grace_time=cfg.ssh.login_grace_time,
+            max_auth_tries=cfg.ssh.max_auth_tries,
+            max_startups=cfg.ssh.max_startups,
+            keepalive_interval=cfg.ssh.keepalive_interval,
+            keepalive_count=cfg.ssh.keepalive_count,
+            max_sessions=cfg.ssh.max_sessions,
+            max_forwards=cfg.ssh.max_forwards,
+            idle_connection_timeout=cfg.ssh.idle_connection_timeout,
+            version_timeout=cfg.ssh.version_timeout,
+        )
+        self._public.reconfigure(
+            tunnel=handlers.tunnel,
+            max_message=cfg.tunnel.max_message,
+            ping_interval=cfg.tunnel.ping_interval,
+            max_per_token=cfg.tunnel.max_per_token,
+        )
+        self._api.set_operators(cfg.operators)
+        if self._https is not None:
+            self._https.set_tls(files.tls, cfg.public.header_timeout)
+        if self._control_https is not None:
+            self._control_https.set_tls(files.control_tls, cfg.control.header_timeout)
 
     async def _tick(self, every: float = 2.0) -> None:
         """Owned by the App: lets live views (SSE, the page) see byte counts grow, one coalesced event a tick."""

@@ -62,8 +62,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log = make_logger(fmt=args.log_format, node=cfg.gateway.node)
 
     async def serve(stop: asyncio.Event) -> int:
-        asyncio.get_running_loop().set_exception_handler(loop_exception_handler(log))
-        app = App(cfg, log, notifier=Notifier.from_env(os.environ))
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(loop_exception_handler(log))
+        app = App(cfg, log, notifier=Notifier.from_env(os.environ), reload_config=lambda: load_config(args.config))
+        # SIGHUP (systemctl reload) re-reads the config; without a handler it would kill the process.
+        loop.add_signal_handler(signal.SIGHUP, app.request_reload)
         try:
             await app.run_until(stop)
         except StartupError as exc:
@@ -202,6 +205,116 @@ def cmd_disconnect(args: argparse.Namespace) -> int:
     return _run(run)
 
 
+def _call(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None, show: Callable[[Any], int]) -> int:
+    """One control API request; prints the error and returns 1 when it is refused or unreachable."""
+    from gateway.client.api import ControlError
+
+    client = _client(args)
+
+    async def run(stop: asyncio.Event) -> int:
+        try:
+            data = await client.request(method, path, body)
+        except ControlError as exc:
+            print(f"bastion: {exc.message}", file=sys.stderr)
+            return 1
+        return show(data)
+
+    return _run(run)
+
+
+def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]], empty: str) -> str:
+    table = [header, *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table]
+    return "\n".join(lines if rows else [*lines, empty])
+
+
+def render_locks(locks: list[dict[str, Any]]) -> str:
+    """The `bastion locks` table."""
+    rows = [
+        (
+            lk["id"],
+            lk["kind"],
+            lk["target"],
+            (lk["expires_at"] or "until lifted").replace("T", " ")[:19],
+            lk["created_by"],
+            lk["reason"],
+        )
+        for lk in locks
+    ]
+    return _table(("ID", "KIND", "TARGET", "EXPIRES", "BY", "REASON"), rows, "(no locks)")
+
+
+def cmd_lock(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {k: v for k, v in (("user", args.user), ("vm", args.vm), ("source", args.source)) if v is not None}
+    if len(body) != 1:
+        print("bastion lock: give exactly one of --user, --vm, --source", file=sys.stderr)
+        return 2
+    body["reason"] = args.reason
+    if args.expires:
+        body["expires"] = args.expires
+
+    def show(data: Any) -> int:
+        lk = data["lock"]
+        until = lk["expires_at"] or "until lifted"
+        print(f"locked {lk['kind']} {lk['target']} ({until}): lock {lk['id']}")
+        print(f"ended {data['sessions_ended']} session(s) and {data['connections_ended']} connection(s)")
+        return 0
+
+    return _call(args, "POST", "v1/locks", body, show)
+
+
+def cmd_unlock(args: argparse.Namespace) -> int:
+    def show(data: Any) -> int:
+        lk = data["lock"]
+        print(f"lifted lock {lk['id']} on {lk['kind']} {lk['target']}")
+        return 0
+
+    return _call(args, "DELETE", f"v1/locks/{args.id}", None, show)
+
+
+def cmd_locks(args: argparse.Namespace) -> int:
+    def show(data: Any) -> int:
+        print(json.dumps(data["locks"], indent=2) if args.json else render_locks(data["locks"]))
+        return 0
+
+    return _call(args, "GET", "v1/locks", None, show)
+
+
+def render_connections(rows: list[dict[str, Any]]) -> str:
+    """The `bastion connections` table."""
+    table = [
+        (
+            r["id"],
+            r["user"],
+            r["source_ip"],
+            r["door"],
+            r["auth_method"],
+            r["since"].replace("T", " ")[:19],
+            str(r["channels"]),
+            _duration(r["idle_s"]) if r["channels"] == 0 else "-",
+        )
+        for r in rows
+    ]
+    return _table(("ID", "USER", "SOURCE IP", "DOOR", "AUTH", "SINCE", "CHANNELS", "IDLE"), table, "(no connections)")
+
+
+def cmd_connections(args: argparse.Namespace) -> int:
+    def show(data: Any) -> int:
+        rows = data["connections"]
+        print(json.dumps(rows, indent=2) if args.json else render_connections(rows))
+        return 0
+
+    if args.end:
+
+        def ended(data: Any) -> int:
+            print(f"{data['id']}: {data['result']} ({data['sessions_ended']} session(s) told)")
+            return 0
+
+        return _call(args, "DELETE", f"v1/connections/{args.end}", {"reason": args.reason}, ended)
+    return _call(args, "GET", "v1/connections", None, show)
+
+
 def _tunnel_from_args(args: argparse.Namespace) -> tuple[Any, tuple[str, int]]:
     from gateway.client.tunnel import TokenSource, Tunnel
     from gateway.config import parse_listen
@@ -312,6 +425,33 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--reason", default="", help="shown to the users")
     dc.add_argument("--grace", type=float, default=0.0, help="seconds of warning before the disconnect")
     dc.set_defaults(func=cmd_disconnect)
+
+    lk = sub.add_parser("lock", help="lock a user, a VM or a source network: live access ends, new access is refused")
+    _control_flags(lk)
+    who = lk.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", help="a user name")
+    who.add_argument("--vm", help="a VM name")
+    who.add_argument("--source", help="an IP address or CIDR network, e.g. 203.0.113.0/24")
+    lk.add_argument("--reason", default="", help="shown to the users it locks out")
+    lk.add_argument("--expires", help="a duration ('30m', '2h') or an ISO 8601 time; default: until lifted")
+    lk.set_defaults(func=cmd_lock)
+
+    ul = sub.add_parser("unlock", help="lift a lock")
+    _control_flags(ul)
+    ul.add_argument("id", metavar="LOCK_ID")
+    ul.set_defaults(func=cmd_unlock)
+
+    lks = sub.add_parser("locks", help="list the locks in force")
+    _control_flags(lks)
+    lks.add_argument("--json", action="store_true", help="print JSON")
+    lks.set_defaults(func=cmd_locks)
+
+    cn = sub.add_parser("connections", help="list authenticated connections (or end one with --end ID)")
+    _control_flags(cn)
+    cn.add_argument("--json", action="store_true", help="print JSON")
+    cn.add_argument("--end", metavar="ID", help="end this connection and its sessions")
+    cn.add_argument("--reason", default="", help="with --end: shown to the user")
+    cn.set_defaults(func=cmd_connections)
 
     tn = sub.add_parser("tunnel", help="a local port whose connections are tunnelled to a VM port through the gateway")
     _tunnel_flags(tn)

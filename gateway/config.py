@@ -27,7 +27,7 @@ USER_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
 ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\*?")
 # `+` and `@` separate user, VM and login in SSH user names; keep them out of names.
 PROTOCOLS = frozenset(p.value for p in Protocol)
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")  # ASCII digits: `\d` also matches Arabic-Indic ones, which float() reads
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -52,7 +52,7 @@ def parse_listen(text: str) -> ListenAddress:
     """Parse "0.0.0.0:443", "[::1]:443" or "127.0.0.1:0". Raises ValueError."""
     if not isinstance(text, str):
         raise ValueError(f"expected 'HOST:PORT', got {text!r}")  # noqa: TRY004 - callers report ValueErrors as config problems
-    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)", text) or re.fullmatch(r"([^:\[\]\s]+):(\d+)", text)
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:([0-9]{1,5})", text) or re.fullmatch(r"([^:\[\]\s]+):([0-9]{1,5})", text)
     if not m:
         raise ValueError(f"expected 'HOST:PORT' or '[IPV6]:PORT', got {text!r}")
     host, port = m.group(1), int(m.group(2))
@@ -114,6 +114,10 @@ class PublicSection:
     tls_key: Path | None
     detect_timeout: float = 1.0
     header_timeout: float = 10.0
+    max_connections: int | None = None  # None: derived from RLIMIT_NOFILE at start (`net.listener.default_max_connections`)
+    max_connections_per_source: int = 200  # per IPv4 address or IPv6 /64, from accept until the door is done
+    max_tls_handshakes: int = 256  # TLS handshakes in progress at once; more are closed at once
+    tls_handshake_timeout: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -127,9 +131,28 @@ class SSHSection:
     keepalive_count: int = 3
     max_sessions: int = 10  # session channels (shell, exec, sftp) open at once on one SSH connection, like sshd's MaxSessions
     max_forwards: int = 100  # direct-tcpip channels (ssh -J/-W/-L streams) open at once on one SSH connection
+    version_timeout: float = 10.0  # a client handed to the SSH door must send its identification string this soon
+    idle_connection_timeout: float | None = 900.0  # an authenticated connection with no channel at all ends after this
 
 
-_STARTUPS = re.compile(r"(\d+)(?::(\d+):(\d+))?")
+@dataclass(frozen=True)
+class PenaltyPolicy:
+    """OpenSSH's PerSourcePenalties: what each event adds to a source's penalty, and when the source is refused."""
+
+    enabled: bool = True
+    auth_failure: float = 5.0
+    grace_exceeded: float = 10.0
+    no_auth: float = 1.0
+    min: float = 15.0  # refused once the penalty left exceeds this
+    max: float = 600.0  # a penalty never reaches further than this from now
+    exempt: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    max_sources: int = 65536
+
+
+PENALTY_KEYS = ("enabled", "auth_failure", "grace_exceeded", "no_auth", "min", "max", "exempt", "max_sources")
+
+
+_STARTUPS = re.compile(r"([0-9]+)(?::([0-9]+):([0-9]+))?")
 
 
 @dataclass(frozen=True)
@@ -188,6 +211,7 @@ class TunnelSection:
     token_lifetime: float = 600.0
     max_message: int = 1024 * 1024
     ping_interval: float = 30.0
+    max_per_token: int = 20  # tunnels open at once on one token
 
 
 @dataclass(frozen=True)
@@ -235,6 +259,10 @@ class Config:
     tunnel: TunnelSection = field(default_factory=TunnelSection)
     sessions: Limits = field(default_factory=Limits)
     max_sessions_per_user: int = 50
+    # New sessions a user may start: (per second, burst), a token bucket. None: unlimited.
+    session_rate_per_user: tuple[float, float] | None = (10.0, 50.0)
+    on_revoke: str = "end"  # a reload that no longer grants a live session: "end" it (with a notice) or let it "continue"
+    penalties: PenaltyPolicy = field(default_factory=PenaltyPolicy)
 
 
 T = TypeVar("T")
@@ -374,7 +402,7 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError([("(file)", f"cannot read {str(p)!r}: {exc.strerror}")]) from None
     try:
         data = tomllib.loads(raw.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # TOMLDecodeError, UnicodeDecodeError, a >4300-digit integer, deep nesting
         raise ConfigError([("(file)", f"{str(p)!r} is not valid TOML: {exc}")]) from None
     return parse_config(data, base_dir=p.parent)
 
@@ -387,11 +415,15 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
     r = _Reader()
     base = base_dir or Path.cwd()
 
-    def path_of(value: str) -> Path:
-        pth = Path(value).expanduser()
+    def path_of(value: str, where: str) -> Path:
+        try:
+            pth = Path(value).expanduser()
+        except (RuntimeError, ValueError):  # `~nosuchuser/...` (no such home) or a NUL byte
+            r.problem(where, f"not a usable file path: {value!r}")
+            pth = Path(value)
         return pth if pth.is_absolute() else (base / pth)
 
-    r.table(data, "", {"gateway", "public", "ssh", "vms", "users", "rules", "control", "operators", "tunnel", "sessions"})
+    r.table(data, "", {"gateway", "public", "ssh", "vms", "users", "rules", "control", "operators", "tunnel", "sessions", "penalties"})
 
     g = r.get(data, "", "gateway", dict, {})
     r.table(g, "gateway", {"node", "state_dir", "connect_timeout", "shutdown_grace", "shutdown_notice"})
@@ -400,7 +432,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         r.problem("gateway.node", f"not a valid name: {node!r}")
     gateway = GatewaySection(
         node=node,
-        state_dir=path_of(r.get(g, "gateway", "state_dir", str, "/var/lib/bastion")),
+        state_dir=path_of(r.get(g, "gateway", "state_dir", str, "/var/lib/bastion"), "gateway.state_dir"),
         connect_timeout=r.duration(g, "gateway", "connect_timeout", 10.0),
         shutdown_grace=r.duration(g, "gateway", "shutdown_grace", 30.0),
         shutdown_notice=_notice(r, g),
@@ -409,14 +441,18 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         r.problem("gateway.shutdown_grace", f"must be at most 10m (systemd's stop timeout exceeds it), got {g['shutdown_grace']!r}")
 
     sess = r.get(data, "", "sessions", dict, {})
-    r.table(sess, "sessions", {*LIMIT_KEYS, "max_per_user"})
+    r.table(sess, "sessions", {*LIMIT_KEYS, "max_per_user", "rate_per_user", "burst_per_user", "on_revoke"})
     session_limits = r.limits(sess, "sessions", Limits())
     max_per_user = r.get(sess, "sessions", "max_per_user", int, 50)
     if not 1 <= max_per_user <= 100_000:
         r.problem("sessions.max_per_user", f"must be 1 to 100000, got {max_per_user!r}")
+    session_rate = _session_rate(r, sess)
+    on_revoke = r.get(sess, "sessions", "on_revoke", str, "end")
+    if on_revoke not in ("end", "continue"):
+        r.problem("sessions.on_revoke", f"must be 'end' or 'continue', got {on_revoke!r}")
 
     pub = r.get(data, "", "public", dict, {})
-    r.table(pub, "public", {"listen", "tls_cert", "tls_key", "detect_timeout", "header_timeout"})
+    r.table(pub, "public", {"listen", "tls_cert", "tls_key", "detect_timeout", "header_timeout", *_CAP_KEYS, "tls_handshake_timeout"})
     listen, cert, key = _listener_keys(r, pub, "public", "0.0.0.0:443", path_of)
     public = PublicSection(
         listen=listen,
@@ -424,11 +460,16 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         tls_key=key,
         detect_timeout=r.duration(pub, "public", "detect_timeout", 1.0),
         header_timeout=r.duration(pub, "public", "header_timeout", 10.0),
+        max_connections=_count(r, pub, "public.max_connections", None, 1_000_000),
+        max_connections_per_source=_count(r, pub, "public.max_connections_per_source", 200, 1_000_000) or 200,
+        max_tls_handshakes=_count(r, pub, "public.max_tls_handshakes", 256, 100_000) or 256,
+        tls_handshake_timeout=r.duration(pub, "public", "tls_handshake_timeout", 5.0),
     )
 
     s = r.get(data, "", "ssh", dict, {})
     ssh_keys = {"host_keys", "user_ca_keys", "login_grace_time", "max_auth_tries", "max_startups", "keepalive_interval"}
-    ssh_keys |= {"keepalive_count", "max_sessions", "max_forwards", "per_source_max_startups"}
+    ssh_keys |= {"keepalive_count", "max_sessions", "max_forwards", "per_source_max_startups", "version_timeout"}
+    ssh_keys |= {"idle_connection_timeout"}
     r.table(s, "ssh", ssh_keys)
     keepalive_count = r.get(s, "ssh", "keepalive_count", int, 3)
     if not 1 <= keepalive_count <= 100:
@@ -452,7 +493,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         r.problem("ssh.max_startups", str(exc))
         max_startups = StartupPolicy(10, 30, 100, per_source)
     ssh = SSHSection(
-        host_keys=tuple(path_of(x) for x in r.str_list(s, "ssh", "host_keys") or ()),
+        host_keys=tuple(path_of(x, f"ssh.host_keys[{i}]") for i, x in enumerate(r.str_list(s, "ssh", "host_keys") or ())),
         user_ca_keys=r.str_list(s, "ssh", "user_ca_keys", _key_check) or (),
         login_grace_time=r.duration(s, "ssh", "login_grace_time", 30.0),
         max_auth_tries=max_auth,
@@ -461,7 +502,10 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         keepalive_count=keepalive_count,
         max_sessions=max_sessions,
         max_forwards=max_forwards,
+        version_timeout=r.duration(s, "ssh", "version_timeout", 10.0),
+        idle_connection_timeout=r.limit(s, "ssh", "idle_connection_timeout", 900.0),
     )
+    penalties = _parse_penalties(r, data)
 
     vms: dict[str, VM] = {}
     vm_list = r.get(data, "", "vms", list, [])
@@ -562,7 +606,10 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
 
     control, operators = _parse_control(r, data, path_of)
     t = r.get(data, "", "tunnel", dict, {})
-    r.table(t, "tunnel", {"token_lifetime", "max_message", "ping_interval"})
+    r.table(t, "tunnel", {"token_lifetime", "max_message", "ping_interval", "max_per_token"})
+    max_per_token = r.get(t, "tunnel", "max_per_token", int, 20)
+    if not 1 <= max_per_token <= 10_000:
+        r.problem("tunnel.max_per_token", f"must be 1 to 10000, got {max_per_token!r}")
     max_message = r.get(t, "tunnel", "max_message", int, 1024 * 1024)
     if not 1024 <= max_message <= 16 * 1024 * 1024:
         r.problem("tunnel.max_message", f"must be 1024 to 16777216 bytes, got {max_message!r}")
@@ -570,6 +617,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         token_lifetime=r.duration(t, "tunnel", "token_lifetime", 600.0),
         max_message=max_message,
         ping_interval=r.duration(t, "tunnel", "ping_interval", 30.0),
+        max_per_token=max_per_token,
     )
 
     if r.problems:
@@ -586,6 +634,85 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         tunnel=tunnel,
         sessions=session_limits,
         max_sessions_per_user=max_per_user,
+        session_rate_per_user=session_rate,
+        on_revoke=on_revoke,
+        penalties=penalties,
+    )
+
+
+def _session_rate(r: _Reader, sess: Mapping[str, Any]) -> tuple[float, float] | None:
+    """`rate_per_user` (new sessions a second, or "off") and `burst_per_user` (how many at once)."""
+    raw = sess.get("rate_per_user", 10)
+    if raw == "off":
+        return None
+    burst = r.get(sess, "sessions", "burst_per_user", int, 50)
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or not 0.01 <= raw <= 100_000:
+        r.problem("sessions.rate_per_user", f'must be a number of new sessions a second from 0.01 to 100000, or "off"; got {raw!r}')
+        raw = 10
+    if not 1 <= burst <= 100_000:
+        r.problem("sessions.burst_per_user", f"must be 1 to 100000, got {burst!r}")
+        burst = 50
+    return float(raw), float(burst)
+
+
+_CAP_KEYS = ("max_connections", "max_connections_per_source", "max_tls_handshakes")
+
+
+def _count(r: _Reader, table: Mapping[str, Any], full: str, default: int | None, most: int) -> int | None:
+    """An integer key from 1 to `most`; its default (None: "derive it") when absent or bad."""
+    section, key = full.rsplit(".", 1)
+    value = r.get(table, section, key, int)
+    if value is None:
+        return default
+    if not 1 <= value <= most:
+        r.problem(full, f"must be 1 to {most}, got {value!r}")
+        return default
+    return int(value)
+
+
+def _parse_penalties(r: _Reader, data: Mapping[str, Any]) -> PenaltyPolicy:
+    t = r.get(data, "", "penalties", dict, {})
+    r.table(t, "penalties", set(PENALTY_KEYS))
+    base = PenaltyPolicy()
+
+    def seconds(key: str, default: float, *, zero_ok: bool) -> float:
+        raw = r.get(t, "penalties", key, str)
+        if raw is None:
+            return default
+        try:
+            value = parse_duration(raw)
+        except ValueError as exc:
+            r.problem(f"penalties.{key}", str(exc))
+            return default
+        if value < 0 or (value == 0 and not zero_ok):
+            r.problem(f"penalties.{key}", f"must be {'0 or more' if zero_ok else 'positive'}, got {raw!r}")
+            return default
+        return value
+
+    low = seconds("min", base.min, zero_ok=True)
+    high = seconds("max", base.max, zero_ok=False)
+    if high <= low:
+        r.problem("penalties.max", f"must be longer than penalties.min ({t.get('min', '15s')!r}), got {t.get('max', '10m')!r}")
+    exempt: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+
+    def network(text: str) -> str | None:
+        try:
+            exempt.append(ipaddress.ip_network(text, strict=True))
+        except ValueError:
+            return "not a network like '10.0.0.0/8' or '2001:db8::/32' (no host bits after the prefix)"
+        return None
+
+    r.str_list(t, "penalties", "exempt", network)
+    max_sources = _count(r, t, "penalties.max_sources", base.max_sources, 10_000_000) or base.max_sources
+    return PenaltyPolicy(
+        enabled=r.get(t, "penalties", "enabled", bool, True),
+        auth_failure=seconds("auth_failure", base.auth_failure, zero_ok=True),
+        grace_exceeded=seconds("grace_exceeded", base.grace_exceeded, zero_ok=True),
+        no_auth=seconds("no_auth", base.no_auth, zero_ok=True),
+        min=low,
+        max=high,
+        exempt=tuple(exempt),
+        max_sources=max_sources,
     )
 
 
@@ -599,7 +726,7 @@ def _notice(r: _Reader, g: Mapping[str, Any]) -> str:
 
 
 def _listener_keys(
-    r: _Reader, table: Mapping[str, Any], section: str, default: str, path_of: Callable[[str], Path]
+    r: _Reader, table: Mapping[str, Any], section: str, default: str, path_of: Callable[[str, str], Path]
 ) -> tuple[tuple[ListenAddress, ...], Path | None, Path | None]:
     """`listen`, `tls_cert` and `tls_key` of a listener section, validated alike for [public] and [control]."""
     listen: list[ListenAddress] = []
@@ -615,10 +742,11 @@ def _listener_keys(
             r.problem(f"{section}.{k}", f"must be a file path, got {v!r}")
     if (cert is None) != (key is None):
         r.problem(f"{section}.tls_cert" if cert is None else f"{section}.tls_key", "tls_cert and tls_key go together")
-    return tuple(listen), path_of(cert) if cert else None, path_of(key) if key else None
+    cert_path = path_of(cert, f"{section}.tls_cert") if cert else None
+    return tuple(listen), cert_path, path_of(key, f"{section}.tls_key") if key else None
 
 
-def _parse_control(r: _Reader, data: Mapping[str, Any], path_of: Callable[[str], Path]) -> tuple[ControlSection, tuple[Operator, ...]]:
+def _parse_control(r: _Reader, data: Mapping[str, Any], path_of: Callable[[str, str], Path]) -> tuple[ControlSection, tuple[Operator, ...]]:
     c = r.get(data, "", "control", dict, {})
     r.table(c, "control", {"listen", "tls_cert", "tls_key", "metrics_public", "header_timeout"})
     listen, cert, key = _listener_keys(r, c, "control", "127.0.0.1:4443", path_of)
@@ -659,7 +787,7 @@ def _parse_control(r: _Reader, data: Mapping[str, Any], path_of: Callable[[str],
     return control, tuple(operators)
 
 
-def _parse_vm(r: _Reader, v: Mapping[str, Any], path: str, path_of: Callable[[str], Path]) -> VM | None:
+def _parse_vm(r: _Reader, v: Mapping[str, Any], path: str, path_of: Callable[[str, str], Path]) -> VM | None:
     r.table(
         v,
         path,
@@ -708,7 +836,7 @@ def _parse_vm(r: _Reader, v: Mapping[str, Any], path: str, path_of: Callable[[st
         r.table(spec, lpath, {"key"})
         key = r.get(spec, lpath, "key", str, required=True)
         if key is not None:
-            logins[lname] = VMLogin(name=lname, key=path_of(key))
+            logins[lname] = VMLogin(name=lname, key=path_of(key, f"{lpath}.key"))
     default_login = r.get(v, path, "default_login", str)
     if default_login is not None and default_login not in logins:
         r.problem(f"{path}.default_login", f"not one of this VM's logins: {default_login!r}")
@@ -724,7 +852,7 @@ def _parse_vm(r: _Reader, v: Mapping[str, Any], path: str, path_of: Callable[[st
         ssh_port=ssh_port,
         rdp_port=rdp_port,
         host_keys=tuple(host_keys),
-        known_hosts=path_of(kh) if kh else None,
+        known_hosts=path_of(kh, f"{path}.known_hosts") if kh else None,
         trust_on_first_use=tofu,
         default_login=default_login,
         logins=logins,

@@ -34,10 +34,30 @@ class Reason(StrEnum):
     HALF_CLOSE_TIMEOUT = "half_close_timeout"  # one side sent EOF and the other did not finish in time
     TERMINATED_BY_OPERATOR = "terminated_by_operator"
     GATEWAY_SHUTDOWN = "gateway_shutdown"  # the gateway drained and this session outlived the grace
+    LOCKED = "locked"  # an operator locked the user, the VM or the source network
+    ACCESS_REVOKED = "access_revoked"  # a config reload no longer grants this session
     UPSTREAM_REFUSED = "upstream_refused"  # the VM refused the session after the dial (channel open failed)
     UPSTREAM_FAILED = "upstream_failed"
     INTERNAL_ERROR = "internal_error"  # a bug: logged with a traceback field
 
     @property
     def operator_initiated(self) -> bool:
-        return self in (Reason.TERMINATED_BY_OPERATOR, Reason.GATEWAY_SHUTDOWN)
+        return self in (Reason.TERMINATED_BY_OPERATOR, Reason.GATEWAY_SHUTDOWN, Reason.LOCKED)
+
+
+class Refusal(StrEnum):
+    """Why a connection was closed before any protocol ran: the `reason` of `connection_refused` and its metric."""
+
+    MAX_CONNECTIONS = "max_connections"  # the listener holds public.max_connections already
+    MAX_CONNECTIONS_PER_SOURCE = "max_connections_per_source"  # this source (IPv4 address, IPv6 /64) holds its share
+    PENALTY = "penalty"  # this source is serving a penalty (auth failures, grace exceeded, no auth)
+    MAX_TLS_HANDSHAKES = "max_tls_handshakes"  # too many TLS handshakes in progress
+    VERSION_TIMEOUT = "version_timeout"  # an SSH client sent no identification string within ssh.version_timeout
+
+
+class PenaltyEvent(StrEnum):
+    """What a source did to earn a penalty (like OpenSSH's PerSourcePenalties)."""
+
+    AUTH_FAILURE = "auth_failure"  # the connection ended unauthenticated after failed attempts
+    GRACE_EXCEEDED = "grace_exceeded"  # no SSH version in time, or no login within login_grace_time
+    NO_AUTH = "no_auth"  # the connection ended without ever attempting authentication

@@ -9,19 +9,21 @@ never from what a client typed.
 from __future__ import annotations
 
 import platform
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gateway import __version__
-from gateway.kinds import Protocol, Reason
+from gateway.kinds import PenaltyEvent, Protocol, Reason, Refusal
 from gateway.sessions.model import SessionInfo
 from gateway.sessions.registry import SessionRegistry
 
 PROTOCOLS = tuple(p.value for p in Protocol)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LISTENERS = ("public", "control")
 
 
 class _RegistryCollector(Collector):
@@ -49,6 +51,13 @@ class _RegistryCollector(Collector):
     def describe(self) -> Iterator[Metric]:
         return iter(())
 
+    def set_vms(self, vms: tuple[str, ...]) -> None:
+        self._vms = vms
+
+
+def _count_of(counts: Callable[[], dict[str, int]], key: str) -> int:
+    return counts().get(key, 0)
+
 
 class Metrics:
     """Owns the CollectorRegistry. Implements the session and upstream observer protocols."""
@@ -57,9 +66,11 @@ class Metrics:
         self.registry = CollectorRegistry()
         vm_names = tuple(vms)
         self._vms = set(vm_names)
+        self._collector: _RegistryCollector | None = None
         reg = self.registry
         ProcessCollector(registry=reg)
-        reg.register(_RegistryCollector(sessions, vm_names))
+        self._collector = _RegistryCollector(sessions, vm_names)
+        reg.register(self._collector)
         build = Gauge("bastion_build_info", "Build information; the value is always 1.", ["version", "python"], registry=reg)
         build.labels(__version__, platform.python_version()).set(1)
         self.started = Counter("bastion_sessions_started", "Sessions started, by protocol.", ["protocol"], registry=reg)
@@ -88,6 +99,59 @@ class Metrics:
         )
         for p in PROTOCOLS:
             self.started.labels(p)
+        self.connections_refused = Counter(
+            "bastion_connections_refused",
+            "Connections closed before any protocol ran, by listener and reason (caps, penalties, TLS handshakes, SSH version).",
+            ["listener", "reason"],
+            registry=reg,
+        )
+        self.connections_held = Gauge(
+            "bastion_connections_held", "Connections a listener holds now (accepted, until their door is done).", ["listener"], registry=reg
+        )
+        self.penalties = Counter("bastion_penalties", "Penalties recorded against a source, by event.", ["event"], registry=reg)
+        self.penalty_evictions = Counter(
+            "bastion_penalty_evictions", "Penalized sources dropped from the table to keep it within penalties.max_sources.", registry=reg
+        )
+        self.penalty_sources = Gauge("bastion_penalty_sources", "Sources in the penalty table now.", registry=reg)
+        for listener in LISTENERS:
+            for refusal in Refusal:
+                self.connections_refused.labels(listener, refusal.value)
+        for event in PenaltyEvent:
+            self.penalties.labels(event.value)
+
+    # -- gauges read from their owners at scrape time --
+    def watch_listener(self, listener: str, held: Callable[[], int]) -> None:
+        """`held()` is the listener's live count (a name from LISTENERS)."""
+        self.connections_held.labels(listener).set_function(held)
+
+    def watch_penalties(self, tracked: Callable[[], int]) -> None:
+        self.penalty_sources.set_function(tracked)
+
+    def watch_connections(self, counts: Callable[[], dict[str, int]]) -> None:
+        """`counts()` is the authenticated connections by door ("ssh", "websocket")."""
+        gauge = Gauge(
+            "bastion_connections_authenticated", "Authenticated client connections now, by door.", ["door"], registry=self.registry
+        )
+        for door in ("ssh", "websocket"):
+            gauge.labels(door).set_function(partial(_count_of, counts, door))
+
+    def set_vms(self, vms: Iterable[str]) -> None:
+        """A reload: VM labels follow the inventory (labels of VMs gone stay until the restart, as counters must)."""
+        names = tuple(vms)
+        self._vms = set(names)
+        if self._collector is not None:
+            self._collector.set_vms(names)
+
+    # -- ConnectionObserver, PenaltyObserver --
+    def connection_refused(self, listener: str, reason: Refusal) -> None:
+        if listener in LISTENERS:
+            self.connections_refused.labels(listener, reason.value).inc()
+
+    def penalty_recorded(self, event: PenaltyEvent) -> None:
+        self.penalties.labels(event.value).inc()
+
+    def penalty_evicted(self) -> None:
+        self.penalty_evictions.inc()
 
     # -- SessionObserver --
     def session_opened(self, info: SessionInfo) -> None:

@@ -56,6 +56,12 @@ class Policy:
         self._users = dict(users)
         self._rules = tuple(rules)
 
+    def replace(self, vms: Mapping[str, VM], users: Mapping[str, User], rules: Iterable[Rule]) -> None:
+        """A reload: every later check sees the new inventory, users and rules (one object, shared by reference)."""
+        self._vms = dict(vms)
+        self._users = dict(users)
+        self._rules = tuple(rules)
+
     def user(self, name: str) -> User | None:
         return self._users.get(name)
 

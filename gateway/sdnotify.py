@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import unicodedata
 from collections.abc import Mapping
 from typing import Protocol
@@ -42,6 +43,8 @@ class ServiceNotifier(Protocol):
     def ready(self, status: str | None = None) -> bool: ...
 
     def stopping(self, status: str | None = None) -> bool: ...
+
+    def reloading(self, status: str | None = None) -> bool: ...
 
     def status(self, text: str) -> bool: ...
 
@@ -132,6 +135,11 @@ class Notifier:
     def stopping(self, status: str | None = None) -> bool:
         """STOPPING=1: the drain has begun (with an optional status line)."""
         return self._send("STOPPING=1", status)
+
+    def reloading(self, status: str | None = None) -> bool:
+        """RELOADING=1 with MONOTONIC_USEC (what systemd 253+ asks for): a reload began; READY=1 ends it."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        return self._send(f"RELOADING=1\nMONOTONIC_USEC={usec}", status)
 
     def status(self, text: str) -> bool:
         """STATUS=...: a one-line, human-readable state for `systemctl status`."""

@@ -16,5 +16,6 @@ _DROP = frozenset({"Cc", "Cf", "Co", "Cs", "Cn"})
 
 def one_line(text: str) -> str:
     """`text` as one printable line: whitespace runs become one space, control and format characters go."""
-    words = text.split()
-    return " ".join("".join(ch for ch in w if unicodedata.category(ch) not in _DROP) for w in words).strip()
+    words = ("".join(ch for ch in w if unicodedata.category(ch) not in _DROP) for w in text.split())
+    # A word made only of dropped characters (a lone zero-width space, an ESC) leaves no double space behind.
+    return " ".join(w for w in words if w)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from gateway.clock import Clock
 from gateway.errors import AuthError, StartupError
+from gateway.filemodes import check_private_file
 
 _PREFIX = "v1"
 
@@ -29,6 +30,7 @@ class TokenClaims:
     expires_at: float
     token_id: str
     static: bool = False
+    issued_at: float = 0.0  # Unix seconds, to the millisecond
 
 
 def _b64(data: bytes) -> str:
@@ -40,12 +42,14 @@ def _unb64(text: str) -> bytes:
 
 
 def load_or_create_key(path: Path) -> bytes:
-    """The signing key, created (mode 0600) on first start. Raises StartupError if unusable."""
+    """The signing key, created (mode 0600) on first start. Raises StartupError if unusable, or if it is not
+    the gateway's own or group or others may access it (anyone who reads it can mint tokens for any user)."""
     try:
         if not path.exists():
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(secrets.token_bytes(32))
+        check_private_file(path, "gateway.state_dir", "token signing key")
         key = path.read_bytes()
     except OSError as exc:
         raise StartupError(f"token signing key {str(path)!r}: {exc.strerror}") from None
@@ -63,15 +67,22 @@ class TokenService:
         self.lifetime = lifetime
         self._static = dict(static or {})
 
+    def reconfigure(self, lifetime: float, static: Mapping[bytes, str]) -> None:
+        """A reload: new tokens get `lifetime`; static tokens are exactly the configured ones (a removed one stops working)."""
+        self.lifetime = lifetime
+        self._static = dict(static)
+
     def __repr__(self) -> str:
         return f"TokenService(lifetime={self.lifetime:g}s, static={len(self._static)})"
 
     def issue(self, user: str) -> tuple[str, TokenClaims]:
         now = self._clock.now().timestamp()
-        claims = TokenClaims(user=user, expires_at=now + self.lifetime, token_id=secrets.token_hex(8))
+        issued_ms = int(now * 1000)
+        claims = TokenClaims(user=user, expires_at=now + self.lifetime, token_id=secrets.token_hex(8), issued_at=issued_ms / 1000)
         payload = _b64(
             json.dumps(
-                {"sub": user, "iat": int(now), "exp": int(claims.expires_at), "jti": claims.token_id}, separators=(",", ":")
+                {"sub": user, "iat": int(now), "iat_ms": issued_ms, "exp": int(claims.expires_at), "jti": claims.token_id},
+                separators=(",", ":"),
             ).encode()
         )
         body = f"{_PREFIX}.{payload}"
@@ -81,24 +92,37 @@ class TokenService:
     def verify(self, token: str) -> TokenClaims:
         """Return the claims of a valid token. Raises AuthError (reason token_invalid or token_expired)."""
         token = token.strip()
-        digest = hashlib.sha256(token.encode()).digest()
+        # aiohttp hands header bytes that are not UTF-8 over as lone surrogates: hash them, never fail on them.
+        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
         for known, user in self._static.items():
             if hmac.compare_digest(digest, known):
                 return TokenClaims(user=user, expires_at=float("inf"), token_id="static", static=True)  # noqa: S106 - a label, not a secret
         parts = token.split(".")
-        if len(parts) != 3 or parts[0] != _PREFIX:
+        if len(parts) != 3 or parts[0] != _PREFIX or not token.isascii():
             raise AuthError("malformed token", reason="token_invalid")
         body = f"{parts[0]}.{parts[1]}"
         expected = hmac.new(self._key, body.encode(), hashlib.sha256).digest()
         try:
             given = _unb64(parts[2])
-            claims = json.loads(_unb64(parts[1]))
-        except (ValueError, json.JSONDecodeError):
+        except ValueError:
             raise AuthError("malformed token", reason="token_invalid") from None
+        # The signature before the payload: nothing a client made up is parsed (deep nesting would recurse).
         if not hmac.compare_digest(expected, given):
             raise AuthError("token signature does not verify", reason="token_invalid")
+        try:
+            claims = json.loads(_unb64(parts[1]))
+        except ValueError:
+            raise AuthError("malformed token", reason="token_invalid") from None
         if not isinstance(claims, dict) or not isinstance(claims.get("sub"), str) or not isinstance(claims.get("exp"), int):
             raise AuthError("malformed token", reason="token_invalid")
         if claims["exp"] <= self._clock.now().timestamp():
             raise AuthError("token expired", reason="token_expired")
-        return TokenClaims(user=claims["sub"], expires_at=float(claims["exp"]), token_id=str(claims.get("jti", "")))
+        # Milliseconds, so a lock revokes exactly the tokens issued before it (`iat` alone is whole seconds).
+        iat_ms, iat = claims.get("iat_ms"), claims.get("iat")
+        if isinstance(iat_ms, int) and not isinstance(iat_ms, bool):
+            issued = iat_ms / 1000
+        elif isinstance(iat, int) and not isinstance(iat, bool):
+            issued = float(iat)
+        else:
+            issued = 0.0
+        return TokenClaims(user=claims["sub"], expires_at=float(claims["exp"]), token_id=str(claims.get("jti", "")), issued_at=issued)

@@ -25,9 +25,11 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from structlog.typing import FilteringBoundLogger
 
+from gateway.access import AccessControl
 from gateway.clock import Clock
 from gateway.config import Operator
 from gateway.control.openapi import OPENAPI
+from gateway.locks import KINDS, LockError, clean_reason, parse_expires, parse_target
 from gateway.sessions.model import SessionEvent, SessionInfo, iso
 from gateway.sessions.registry import SessionRegistry, StreamEnded, SubscriberLimit
 from gateway.text import one_line
@@ -75,7 +77,9 @@ class ControlAPI:
         node: str = "",
         ready: Callable[[], bool] = lambda: True,
         stopping: Callable[[], bool] = lambda: False,
+        access: AccessControl | None = None,
     ) -> None:
+        self._access_control = access
         self._registry = registry
         self._operators = tuple(operators)
         self._clock = clock
@@ -88,13 +92,18 @@ class ControlAPI:
         self._stopping = stopping
         self._routes: dict[tuple[str, str], Route] = {}
 
+    def set_operators(self, operators: Iterable[Operator]) -> None:
+        """A reload: a removed operator's token stops working at its next request."""
+        self._operators = tuple(operators)
+
     # -- access --
     def _who(self, request: web.Request) -> Operator | None:
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return None
-        digest = hashlib.sha256(token.strip().encode()).digest()
+        # aiohttp hands header bytes that are not UTF-8 over as lone surrogates: a 401, never an encoding error.
+        digest = hashlib.sha256(token.strip().encode("utf-8", "surrogatepass")).digest()
         found: Operator | None = None
         for op in self._operators:  # compare against every operator, in constant time each
             if hmac.compare_digest(digest, op.token_sha256):
@@ -138,6 +147,12 @@ class ControlAPI:
         add(app, "POST", "/v1/sessions/disconnect", self.disconnect_many, "operator")
         add(app, "POST", "/v1/notices", self.notices, "operator")
         add(app, "GET", "/v1/events", self.events, "viewer")
+        if self._access_control is not None:
+            add(app, "GET", "/v1/connections", self.list_connections, "viewer")
+            add(app, "DELETE", "/v1/connections/{id}", self.end_connection, "operator")
+            add(app, "GET", "/v1/locks", self.list_locks, "viewer")
+            add(app, "POST", "/v1/locks", self.add_lock, "operator")
+            add(app, "DELETE", "/v1/locks/{id}", self.remove_lock, "operator")
         add(app, "GET", "/v1/whoami", self.whoami, "viewer")
         add(app, "GET", "/ui", self.page, None)
         add(app, "GET", "/ui/app.js", self.page_js, None)
@@ -199,7 +214,8 @@ class ControlAPI:
     @staticmethod
     def _grace(body: dict[str, Any]) -> float:
         grace = body.get("grace_s", 0)
-        if isinstance(grace, bool) or not isinstance(grace, int | float) or not math.isfinite(grace) or not 0 <= grace <= MAX_GRACE:
+        # The range check before isfinite: a 400-digit integer overflows float() inside isfinite. NaN fails the range too.
+        if isinstance(grace, bool) or not isinstance(grace, int | float) or not 0 <= grace <= MAX_GRACE or not math.isfinite(grace):
             raise ApiError(400, "bad_request", f"grace_s must be a number from 0 to {MAX_GRACE:g}")
         return float(grace)
 
@@ -318,6 +334,68 @@ class ControlAPI:
             results[sid] = "not_found" if shown is None else ("delivered" if shown else "unsupported")
         self._audit(request, "notice", session_ids=targets, message=message, results=results)
         return web.json_response({"results": results})
+
+    def _acl(self) -> AccessControl:
+        assert self._access_control is not None
+        return self._access_control
+
+    async def list_connections(self, request: web.Request) -> web.Response:
+        rows = sorted((c.as_dict() for c in self._acl().connections.list()), key=lambda r: r["since"])
+        return web.json_response({"connections": rows, "node": self._node})
+
+    async def end_connection(self, request: web.Request) -> web.Response:
+        cid = request.match_info["id"]
+        body = await self._body(request, required=False)
+        reason = self._reason(body)
+        conn = self._acl().connections.get(cid)
+        ended = self._acl().end_connection(cid, reason or "Your connection was ended by an operator.")
+        self._audit(request, "end_connection", connection_id=cid, reason=reason, found=ended is not None)
+        if ended is None or conn is None:
+            raise ApiError(404, "not_found", "no such connection")
+        result = "ending" if ended.connections else "already_ending"
+        return web.json_response({"id": cid, "result": result, "sessions_ended": ended.sessions})
+
+    async def list_locks(self, request: web.Request) -> web.Response:
+        return web.json_response({"locks": [lk.as_dict() for lk in self._acl().locks.list()]})
+
+    async def add_lock(self, request: web.Request) -> web.Response:
+        body = await self._body(request, required=True)
+        unknown = set(body) - {"user", "vm", "source", "reason", "expires"}
+        if unknown:
+            raise ApiError(400, "bad_request", f"unknown field: {sorted(unknown)[0][:64]!r} (allowed: user, vm, source, reason, expires)")
+        kinds = [k for k in KINDS if k in body]
+        if len(kinds) != 1:
+            raise ApiError(400, "bad_request", f"give exactly one of {', '.join(KINDS)}")
+        try:
+            kind, target = parse_target(kinds[0], body[kinds[0]])
+            reason = clean_reason(body.get("reason"))
+            expires_at = parse_expires(body.get("expires"), self._clock.now().timestamp())
+        except LockError as exc:
+            raise ApiError(400, "bad_request", str(exc)) from None
+        op = request[_OPERATOR_KEY]
+        try:
+            lock, ended = self._acl().lock(kind, target, reason, expires_at, op.name)
+        except LockError as exc:
+            raise ApiError(409, "conflict", str(exc)) from None
+        except OSError as exc:
+            self._log.error("lock_not_saved", error=exc.strerror or str(exc))
+            raise ApiError(500, "not_saved", "the lock could not be saved to the state dir; nothing changed") from None
+        self._audit(request, "lock", lock_id=lock.id, kind=kind, target=target, reason=reason, expires_at=lock.as_dict()["expires_at"])
+        answer = {"lock": lock.as_dict(), "sessions_ended": ended.sessions, "connections_ended": ended.connections}
+        return web.json_response(answer, status=201)
+
+    async def remove_lock(self, request: web.Request) -> web.Response:
+        lock_id = request.match_info["id"]
+        op = request[_OPERATOR_KEY]
+        try:
+            lock = self._acl().unlock(lock_id, op.name)
+        except OSError as exc:
+            self._log.error("lock_not_saved", error=exc.strerror or str(exc))
+            raise ApiError(500, "not_saved", "the locks file could not be written; the lock still holds") from None
+        self._audit(request, "unlock", lock_id=lock_id[:64], found=lock is not None)
+        if lock is None:
+            raise ApiError(404, "not_found", "no such lock")
+        return web.json_response({"lock": lock.as_dict()})
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """Server-Sent Events: a `snapshot` first, then `opened`, `updated`, `closed` and `progress` as they happen.

@@ -13,7 +13,7 @@ _SESSION: dict[str, Any] = {
     "additionalProperties": False,
     "required": [
         "id", "user", "source_ip", "source_port", "vm", "target_address", "target_port", "protocol",
-        "login", "started_at", "duration_s", "bytes_up", "bytes_down", "node", "state", "ends_at",
+        "login", "started_at", "duration_s", "bytes_up", "bytes_down", "node", "state", "ends_at", "connection_id",
     ],
     "properties": {
         "id": {"type": "string"},
@@ -32,8 +32,54 @@ _SESSION: dict[str, Any] = {
         "node": {"type": "string"},
         "state": {"type": "string", "enum": ["active", "terminating", "closed"]},
         "ends_at": {"oneOf": [_TIME, {"type": "null"}], "description": "while terminating: when the session will be ended"},
+        "connection_id": {"type": ["string", "null"], "description": "the authenticated connection carrying it"},
     },
 }  # fmt: skip
+
+_CONNECTION: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["id", "user", "source_ip", "source_port", "door", "auth_method", "since", "channels", "idle_s", "node"],
+    "properties": {
+        "id": {"type": "string"},
+        "user": {"type": "string"},
+        "source_ip": {"type": "string"},
+        "source_port": {"type": "integer", "minimum": 0, "maximum": 65535},
+        "door": {"type": "string", "enum": ["ssh", "websocket"]},
+        "auth_method": {"type": "string"},
+        "since": _TIME,
+        "channels": {"type": "integer", "minimum": 0, "description": "sessions, shells and forwards open on it now"},
+        "idle_s": {"type": "number", "minimum": 0, "description": "seconds without any channel"},
+        "node": {"type": "string"},
+    },
+}
+
+_LOCK: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["id", "kind", "target", "reason", "created_at", "expires_at", "created_by"],
+    "properties": {
+        "id": {"type": "string"},
+        "kind": {"type": "string", "enum": ["user", "vm", "source"]},
+        "target": {"type": "string", "description": "a user name, a VM name, or a CIDR network"},
+        "reason": {"type": "string"},
+        "created_at": _TIME,
+        "expires_at": {"oneOf": [_TIME, {"type": "null"}]},
+        "created_by": {"type": "string"},
+    },
+}
+
+_LOCK_BODY: dict[str, Any] = {
+    "type": "object",
+    "description": "exactly one of user, vm, source",
+    "properties": {
+        "user": {"type": "string"},
+        "vm": {"type": "string"},
+        "source": {"type": "string", "description": "an IP address or a CIDR network"},
+        "reason": {"type": "string", "maxLength": 300},
+        "expires": {"type": "string", "description": "a duration ('30m', '2h') or an ISO 8601 time; absent: until lifted"},
+    },
+}
 
 _ERROR: dict[str, Any] = {
     "type": "object",
@@ -72,6 +118,8 @@ OPENAPI: dict[str, Any] = {
         "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         "schemas": {
             "Session": _SESSION,
+            "Connection": _CONNECTION,
+            "Lock": _LOCK,
             "Error": _ERROR,
             "SessionList": {
                 "type": "object",
@@ -167,6 +215,87 @@ OPENAPI: dict[str, Any] = {
                 "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("Notice")}}},
                 "responses": {"200": _json(_ref("NoticeResults"), "Result per id"), **_ERRORS},
             }
+        },
+        "/v1/connections": {
+            "get": {
+                "summary": "Every authenticated connection: SSH connections and WebSocket clients",
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["connections", "node"],
+                            "properties": {"connections": {"type": "array", "items": _ref("Connection")}, "node": {"type": "string"}},
+                        },
+                        "Live connections",
+                    ),
+                    **_ERRORS,
+                },
+            }
+        },
+        "/v1/connections/{id}": {
+            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "delete": {
+                "summary": "End a connection and every session on it, showing the reason (operator)",
+                "requestBody": {"required": False, "content": {"application/json": {"schema": _DISCONNECT_BODY}}},
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["id", "result", "sessions_ended"],
+                            "properties": {
+                                "id": {"type": "string"},
+                                "result": {"type": "string", "enum": ["ending", "already_ending"]},
+                                "sessions_ended": {"type": "integer", "minimum": 0},
+                            },
+                        },
+                        "Ending",
+                    ),
+                    "404": _json(_ref("Error"), "No such connection"),
+                    **_ERRORS,
+                },
+            },
+        },
+        "/v1/locks": {
+            "get": {
+                "summary": "Locks in force",
+                "responses": {
+                    "200": _json(
+                        {"type": "object", "required": ["locks"], "properties": {"locks": {"type": "array", "items": _ref("Lock")}}},
+                        "Locks",
+                    ),
+                    **_ERRORS,
+                },
+            },
+            "post": {
+                "summary": "Lock a user, a VM or a source network (operator): live access ends, new access is refused",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": _LOCK_BODY}}},
+                "responses": {
+                    "201": _json(
+                        {
+                            "type": "object",
+                            "required": ["lock", "sessions_ended", "connections_ended"],
+                            "properties": {
+                                "lock": _ref("Lock"),
+                                "sessions_ended": {"type": "integer", "minimum": 0},
+                                "connections_ended": {"type": "integer", "minimum": 0},
+                            },
+                        },
+                        "Locked",
+                    ),
+                    **_ERRORS,
+                },
+            },
+        },
+        "/v1/locks/{id}": {
+            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "delete": {
+                "summary": "Lift a lock (operator)",
+                "responses": {
+                    "200": _json({"type": "object", "required": ["lock"], "properties": {"lock": _ref("Lock")}}, "Lifted"),
+                    "404": _json(_ref("Error"), "No such lock"),
+                    **_ERRORS,
+                },
+            },
         },
         "/v1/events": {
             "get": {

@@ -17,9 +17,9 @@ Remote forwarding, agent forwarding, X11 and streamlocal are refused.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
-import time
 from collections.abc import Coroutine
 from typing import Any, Protocol
 
@@ -30,12 +30,19 @@ from asyncssh.mac import get_mac_algs
 from structlog.typing import FilteringBoundLogger
 
 from gateway.config import StartupPolicy
+from gateway.kinds import PenaltyEvent, Refusal
+from gateway.locks import LockStore
+from gateway.net.listener import ConnectionObserver
+from gateway.net.penalties import Penalties
+from gateway.net.ratelog import RateLimitedLog
 from gateway.net.startups import Startups
 from gateway.policy import Policy, Principal, parse_username
 from gateway.protocols.gateway_shell import GatewayShellSession
-from gateway.protocols.lifecycle import Client, Deps, ProtocolHandler, run_session
+from gateway.protocols.lifecycle import CLOSE_DEADLINE, END_DEADLINE, Client, Deps, ProtocolHandler, fmt_duration, run_session
+from gateway.protocols.ssh_disconnect import disconnect_connection
 from gateway.protocols.ssh_jump import ChannelSide, JumpRequest, JumpSide
 from gateway.protocols.ssh_terminate import TerminateRequest, UserSide, bounded_channel
+from gateway.sessions.connections import Connection, ConnectionRegistry
 from gateway.tokens import TokenService
 
 
@@ -78,9 +85,21 @@ class SSHDoor:
         public_hint: str = "GATEWAY",
         observer: DoorObserver | None = None,
         tokens: TokenService | None = None,
+        connections: ConnectionRegistry | None = None,
+        locks: LockStore | None = None,
+        idle_connection_timeout: float | None = None,
+        penalties: Penalties | None = None,
+        version_timeout: float = 10.0,
+        refusals: ConnectionObserver | None = None,
     ) -> None:
+        self.penalties = penalties
+        self.version_timeout = version_timeout
+        self.refusals = refusals
         self.observer: DoorObserver = observer or _NullObserver()
         self.tokens = tokens
+        self.connections = connections or ConnectionRegistry(node, deps.registry.clock)
+        self.locks = locks
+        self.idle_connection_timeout = idle_connection_timeout
         self.deps = deps
         self.policy: Policy = deps.policy
         # Each user's keys parsed once, as the wire blobs clients present.
@@ -94,41 +113,87 @@ class SSHDoor:
         self.max_auth_tries = max_auth_tries
         self.max_startups = max_startups
         self.startups = Startups(max_startups, random.random)
-        self._refusal_logged: dict[str, tuple[float, int]] = {}
+        self._refusal_log = RateLimitedLog()
         self.max_sessions = max_sessions
         self.max_forwards = max_forwards
         self.log = log
         self.public_hint = public_hint
-        self._options = asyncssh.SSHServerConnectionOptions(
-            server_host_keys=host_keys,
-            server_version="Bastion",
-            kex_algs=_supported(KEX_ALGS, get_kex_algs()),
-            encryption_algs=_supported(ENCRYPTION_ALGS, get_encryption_algs()),
-            mac_algs=_supported(MAC_ALGS, get_mac_algs()),
-            login_timeout=login_grace_time,
-            keepalive_interval=keepalive_interval,
-            keepalive_count_max=keepalive_count,
-            public_key_auth=True,
-            password_auth=False,
-            kbdint_auth=False,
-            host_based_auth=False,
-            gss_host=None,
-            agent_forwarding=False,
-            x11_forwarding=False,
-            allow_pty=True,
-            line_editor=False,
-            encoding=None,
-        )
+        self._options = _server_options(host_keys, login_grace_time, keepalive_interval, keepalive_count)
+
+    def reconfigure(
+        self,
+        *,
+        host_keys: list[asyncssh.SSHKey],
+        user_ca_keys: tuple[str, ...],
+        terminate: ProtocolHandler[TerminateRequest, Any, UserSide],
+        jump: ProtocolHandler[JumpRequest, Any, JumpSide],
+        login_grace_time: float,
+        max_auth_tries: int,
+        max_startups: StartupPolicy,
+        keepalive_interval: float,
+        keepalive_count: int,
+        max_sessions: int,
+        max_forwards: int,
+        idle_connection_timeout: float | None,
+        version_timeout: float,
+    ) -> None:
+        """A reload: new connections get these; live ones keep what they authenticated with.
+
+        The policy was replaced in place already; the users' key blobs are parsed again from it.
+        """
+        self.key_blobs = {
+            name: frozenset(asyncssh.import_public_key(k).public_data for k in user.keys) for name, user in self.policy.users().items()
+        }
+        self.user_ca_keys = user_ca_keys
+        self.terminate = terminate
+        self.jump = jump
+        self.max_auth_tries = max_auth_tries
+        self.max_startups = max_startups
+        self.startups.set_policy(max_startups)
+        self.max_sessions = max_sessions
+        self.max_forwards = max_forwards
+        self.idle_connection_timeout = idle_connection_timeout
+        self.version_timeout = version_timeout
+        self._options = _server_options(host_keys, login_grace_time, keepalive_interval, keepalive_count)
 
     def _log_refusal(self, log: FilteringBoundLogger, reason: str) -> None:
         """Refusals a scanner can trigger are logged at most once a second per reason, saying how many were not."""
-        now = time.monotonic()
-        last, skipped = self._refusal_logged.get(reason, (0.0, 0))
-        if now - last < _REFUSAL_LOG_EVERY:
-            self._refusal_logged[reason] = (last, skipped + 1)
+        self._refusal_log.warning(log, "connection_refused", reason, unauthenticated=self.startups.total)
+
+    def _penalize(self, server: GatewaySSHServer, peer: tuple[str, int], reason: str) -> None:
+        """One penalty per connection that ended unauthenticated, like sshd: failed keys count once, when the
+        client gives up or is cut off, so a user whose agent offers a few wrong keys before the right one, and
+        logs in, earns nothing."""
+        if self.penalties is None:
             return
-        self._refusal_logged[reason] = (now, 0)
-        log.warning("connection_refused", reason=reason, unauthenticated=self.startups.total, suppressed=skipped)
+        if reason in (Refusal.VERSION_TIMEOUT, "login_timeout"):
+            event = PenaltyEvent.GRACE_EXCEEDED
+        elif server._failures:  # the door owns its connections' servers
+            event = PenaltyEvent.AUTH_FAILURE
+        elif server.username is None:
+            event = PenaltyEvent.NO_AUTH
+        else:
+            return
+        self.penalties.record(peer[0], event)
+
+    def _version_deadline(self, server: GatewaySSHServer, late: list[bool]) -> None:
+        """A client that has not sent its identification string by now is cut off (asyncssh would wait for the
+        whole login_grace_time).
+
+        asyncssh 2.24.1 parses the peer's version in the private `_recv_version` and publishes it at once with
+        `set_extra_info(client_version=...)`; `get_extra_info("client_version")` is documented API, so this timer
+        reads that instead of patching `_recv_version` or wrapping `data_received`. Peeking for the line before
+        asyncssh starts would be simpler but would hang clients that wait for the server's version first.
+        """
+        conn = server._conn  # set by connection_made, the one place asyncssh hands the connection over
+        if conn is not None and not server.authenticated and conn.get_extra_info("client_version") is None:
+            late.append(True)
+            conn.abort()
+
+    def _version_refused(self, log: FilteringBoundLogger) -> None:
+        if self.refusals is not None:
+            self.refusals.connection_refused("public", Refusal.VERSION_TIMEOUT)
+        self._refusal_log.warning(log, "connection_refused", Refusal.VERSION_TIMEOUT, limit_s=self.version_timeout)
 
     async def handle(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         """Own `sock` from here: run SSH on it until the connection ends."""
@@ -141,6 +206,8 @@ class SSHDoor:
             return
         server = GatewaySSHServer(self, peer, log)
         conn: asyncssh.SSHServerConnection | None = None
+        late: list[bool] = []
+        timer = asyncio.get_running_loop().call_later(self.version_timeout, self._version_deadline, server, late)
         try:
             conn = await asyncssh.run_server(sock, options=self._options, server_factory=lambda: server)
         except asyncio.CancelledError:
@@ -148,20 +215,28 @@ class SSHDoor:
             raise
         except (asyncssh.Error, OSError, TimeoutError, ValueError) as exc:
             if not server.authenticated:
-                log.info("ssh_handshake_ended", reason=_slug(exc), detail=str(exc)[:200], user=server.username)
+                reason = Refusal.VERSION_TIMEOUT if late else _slug(exc)
+                if not late:
+                    log.info("ssh_handshake_ended", reason=reason, detail=str(exc)[:200], user=server.username)
+                self._penalize(server, peer, reason)
+            if late:
+                self._version_refused(log)
             return
         finally:
+            timer.cancel()
             server.release_startup()
             if conn is None:
                 sock.close()  # asyncssh may fail before its transport owns the socket
+        if late:  # abort() ends asyncssh's wait without an error: run_server returns the closed connection
+            conn.abort()
+            self._penalize(server, peer, Refusal.VERSION_TIMEOUT)
+            self._version_refused(log)
+            return
         try:
             await conn.wait_closed()
         finally:
             conn.abort()
             await server.wait_tasks()
-
-
-_REFUSAL_LOG_EVERY = 1.0  # seconds: a flood of refused connections writes one line a second per reason, with a count
 
 
 # Modern algorithms only, in preference order: no SHA-1 key exchange or MAC, no CBC, RC4 or 3DES. Every
@@ -179,6 +254,31 @@ MAC_ALGS = (
     "hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com", "umac-128-etm@openssh.com",
     "hmac-sha2-256", "hmac-sha2-512", "umac-128@openssh.com",
 )  # fmt: skip
+
+
+def _server_options(
+    host_keys: list[asyncssh.SSHKey], login_grace_time: float, keepalive_interval: float, keepalive_count: int
+) -> asyncssh.SSHServerConnectionOptions:
+    return asyncssh.SSHServerConnectionOptions(
+        server_host_keys=host_keys,
+        server_version="Bastion",
+        kex_algs=_supported(KEX_ALGS, get_kex_algs()),
+        encryption_algs=_supported(ENCRYPTION_ALGS, get_encryption_algs()),
+        mac_algs=_supported(MAC_ALGS, get_mac_algs()),
+        login_timeout=login_grace_time,
+        keepalive_interval=keepalive_interval,
+        keepalive_count_max=keepalive_count,
+        public_key_auth=True,
+        password_auth=False,
+        kbdint_auth=False,
+        host_based_auth=False,
+        gss_host=None,
+        agent_forwarding=False,
+        x11_forwarding=False,
+        allow_pty=True,
+        line_editor=False,
+        encoding=None,
+    )
 
 
 def _supported(wanted: tuple[str, ...], available: list[bytes]) -> list[str]:
@@ -216,6 +316,9 @@ class GatewaySSHServer(asyncssh.SSHServer):
         self._principal: Principal | None = None
         self._vm: str | None = None
         self._login: str | None = None
+        self._record: Connection | None = None  # in the connection registry once authenticated
+        self._idle: asyncio.Task[None] | None = None
+        self._locked = False  # authenticated, but a lock holds: it is being disconnected, nothing opens
 
     # -- supervisor --
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
@@ -257,6 +360,10 @@ class GatewaySSHServer(asyncssh.SSHServer):
         # Channel sessions see connection_lost too and end their tasks normally;
         # `SSHDoor.handle` cancels whatever is left after a short grace.
         self.release_startup()
+        if self._record is not None:
+            self._door.connections.remove(self._record)
+        if self._idle is not None:
+            self._idle.cancel()
 
     def begin_auth(self, username: str) -> bool:
         self.username = username[:64]
@@ -306,11 +413,65 @@ class GatewaySSHServer(asyncssh.SSHServer):
         self._principal = Principal(self._principal.name, self._principal.groups, method)
         self.authenticated = True
         self.release_startup()
-        self._log.info("auth_succeeded", user=self._principal.name, method=method, vm=self._vm)
+        name = self._principal.name
+        # A lock is told only to whom it concerns: after authentication, never to a stranger.
+        lock = self._door.locks.match(user=name, source=self._peer[0]) if self._door.locks is not None else None
+        if lock is not None:
+            self._log.info("login_refused", user=name, method=method, reason="locked", lock_id=lock.id)
+            self._door.observer.refused("locked")
+            self._locked = True
+            self.spawn(self._disconnect(lock.refusal()), name="locked")
+            return
+        self._record = self._door.connections.add(name, self._peer, "ssh", method, self._end_requested)
+        self._log.info("auth_succeeded", user=name, method=method, vm=self._vm, connection_id=self._record.id)
+        limit = self._door.idle_connection_timeout
+        if limit is not None:
+            # Not in the supervised set: it must not delay the connection's end by the tasks' grace.
+            self._idle = asyncio.create_task(self._idle_watch(self._record, limit), name=f"idle:{name}")
+
+    async def _disconnect(self, text: str) -> None:
+        if self._conn is not None:
+            await disconnect_connection(self._conn, text)
+
+    def _end_requested(self, text: str) -> None:
+        """An operator or a lock ends this connection: its sessions were told already; wait for them, then DISCONNECT."""
+        self.spawn(self._end_after_sessions(text), name="end-connection")
+
+    async def _end_after_sessions(self, text: str) -> None:
+        relaying = [t for t in self._tasks if t.get_name().startswith(("ssh:", "jump:"))]
+        if relaying:
+            await asyncio.wait(relaying, timeout=END_DEADLINE + CLOSE_DEADLINE + 1)
+        self._log.info("connection_ended", user=self.username, reason=text[:200])
+        await self._disconnect(text)
+
+    async def _idle_watch(self, record: Connection, limit: float) -> None:
+        """Ends the connection once it has held no channel (session, shell or forward) for `limit` seconds."""
+        clock = self._door.deps.registry.clock
+        while not record.ending:
+            record.changed.clear()
+            if record.idle_since is None:
+                await record.changed.wait()
+                continue
+            left = record.idle_since + limit - clock.monotonic()
+            if left <= 0:
+                self._log.info("connection_idle_timeout", user=record.user, limit_s=limit)
+                record.end(f"No session, shell or forward for {fmt_duration(limit)} (idle connection timeout).")
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await record.changed.wait()
+
+    def _channel_opened(self) -> None:
+        if self._record is not None:
+            self._record.channel_opened()
+
+    def _channel_closed(self) -> None:
+        if self._record is not None:
+            self._record.channel_closed()
 
     def _client(self) -> Client:
         assert self._principal is not None
-        return Client(self._principal, self._peer[0], self._peer[1])
+        return Client(self._principal, self._peer[0], self._peer[1], self._record.id if self._record is not None else None)
 
     # -- channels --
     def _channel_allowed(self, kind: str) -> None:
@@ -318,6 +479,8 @@ class GatewaySSHServer(asyncssh.SSHServer):
 
         Each relaying channel is one task here, named by kind, so the live count is the task count.
         """
+        if self._locked:
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "access is locked")
         limit = self._door.max_sessions if kind == "session" else self._door.max_forwards
         prefix = "ssh:" if kind == "session" else "jump:"
         if sum(1 for t in self._tasks if t.get_name().startswith(prefix)) >= limit:
@@ -332,10 +495,11 @@ class GatewaySSHServer(asyncssh.SSHServer):
     ) -> asyncssh.SSHServerSession[bytes] | tuple[asyncssh.SSHServerChannel[bytes], asyncssh.SSHServerSession[bytes]]:
         client = self._client()
         vm = self._vm
-        if vm is not None:
+        if vm is not None or self._locked:
             self._channel_allowed("session")
         if vm is None:
-            return GatewayShellSession(self._door, client)
+            self._channel_opened()
+            return GatewayShellSession(self._door, client, on_close=self._channel_closed)
         request_login = self._login
 
         def start(user: UserSide) -> None:
@@ -361,9 +525,11 @@ class GatewaySSHServer(asyncssh.SSHServer):
         return opened()
 
     async def _run(self, handler: ProtocolHandler[Any, Any, Any], request: Any, client: Client, side: Any, target: str) -> None:
+        self._channel_opened()
         try:
             await run_session(self._door.deps, handler, request, client, side, target=target)
         finally:
+            self._channel_closed()
             if isinstance(side, JumpSide):
                 side.give_up()  # a channel still waiting to open (the gateway is stopping) is refused
 

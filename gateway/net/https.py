@@ -5,6 +5,10 @@ would hold a connection for the keep-alive time. Here every connection serves
 one request (`Connection: close`) and is aborted if that request's headers have
 not arrived within `header_timeout` of the TLS handshake. Long requests (SSE,
 WebSockets) are fine: the deadline only covers the headers.
+
+A TLS handshake costs the server a key exchange and buffers (half-sent ClientHellos once held 3000 fds and 136 MB):
+at most `max_handshakes` run at once, each within `handshake_timeout`; a connection beyond the cap is closed at once,
+counted and logged rate-limited.
 """
 
 from __future__ import annotations
@@ -12,11 +16,16 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from typing import cast
+from collections.abc import Callable
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from structlog.typing import FilteringBoundLogger
+
+from gateway.kinds import Refusal
+from gateway.net.listener import ConnectionObserver
+from gateway.net.ratelog import RateLimitedLog
 
 
 async def _plain_server_header(request: web.Request, response: web.StreamResponse) -> None:
@@ -33,15 +42,25 @@ class HTTPSServer:
         ssl_context: ssl.SSLContext,
         log: FilteringBoundLogger,
         *,
-        handshake_timeout: float = 10.0,
+        handshake_timeout: float = 5.0,
         header_timeout: float = 10.0,
+        max_handshakes: int = 256,
+        observer: ConnectionObserver | None = None,
+        name: str = "public",
     ) -> None:
+        self._max_handshakes = max_handshakes
+        self.handshakes = 0  # in progress now
+        self._observer = observer
+        self._name = name  # the listener's name, a metric label
+        self._refusal_log = RateLimitedLog()
         self._app = app
         self._ssl = ssl_context
         self._log = log
         self._handshake_timeout = handshake_timeout
         self._header_timeout = header_timeout
         self._runner: web.AppRunner | None = None
+        self._open: dict[object, asyncio.Future[None]] = {}  # aiohttp protocol -> set when its connection is lost
+        self._lost: Callable[[Any, BaseException | None], None] | None = None
         # Transports whose request headers arrived, until their deadline passes. Keyed by
         # id() but checked by identity, so a recycled id cannot vouch for a new connection.
         self._seen: dict[int, asyncio.BaseTransport] = {}
@@ -71,23 +90,66 @@ class HTTPSServer:
             self._log.info("http_request_timeout", source_ip=peer[0], source_port=peer[1], limit_s=self._header_timeout)
             cast(asyncio.Transport, transport).abort()
 
+    def set_tls(self, ssl_context: ssl.SSLContext, header_timeout: float) -> None:
+        """A reload: new handshakes use the new certificate; live connections keep theirs."""
+        self._ssl = ssl_context
+        self._header_timeout = header_timeout
+
     async def start(self) -> None:
         self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
+        server = self._runner.server
+        assert server is not None
+        # aiohttp's Server is told when each connection ends; that is the one hook for "this connection is gone".
+        self._lost = server.connection_lost
+        server.connection_lost = self._connection_lost  # type: ignore[method-assign]
 
     async def handle(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         """Own `sock` from here: TLS handshake, then aiohttp serves it until it closes or we stop."""
         assert self._runner is not None and self._runner.server is not None
         loop = asyncio.get_running_loop()
+        if self.handshakes >= self._max_handshakes:
+            sock.close()
+            if self._observer is not None:
+                self._observer.connection_refused(self._name, Refusal.MAX_TLS_HANDSHAKES)
+            self._refusal_log.warning(
+                self._log,
+                "connection_refused",
+                Refusal.MAX_TLS_HANDSHAKES,
+                listener=self._name,
+                source_ip=peer[0],
+                source_port=peer[1],
+                limit=self._max_handshakes,
+            )
+            return
+        self.handshakes += 1
         try:
-            transport, _ = await loop.connect_accepted_socket(
+            transport, protocol = await loop.connect_accepted_socket(
                 self._runner.server, sock, ssl=self._ssl, ssl_handshake_timeout=self._handshake_timeout
             )
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             self._log.info("tls_handshake_failed", source_ip=peer[0], source_port=peer[1], error=str(exc)[:200])
             sock.close()
             return
+        finally:
+            self.handshakes -= 1
         loop.call_later(self._header_timeout, self._expire, transport, peer)
+        # Return only when the connection is gone, so the listener's caps count it for its whole life,
+        # not just its handshake (a source could otherwise hold rate x header_timeout connections).
+        closed = loop.create_future()
+        self._open[protocol] = closed
+        try:
+            if not transport.is_closing():
+                await closed
+        finally:
+            self._open.pop(protocol, None)
+
+    def _connection_lost(self, handler: object, exc: BaseException | None = None) -> None:
+        assert self._lost is not None
+        self._lost(handler, exc)
+        fut = self._open.get(handler)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -2,6 +2,11 @@
 
 The listener imports no door: `app.py` registers one handler per `Door`.
 Peeking never consumes, so the door sees the connection from its first byte.
+
+Before anything else costs CPU or memory, each accepted connection is admitted or closed at once: a source serving
+a penalty (`net.penalties`), a source holding `max_per_source` connections already, or a listener holding
+`max_connections` (kept below the fd limit, so a flood cannot starve logins and the control port of fds). A
+connection is held from accept until its door's handler returns; refusals are counted and logged rate-limited.
 """
 
 from __future__ import annotations
@@ -9,17 +14,58 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
+import resource
 import socket
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
 
 from structlog.typing import FilteringBoundLogger
 
 from gateway.config import ListenAddress
 from gateway.errors import StartupError
+from gateway.kinds import Refusal
 from gateway.net.detect import Door, classify
+from gateway.net.ratelog import RateLimitedLog
+from gateway.net.startups import source_key
 
 DoorHandler = Callable[[socket.socket, tuple[str, int]], Awaitable[None]]
 _PEEK = 8
+
+
+class ConnectionObserver(Protocol):
+    """Told about connections closed before any protocol ran (metrics implement this)."""
+
+    def connection_refused(self, listener: str, reason: Refusal) -> None: ...
+
+
+class PenaltyCheck(Protocol):
+    def refused(self, address: str) -> float | None:
+        """Seconds `address`'s source is still refused for, or None."""
+        ...
+
+
+@dataclass(frozen=True)
+class Caps:
+    """Connections a listener holds at once, in all and per source (an IPv4 address or an IPv6 /64)."""
+
+    total: int
+    per_source: int
+
+
+FD_RESERVE = 64  # fds kept for the listening sockets, logs, host keys, the control port and dials in flight
+_MAX_DERIVED = 100_000
+
+
+def default_max_connections(soft_limit: int | None = None) -> int:
+    """`public.max_connections` when not configured: half the fds left after a reserve, so that every held
+    connection can also have its one connection to a VM open (`RLIMIT_NOFILE`'s soft limit if not given)."""
+    if soft_limit is None:
+        soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft_limit == resource.RLIM_INFINITY or soft_limit < 0:
+        return _MAX_DERIVED
+    return max(1, min(_MAX_DERIVED, (soft_limit - FD_RESERVE) // 2))
 
 
 def bind(address: ListenAddress, backlog: int = 1024) -> socket.socket:
@@ -105,7 +151,19 @@ class Listener:
         doors: Mapping[Door, DoorHandler],
         detect_timeout: float,
         log: FilteringBoundLogger,
+        *,
+        caps: Caps | None = None,
+        penalties: PenaltyCheck | None = None,
+        observer: ConnectionObserver | None = None,
+        name: str = "public",
     ) -> None:
+        self._caps = caps
+        self._penalties = penalties
+        self._observer = observer
+        self.name = name  # a closed set: "public" or "control" (a metric label)
+        self.held = 0
+        self._by_source: dict[str, int] = {}
+        self._refusal_log = RateLimitedLog()
         self._sockets = sockets
         self._doors = dict(doors)
         self._detect_timeout = detect_timeout
@@ -134,13 +192,50 @@ class Listener:
                 self._log.warning("accept_failed", error=exc.strerror or str(exc))
                 await asyncio.sleep(0.1)
                 continue
+            address = (str(peer[0]), int(peer[1]))
+            key = source_key(address[0])
+            refused = self._admit(address[0], key)
+            if refused is not None:
+                conn.close()
+                self._refused(address, refused)
+                continue
             conn.setblocking(False)
             with contextlib.suppress(OSError):
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._counter += 1
-            task = asyncio.create_task(self._serve(conn, (str(peer[0]), int(peer[1]))), name=f"conn-{self._counter}")
+            self.held += 1
+            self._by_source[key] = self._by_source.get(key, 0) + 1
+            task = asyncio.create_task(self._serve(conn, address), name=f"conn-{self._counter}")
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            # A done callback, not a `finally`: it runs even for a task cancelled before it first ran.
+            task.add_done_callback(functools.partial(self._release, key=key))
+
+    def _admit(self, address: str, key: str) -> Refusal | None:
+        """Why this connection may not be held now, or None. O(1): it runs for every connection of a flood."""
+        if self._penalties is not None and self._penalties.refused(address) is not None:
+            return Refusal.PENALTY
+        if self._caps is not None:
+            if self._by_source.get(key, 0) >= self._caps.per_source:
+                return Refusal.MAX_CONNECTIONS_PER_SOURCE
+            if self.held >= self._caps.total:
+                return Refusal.MAX_CONNECTIONS
+        return None
+
+    def _refused(self, peer: tuple[str, int], reason: Refusal) -> None:
+        if self._observer is not None:
+            self._observer.connection_refused(self.name, reason)
+        self._refusal_log.warning(
+            self._log, "connection_refused", reason, listener=self.name, source_ip=peer[0], source_port=peer[1], held=self.held
+        )
+
+    def _release(self, task: asyncio.Task[None], *, key: str) -> None:
+        self._tasks.discard(task)
+        self.held -= 1
+        n = self._by_source.get(key, 0) - 1
+        if n > 0:
+            self._by_source[key] = n
+        else:
+            self._by_source.pop(key, None)
 
     async def _serve(self, conn: socket.socket, peer: tuple[str, int]) -> None:
         handed = False

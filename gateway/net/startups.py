@@ -36,6 +36,10 @@ class Startups:
         self.total = 0
         self._by_source: dict[str, int] = {}
 
+    def set_policy(self, policy: StartupPolicy) -> None:
+        """A reload: the counts stay, the limits change."""
+        self._policy = policy
+
     def admit(self, address: str) -> str | None:
         """Count a new unauthenticated connection, or say why not (a refusal reason slug)."""
         p = self._policy

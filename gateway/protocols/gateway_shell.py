@@ -7,6 +7,7 @@ only commands. It relays nothing, so it is not a registry session.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import asyncssh
@@ -39,8 +40,9 @@ class ShellContext(Protocol):
 class GatewayShellSession(asyncssh.SSHServerSession[bytes]):
     """A session on the gateway itself (no VM named): a banner, then it stays open for forwards."""
 
-    def __init__(self, door: ShellContext, client: Client) -> None:
+    def __init__(self, door: ShellContext, client: Client, on_close: Callable[[], None] | None = None) -> None:
         self._door = door
+        self._on_close = on_close
         self._client = client
         self._chan: asyncssh.SSHServerChannel[bytes] | None = None
         self._kind = "shell"
@@ -49,6 +51,11 @@ class GatewayShellSession(asyncssh.SSHServerSession[bytes]):
 
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
         self._chan = chan
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None
 
     def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int], term_modes: dict[int, int]) -> bool:  # type: ignore[override]
         self._pty = True

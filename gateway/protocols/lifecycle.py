@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 from structlog.typing import FilteringBoundLogger
 
@@ -51,6 +52,7 @@ class Client:
     principal: Principal
     source_ip: str
     source_port: int
+    connection_id: str | None = None  # the authenticated connection carrying the session (operators can end it)
 
 
 class ClientSide(Protocol):
@@ -134,6 +136,14 @@ class NullObserver:
         return None
 
 
+class Locks(Protocol):
+    """Operators' locks, as a session start sees them."""
+
+    def refusal(self, *, user: str, vm: str, source: str) -> str | None:
+        """What the user reads when a lock holds on any of these, else None."""
+        ...
+
+
 @dataclass(frozen=True)
 class Deps:
     """What every session needs from the composition root."""
@@ -142,6 +152,7 @@ class Deps:
     policy: Policy
     log: FilteringBoundLogger
     observer: UpstreamObserver = field(default_factory=NullObserver)
+    locks: Locks | None = None
 
 
 def session_spec(client: Client, grant: Grant) -> SessionSpec:
@@ -155,6 +166,7 @@ def session_spec(client: Client, grant: Grant) -> SessionSpec:
         target_port=grant.port,
         protocol=SessionProtocol(grant.protocol),
         login=grant.login,
+        connection_id=client.connection_id,
     )
 
 
@@ -182,12 +194,24 @@ async def run_session(
         await side.refuse(exc)
         return None
     user = client.principal.name
-    if not deps.registry.reserve(user):
-        limit = deps.registry.max_per_user
-        refusal = GatewayError(
-            f"you already have {limit} sessions open, the most allowed at once; close one first", reason="user_session_limit"
-        )
-        log.info("session_refused", target=target[:64], reason=refusal.reason, limit=limit)
+    lock = deps.locks.refusal(user=user, vm=grant.vm.name, source=client.source_ip) if deps.locks is not None else None
+    if lock is not None:
+        log.info("session_refused", target=target[:64], reason="locked", error=lock)
+        deps.observer.refused("locked")
+        await side.refuse(GatewayError(lock, reason="locked"))
+        return None
+    refused = deps.registry.reserve(user)
+    if refused is not None:
+        if refused == "user_rate_limit":
+            rate = deps.registry.rate_per_user
+            per_s = f"{rate[0]:g}" if rate else "?"
+            text = f"you are opening sessions faster than {per_s} a second, the most allowed; wait a moment and retry"
+            refusal = GatewayError(text, reason=refused)
+            log.info("session_refused", target=target[:64], reason=refused, rate_per_s=rate[0] if rate else None)
+        else:
+            limit = deps.registry.max_per_user
+            refusal = GatewayError(f"you already have {limit} sessions open, the most allowed at once; close one first", reason=refused)
+            log.info("session_refused", target=target[:64], reason=refused, limit=limit)
         deps.observer.refused(refusal.reason)
         await side.refuse(refusal)
         return None
@@ -228,7 +252,8 @@ async def _dial_and_serve(
         return None
     deps.observer.dial_succeeded(vm.name, loop.time() - started)
     spec = session_spec(client, grant)
-    async with deps.registry.open(spec, limits=grant.limits, notice=side.notice) as session:
+    recheck = partial(_still_granted, deps, handler, request, client)
+    async with deps.registry.open(spec, limits=grant.limits, notice=side.notice, recheck=recheck) as session:
         try:
             relay = await handler.serve(request, grant, upstream, side, session)
         except GatewayError as exc:
@@ -253,6 +278,25 @@ async def _dial_and_serve(
         return session.reason
 
 
+def _still_granted(deps: Deps, handler: ProtocolHandler[R_contra, U, S], request: R_contra, client: Client) -> str | None:
+    """After a reload: does the current policy still grant this session? None: yes; else what the user reads.
+
+    The user's groups are taken from the current config; requests carry the principal, so it is replaced.
+    """
+    user = deps.policy.user(client.principal.name)
+    if user is None:
+        return "Your account was removed from the gateway's configuration."
+    principal = Principal(user.name, user.groups, client.principal.auth_method)
+    fresh: Any = request
+    if dataclasses.is_dataclass(request) and hasattr(request, "principal"):
+        fresh = dataclasses.replace(cast(Any, request), principal=principal)
+    try:
+        handler.authorize(deps.policy, fresh)
+    except (PolicyDenied, TargetRefused, BadRequest):
+        return "The gateway's configuration no longer grants this session."
+    return None
+
+
 def _reason_of(exc: GatewayError) -> Reason:
     try:
         return Reason(exc.reason)
@@ -273,7 +317,8 @@ def _shutdown_warning(text: str, left: float) -> str:
     return f"{text} You will be disconnected in {seconds_text(left)}."
 
 
-def _fmt(seconds: float) -> str:
+def fmt_duration(seconds: float) -> str:
+    """`1800` -> `30m`, `7200` -> `2h`, `1.5` -> `1.5s`: durations as config spells them."""
     for unit, size in (("h", 3600), ("m", 60)):
         if seconds >= size and seconds % size == 0:
             return f"{int(seconds // size)}{unit}"
@@ -293,12 +338,12 @@ def deadlines(session: Session, now: float) -> list[_Deadline]:
     if lim.idle_timeout is not None:
         when = session.last_input + lim.idle_timeout
         warn_at = when - lim.warn_before if lim.idle_timeout > lim.warn_before else None
-        text = notice_text(f"No input for {_fmt(lim.idle_timeout)} (idle timeout).")
+        text = notice_text(f"No input for {fmt_duration(lim.idle_timeout)} (idle timeout).")
         out.append(_Deadline(when, Reason.IDLE_TIMEOUT, text, warn_at, partial(warning_text, "idle")))
     if lim.max_duration is not None:
         when = session.started_mono + lim.max_duration
         warn_at = when - lim.warn_before if lim.max_duration > lim.warn_before else None
-        text = notice_text(f"The session reached its maximum duration of {_fmt(lim.max_duration)}.")
+        text = notice_text(f"The session reached its maximum duration of {fmt_duration(lim.max_duration)}.")
         out.append(_Deadline(when, Reason.MAX_DURATION, text, warn_at, partial(warning_text, "maximum session duration")))
     if lim.half_close_timeout is not None and session.half_closed_at is not None:
         out.append(_Deadline(session.half_closed_at + lim.half_close_timeout, Reason.HALF_CLOSE_TIMEOUT, None, None, None))

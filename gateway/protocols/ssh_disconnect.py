@@ -64,7 +64,16 @@ async def disconnect_with_notice(
     if conn is None or transport is None or len(channels) > 1:
         chan.close()
         return
+    await disconnect_connection(conn, text)
+
+
+async def disconnect_connection(conn: Any, text: str | None) -> None:
+    """End a whole SSH connection with a DISCONNECT carrying `text`, flushed (bounded) before the transport drops."""
+    transport = getattr(conn, "_transport", None)
+    if transport is None:
+        return
     reason = (text or "Disconnected by the gateway")[:MAX_REASON]
-    conn._send_disconnect(asyncssh.DISC_BY_APPLICATION, reason, "en-US")
-    await _drained(transport.get_write_buffer_size, _DRAIN_LIMIT)
+    with contextlib.suppress(asyncssh.Error, OSError, RuntimeError):
+        conn._send_disconnect(asyncssh.DISC_BY_APPLICATION, reason, "en-US")
+        await _drained(transport.get_write_buffer_size, _DRAIN_LIMIT)
     conn._force_close(None)

@@ -19,6 +19,7 @@ from gateway.errors import (
     UpstreamHostKeyMismatch,
     UpstreamTimeout,
 )
+from gateway.filemodes import check_private_file
 from gateway.net.upstream import dial
 
 
@@ -33,11 +34,13 @@ class Credentials:
 
     @classmethod
     def load(cls, vms: Mapping[str, VM]) -> Credentials:
-        """Read every configured login key. Raises StartupError naming the key path."""
+        """Read every configured login key. Raises StartupError naming the key path, also for a key that is not
+        the gateway's own or that group or others may access (as ssh refuses such an identity file)."""
         keys: dict[tuple[str, str], asyncssh.SSHKey] = {}
         for vm in vms.values():
             for login in vm.logins.values():
                 where = f"vms[{vm.name}].logins.{login.name}.key"
+                check_private_file(login.key, where, "VM login key")
                 try:
                     keys[(vm.name, login.name)] = asyncssh.read_private_key(login.key)
                 except FileNotFoundError:

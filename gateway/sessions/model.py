@@ -22,6 +22,7 @@ class SessionSpec:
     target_port: int
     protocol: Protocol
     login: str | None = None
+    connection_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class SessionInfo:
     node: str
     state: Literal["active", "terminating", "closed"]
     ends_at: datetime | None = None  # when state is terminating: when the session will be ended
+    connection_id: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -71,6 +73,7 @@ class SessionInfo:
             "node": self.node,
             "state": self.state,
             "ends_at": iso(self.ends_at) if self.ends_at is not None else None,
+            "connection_id": self.connection_id,
         }
 
 

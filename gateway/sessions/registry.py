@@ -32,6 +32,8 @@ from gateway.kinds import Reason
 from gateway.sessions.model import Pending, Progress, SessionEvent, SessionInfo, SessionSpec
 
 NoticeCallback = Callable[[str], bool]
+# Does the session's access still hold under the current policy? None: yes; else the text the user reads.
+Recheck = Callable[[], str | None]
 # A subscriber's queue holds this many events; a burst bigger than that costs it one resync, never a silent gap.
 EVENT_QUEUE_SIZE = 8192
 MAX_SUBSCRIBERS = 64
@@ -73,6 +75,7 @@ class Session:
         "node",
         "notice_cb",
         "pending",
+        "recheck",
         "started_at",
         "started_mono",
     )
@@ -93,6 +96,7 @@ class Session:
         self.half_closed_side: Side | None = None
         self.end_text: str | None = None
         self.notice_cb = notice
+        self.recheck: Recheck | None = None
         loop = asyncio.get_running_loop()
         self._ended: asyncio.Future[Reason] = loop.create_future()
         self._gone = asyncio.Event()  # set when the session has left the registry
@@ -190,6 +194,7 @@ class Session:
             node=self.node,
             state=state,
             ends_at=self.pending.ends_at if self.pending is not None and state == "terminating" else None,
+            connection_id=s.connection_id,
         )
 
 
@@ -272,6 +277,7 @@ class SessionRegistry:
         observer: SessionObserver | None = None,
         max_subscribers: int = MAX_SUBSCRIBERS,
         max_per_user: int | None = None,
+        rate_per_user: tuple[float, float] | None = None,
     ) -> None:
         self._observer = observer
         self._node = node
@@ -289,6 +295,10 @@ class SessionRegistry:
         self._empty.set()
         self._max_per_user = max_per_user
         self._per_user: dict[str, int] = {}  # sessions open or being dialled, by user
+        # New sessions per user: a token bucket (rate per second, burst). Buckets of users with nothing open
+        # and a full bucket are dropped, so the table is bounded by the users active within a burst's refill.
+        self._rate = rate_per_user
+        self._buckets: dict[str, tuple[float, float]] = {}  # user -> (tokens, at monotonic)
 
     @property
     def clock(self) -> Clock:
@@ -299,7 +309,12 @@ class SessionRegistry:
 
     @asynccontextmanager
     async def open(
-        self, spec: SessionSpec, *, limits: Limits | None = None, notice: NoticeCallback | None = None
+        self,
+        spec: SessionSpec,
+        *,
+        limits: Limits | None = None,
+        notice: NoticeCallback | None = None,
+        recheck: Recheck | None = None,
     ) -> AsyncIterator[Session]:
         """Track a session for the duration of the block.
 
@@ -310,6 +325,7 @@ class SessionRegistry:
         """
         sid = secrets.token_hex(8)
         session = Session(sid, spec, node=self._node, clock=self._clock, limits=limits or Limits(), notice=notice)
+        session.recheck = recheck
         self._sessions[sid] = session
         self._empty.clear()
         self._opened += 1
@@ -360,16 +376,45 @@ class SessionRegistry:
         if self._observer is not None:
             self._observer.session_closed(info, str(reason), duration)
 
-    def reserve(self, user: str) -> bool:
-        """Hold one of `user`'s session slots while a session is dialled and lives. False: the user is at the limit.
+    def reserve(self, user: str) -> str | None:
+        """Hold one of `user`'s session slots while a session is dialled and lives, or say why not.
 
-        Every True must be paired with one `release(user)`.
+        None: reserved; pair it with one `release(user)`. Otherwise the refusal's reason slug:
+        `user_session_limit` (at `max_per_user`) or `user_rate_limit` (new sessions faster than
+        `rate_per_user` allows).
         """
         n = self._per_user.get(user, 0)
         if self._max_per_user is not None and n >= self._max_per_user:
-            return False
+            return "user_session_limit"
+        if self._rate is not None:
+            rate, burst = self._rate
+            now = self._clock.monotonic()
+            tokens, at = self._buckets.get(user, (burst, now))
+            tokens = min(burst, tokens + (now - at) * rate)
+            if tokens < 1.0:
+                self._buckets[user] = (tokens, now)
+                return "user_rate_limit"
+            self._buckets[user] = (tokens - 1.0, now)
+            if len(self._buckets) > 4 * len(self._per_user) + 1024:
+                self._forget_full_buckets(now)
         self._per_user[user] = n + 1
-        return True
+        return None
+
+    def _forget_full_buckets(self, now: float) -> None:
+        assert self._rate is not None
+        rate, burst = self._rate
+        for u, (tokens, at) in list(self._buckets.items()):
+            if tokens + (now - at) * rate >= burst:
+                del self._buckets[u]
+
+    def set_limits(self, max_per_user: int | None, rate_per_user: tuple[float, float] | None) -> None:
+        """A reload: new limits for new sessions; live sessions keep their slots."""
+        self._max_per_user = max_per_user
+        self._rate = rate_per_user
+
+    @property
+    def rate_per_user(self) -> tuple[float, float] | None:
+        return self._rate
 
     def release(self, user: str) -> None:
         n = self._per_user.get(user, 0) - 1

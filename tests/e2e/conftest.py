@@ -118,6 +118,7 @@ class Gateway:
     tmp: Path
     ssh_config: Path
     extra_tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict)  # the config as a dict: edit it, then `await app.reload()` reads it
 
     @property
     def control_url(self) -> str:
@@ -173,6 +174,11 @@ def base_config(tmp: Path, keys: Keys, vm: SSHD) -> dict[str, Any]:
         "gateway": {"node": "test-node", "state_dir": str(tmp / "state"), "connect_timeout": "5s"},
         "public": {"listen": ["127.0.0.1:0"]},
         "control": {"listen": ["127.0.0.1:0"]},
+        # Every test client comes from 127.0.0.1 and some fail auth on purpose: penalties would lock the next test
+        # out. Hostile tests clear this and attack from other loopback addresses (127.0.0.2, ...).
+        "penalties": {"exempt": ["127.0.0.1/32", "::1/128"]},
+        # Some tests open hundreds of sessions for alice within seconds; the per-user rate has its own tests.
+        "sessions": {"rate_per_user": "off"},
         "operators": [
             {"name": "noc", "role": "operator", "token_sha256": hashlib.sha256(OPERATOR_TOKEN.encode()).hexdigest()},
             {"name": "watcher", "role": "viewer", "token_sha256": hashlib.sha256(VIEWER_TOKEN.encode()).hexdigest()},
@@ -246,7 +252,7 @@ def make_gateway(keys: Keys, vm: SSHD, tmp_path: Path) -> GatewayFactory:
             edit(raw)
         cfg = parse_config(raw)
         logs = LogLines()
-        app = App(cfg, make_logger(logs, fmt="json", node=cfg.gateway.node))
+        app = App(cfg, make_logger(logs, fmt="json", node=cfg.gateway.node), reload_config=lambda: parse_config(raw))
         await app.start()
         try:
             port = app.public_addresses[0][1]
@@ -261,7 +267,7 @@ def make_gateway(keys: Keys, vm: SSHD, tmp_path: Path) -> GatewayFactory:
                 known_hosts=kh,
                 jump_hosts=jump_hosts if jump_hosts is not None else {"web01": vm.port},
             )
-            yield Gateway(app=app, port=port, logs=logs, keys=keys, vm=vm, tmp=tmp_path, ssh_config=ssh_config)
+            yield Gateway(app=app, port=port, logs=logs, keys=keys, vm=vm, tmp=tmp_path, ssh_config=ssh_config, raw=raw)
         finally:
             await app.stop()
 

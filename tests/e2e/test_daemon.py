@@ -107,6 +107,7 @@ async def test_unusable_vm_key_is_a_clear_startup_error(tmp_path: Path, keys: Ke
     """A VM login key that is not a private key is named with its config path."""
     junk = tmp_path / "junk_key"
     junk.write_text("not a key\n")
+    junk.chmod(0o600)  # a key others may read is refused before it is parsed (tests/hostile/test_file_modes.py)
     data = base_config(tmp_path, keys, vm)
     data["public"]["listen"] = [f"127.0.0.1:{free_port()}"]
     data["vms"][1]["logins"][vm.login]["key"] = str(junk)

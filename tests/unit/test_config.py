@@ -606,3 +606,117 @@ def test_max_startups_takes_sshd_syntax_and_a_per_source_cap() -> None:
     data["ssh"].update(max_startups="50:20:5", per_source_max_startups=0)
     assert sorted(problem_paths(data)) == ["ssh.max_startups", "ssh.per_source_max_startups"]
     assert "'50:20:5'" in problem_message(data, "ssh.max_startups")
+
+
+def test_pre_auth_defaults() -> None:
+    """Connection caps, the TLS handshake cap and deadline, the SSH version deadline and penalties have defaults."""
+    cfg = parse_config(valid_config_data())
+    pub = cfg.public
+    assert (pub.max_connections, pub.max_connections_per_source, pub.max_tls_handshakes, pub.tls_handshake_timeout) == (None, 200, 256, 5.0)
+    assert cfg.ssh.version_timeout == 10.0
+    pen = cfg.penalties
+    assert (pen.enabled, pen.auth_failure, pen.grace_exceeded, pen.no_auth, pen.min, pen.max) == (True, 5.0, 10.0, 1.0, 15.0, 600.0)
+    assert (pen.exempt, pen.max_sources) == ((), 65536)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("max_connections", 0),
+        ("max_connections", 1_000_001),
+        ("max_connections", "many"),
+        ("max_connections_per_source", 0),
+        ("max_tls_handshakes", 0),
+        ("max_tls_handshakes", True),
+        ("tls_handshake_timeout", "0s"),
+        ("tls_handshake_timeout", "soon"),
+    ],
+)
+def test_bad_public_cap_names_the_key_and_the_value(key: str, value: object) -> None:
+    data = valid_config_data()
+    data["public"][key] = value
+    assert problem_paths(data) == [f"public.{key}"]
+    assert repr(value) in problem_message(data, f"public.{key}")
+
+
+def test_public_caps_and_version_timeout_are_read() -> None:
+    data = valid_config_data()
+    data["public"].update(max_connections=500, max_connections_per_source=20, max_tls_handshakes=64, tls_handshake_timeout="2s")
+    data["ssh"]["version_timeout"] = "3s"
+    cfg = parse_config(data)
+    assert (cfg.public.max_connections, cfg.public.max_connections_per_source, cfg.public.max_tls_handshakes) == (500, 20, 64)
+    assert (cfg.public.tls_handshake_timeout, cfg.ssh.version_timeout) == (2.0, 3.0)
+    data["ssh"]["version_timeout"] = "-"
+    assert problem_paths(data) == ["ssh.version_timeout"]
+
+
+def test_penalties_section_is_read() -> None:
+    data = valid_config_data()
+    data["penalties"] = {
+        "enabled": False, "auth_failure": "1s", "grace_exceeded": "2s", "no_auth": "0s", "min": "0s", "max": "1m",
+        "exempt": ["10.0.0.0/8", "2001:db8::/32", "192.0.2.7"], "max_sources": 10,
+    }  # fmt: skip
+    pen = parse_config(data).penalties
+    assert (pen.enabled, pen.auth_failure, pen.grace_exceeded, pen.no_auth, pen.min, pen.max, pen.max_sources) == (
+        False, 1.0, 2.0, 0.0, 0.0, 60.0, 10,
+    )  # fmt: skip
+    assert [str(n) for n in pen.exempt] == ["10.0.0.0/8", "2001:db8::/32", "192.0.2.7/32"]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "shown"),
+    [
+        ("enabled", "yes", "'yes'"),
+        ("auth_failure", "5 s", "'5 s'"),
+        ("grace_exceeded", "-1s", "'-1s'"),
+        ("no_auth", 1, "1"),
+        ("max", "0s", "'0s'"),
+        ("max", "10s", "'10s'"),  # not longer than min (15s)
+        ("exempt", "10.0.0.0/8", "'10.0.0.0/8'"),
+        ("max_sources", 0, "0"),
+        ("max_sources", 10_000_001, "10000001"),
+    ],
+)
+def test_bad_penalty_key_names_the_key_and_the_value(key: str, value: object, shown: str) -> None:
+    data = valid_config_data()
+    data["penalties"] = {key: value}
+    assert problem_paths(data) == [f"penalties.{key}"]
+    assert shown in problem_message(data, f"penalties.{key}")
+
+
+def test_bad_exempt_network_is_named_by_index() -> None:
+    """An exempt entry with host bits set (a typo for a network) or no address at all is named with its index."""
+    data = valid_config_data()
+    data["penalties"] = {"exempt": ["10.0.0.0/8", "10.0.0.1/8", "office"]}
+    assert problem_paths(data) == ["penalties.exempt[1]", "penalties.exempt[2]"]
+    assert "'office'" in problem_message(data, "penalties.exempt[2]")
+
+
+def test_unknown_penalty_key() -> None:
+    data = valid_config_data()
+    data["penalties"] = {"authfail": "5s"}
+    assert problem_paths(data) == ["penalties.authfail"]
+
+
+def test_access_keys_have_defaults_and_are_validated() -> None:
+    """New-session rate per user, tunnels per token, idle authenticated connections and what a reload does to revoked
+    sessions: defaults, "off" where it makes sense, and each bad value named."""
+    cfg = parse_config(valid_config_data())
+    assert cfg.session_rate_per_user == (10.0, 50.0) and cfg.tunnel.max_per_token == 20
+    assert cfg.ssh.idle_connection_timeout == 900.0 and cfg.on_revoke == "end"
+    data = valid_config_data()
+    data["sessions"] = {"rate_per_user": "off", "on_revoke": "continue"}
+    data["ssh"]["idle_connection_timeout"] = "off"
+    cfg = parse_config(data)
+    assert cfg.session_rate_per_user is None and cfg.ssh.idle_connection_timeout is None and cfg.on_revoke == "continue"
+    data = valid_config_data()
+    data["sessions"] = {"rate_per_user": 0, "burst_per_user": 0, "on_revoke": "kill"}
+    data["ssh"]["idle_connection_timeout"] = "soon"
+    data["tunnel"] = {"max_per_token": 0}
+    assert sorted(problem_paths(data)) == [
+        "sessions.burst_per_user",
+        "sessions.on_revoke",
+        "sessions.rate_per_user",
+        "ssh.idle_connection_timeout",
+        "tunnel.max_per_token",
+    ]

@@ -14,7 +14,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[2] / "gateway"
 
-BOTTOM = ("gateway.errors", "gateway.clock", "gateway.kinds", "gateway.text")
+BOTTOM = ("gateway.errors", "gateway.clock", "gateway.kinds", "gateway.text", "gateway.filemodes")
 LOW = (*BOTTOM, "gateway.config")
 # Shared by every protocol: the lifecycle and the two SSH helpers. Everything else in protocols/ is one protocol.
 SHARED_PROTOCOL = ("gateway.protocols.lifecycle", "gateway.protocols.upstream_ssh", "gateway.protocols.ssh_disconnect")
@@ -28,10 +28,13 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "gateway.clock": (),
     "gateway.kinds": (),
     "gateway.text": (),
+    "gateway.filemodes": ("gateway.errors",),
     "gateway.logs": (),
     "gateway.sdnotify": (),
     "gateway.config": ("gateway.errors", "gateway.kinds", "gateway.text"),
-    "gateway.tokens": ("gateway.errors", "gateway.clock"),
+    "gateway.tokens": ("gateway.errors", "gateway.clock", "gateway.filemodes"),
+    "gateway.locks": LOW,
+    "gateway.access": (*LOW, "gateway.sessions", "gateway.locks"),
     "gateway.net": (*LOW, "gateway.net"),
     "gateway.sessions": (*LOW, "gateway.sessions"),
     "gateway.policy": LOW,
@@ -40,8 +43,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "gateway.protocols.upstream_ssh": (*LOW, "gateway.net"),
     "gateway.protocols.ssh_disconnect": (),
     "gateway.protocols": PROTOCOL_DEPS,
-    "gateway.control": (*LOW, "gateway.sessions", "gateway.control"),
-    "gateway.doors": (*PROTOCOL_DEPS, "gateway.protocols"),
+    "gateway.control": (*LOW, "gateway.sessions", "gateway.control", "gateway.locks", "gateway.access"),
+    "gateway.doors": (*PROTOCOL_DEPS, "gateway.protocols", "gateway.locks"),
     "gateway.client": ("gateway.client",),
     "gateway.app": (
         *PROTOCOL_DEPS,
@@ -51,6 +54,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "gateway.metrics",
         "gateway.sdnotify",
         "gateway.logs",
+        "gateway.locks",
+        "gateway.access",
     ),
     "gateway.demo": (*LOW, "gateway.app", "gateway.logs", "gateway.net", "gateway.tokens"),
     "gateway.cli": (*LOW, "gateway", "gateway.app", "gateway.logs", "gateway.sdnotify", "gateway.client", "gateway.demo"),

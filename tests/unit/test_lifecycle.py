@@ -324,3 +324,50 @@ async def test_sessions_per_user_are_capped_and_the_slot_comes_back() -> None:
         assert h.session is not None
         h.session.end(Reason.VM_CLOSED)
         await t
+
+
+async def test_new_sessions_per_user_are_rate_limited_and_refill() -> None:
+    """With rate_per_user (1/s, burst 2) a user's third new session in the same instant is refused before any dial with
+    a reason that says to wait; a second later one more is allowed; another user is not affected."""
+    clock = FakeClock()
+    stream = io.StringIO()
+    log = make_logger(stream, fmt="json")
+    registry = SessionRegistry("gw1", clock, log, rate_per_user=(1.0, 2.0))
+    observer = Counting()
+    policy = make_policy(Rule(users=("alice", "bob"), vms=("web01",), protocols=("ssh-jump",)))
+    w = World(clock, registry, Deps(registry, policy, log, observer), stream, observer)
+    handlers = [FakeHandler(), FakeHandler()]
+    tasks = [await start(w, h, FakeSide()) for h in handlers]
+    side = FakeSide()
+    assert await (await start(w, FakeHandler(dial_error=UpstreamRefused("must not be dialled")), side)) is None
+    assert [e.reason for e in side.refused] == ["user_rate_limit"] and "faster than 1 a second" in side.refused[0].message
+    assert ("refused", "user_rate_limit") in observer.calls
+    await clock.advance(1.0)
+    later = FakeHandler()
+    tasks.append(await start(w, later, FakeSide()))
+    assert later.session is not None
+    for h, t in zip([*handlers, later], tasks, strict=True):
+        assert h.session is not None
+        h.session.end(Reason.CLIENT_CLOSED)
+        await t
+
+
+async def test_a_lock_refuses_the_session_before_any_dial() -> None:
+    """A lock on the VM (as the Locks protocol reports it) refuses the session after the policy check, before the dial,
+    with the lock's text and the reason `locked`."""
+
+    class VMLocked:
+        def refusal(self, *, user: str, vm: str, source: str) -> str | None:
+            return "access to VM 'web01' is locked by an operator: patching" if vm == "web01" else None
+
+    clock = FakeClock()
+    stream = io.StringIO()
+    log = make_logger(stream, fmt="json")
+    registry = SessionRegistry("gw1", clock, log)
+    observer = Counting()
+    policy = make_policy(Rule(users=("alice",), vms=("web01",), protocols=("ssh-jump",)))
+    w = World(clock, registry, Deps(registry, policy, log, observer, locks=VMLocked()), stream, observer)
+    side = FakeSide()
+    assert await (await start(w, FakeHandler(dial_error=UpstreamRefused("must not be dialled")), side)) is None
+    assert [e.reason for e in side.refused] == ["locked"] and "patching" in side.refused[0].message
+    assert registry.totals().active == 0

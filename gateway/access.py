@@ -1,0 +1,90 @@
+"""What operators do to access as a whole: locks, ending connections, and a reload taking access away.
+
+The registry ends sessions and the connection registry ends connections; this class
+decides which, for a lock, an operator's "end this connection", or a reload whose
+rules no longer grant a live session. Every session it ends gets the text the user
+reads and its true reason (`locked`, `terminated_by_operator`, `access_revoked`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from structlog.typing import FilteringBoundLogger
+
+from gateway.kinds import Reason
+from gateway.locks import Lock, LockKind, LockStore
+from gateway.sessions.connections import ConnectionRegistry
+from gateway.sessions.model import notice_text
+from gateway.sessions.registry import SessionRegistry
+
+
+@dataclass(frozen=True)
+class Ended:
+    sessions: int
+    connections: int
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] if text else text
+
+
+class AccessControl:
+    def __init__(self, registry: SessionRegistry, connections: ConnectionRegistry, locks: LockStore, log: FilteringBoundLogger) -> None:
+        self.registry = registry
+        self.connections = connections
+        self.locks = locks
+        self._log = log
+
+    def lock(self, kind: LockKind, target: str, reason: str, expires_at: float | None, by: str) -> tuple[Lock, Ended]:
+        """Add a lock, then end every live session and connection it covers. Raises LockError, OSError (not saved)."""
+        lock = self.locks.add(kind, target, reason, expires_at, by)
+        text = _sentence(lock.refusal()) + "."
+        sessions = 0
+        for info in self.registry.list():
+            if lock.applies(info.user, info.vm, info.source_ip) and self.registry.terminate(info.id, text, 0.0, Reason.LOCKED):
+                sessions += 1
+        connections = 0
+        for conn in self.connections.all():
+            if lock.kind != "vm" and lock.applies(conn.user, None, conn.source_ip) and conn.end(notice_text(text)):
+                connections += 1
+        self._log.info(
+            "lock_added", lock_id=lock.id, kind=lock.kind, target=lock.target, operator=by,
+            sessions_ended=sessions, connections_ended=connections,
+        )  # fmt: skip
+        return lock, Ended(sessions, connections)
+
+    def unlock(self, lock_id: str, by: str) -> Lock | None:
+        lock = self.locks.remove(lock_id)
+        if lock is not None:
+            self._log.info("lock_removed", lock_id=lock.id, kind=lock.kind, target=lock.target, operator=by)
+        return lock
+
+    def end_connection(self, cid: str, text: str, reason: Reason = Reason.TERMINATED_BY_OPERATOR) -> Ended | None:
+        """End one connection and the sessions it carries, showing `text`. None: no such connection."""
+        conn = self.connections.get(cid)
+        if conn is None:
+            return None
+        sessions = 0
+        for info in self.registry.list():
+            if info.connection_id == cid and self.registry.terminate(info.id, text, 0.0, reason):
+                sessions += 1
+        ended = conn.end(notice_text(text))
+        return Ended(sessions, int(ended))
+
+    def revoke(self, still_a_user: Callable[[str], bool]) -> Ended:
+        """After a reload: end the sessions the new policy no longer grants, and the connections of removed users."""
+        sessions = 0
+        for sid in self.registry.ids():
+            session = self.registry.live(sid)
+            if session is None or session.recheck is None or session.ended:
+                continue
+            why = session.recheck()
+            if why is not None and self.registry.terminate(sid, why, 0.0, Reason.ACCESS_REVOKED):
+                sessions += 1
+        connections = 0
+        for conn in self.connections.all():
+            if not still_a_user(conn.user) and conn.end(notice_text("Your account was removed from the gateway's configuration.")):
+                connections += 1
+        return Ended(sessions, connections)
