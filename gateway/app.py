@@ -156,6 +156,10 @@ def _restart_only_changes(old: Config, new: Config) -> list[str]:
     return [key for key in RESTART_ONLY if pairs[key][0] != pairs[key][1]]
 
 
+def public_caps(cfg: Config) -> Caps:
+    return Caps(cfg.public.max_connections or default_max_connections(), cfg.public.max_connections_per_source)
+
+
 def build_handlers(cfg: Config, credentials: Credentials, host_keys: HostKeys) -> Handlers:
     """The handler table: every way of reaching a VM. A new protocol is a module and a line here."""
     keepalive = (cfg.ssh.keepalive_interval, cfg.ssh.keepalive_count)
@@ -216,6 +220,7 @@ class App:
         self._ssh_door: SSHDoor | None = None
         self._public: PublicApp | None = None
         self._api: ControlAPI | None = None
+        self._penalties: Penalties | None = None
 
     @property
     def public_addresses(self) -> list[tuple[str, int]]:
@@ -257,6 +262,7 @@ class App:
         first = cfg.public.listen[0] if cfg.public.listen else None
         hint = first.host if first and first.host not in ("0.0.0.0", "::") else "GATEWAY"
         penalties = Penalties(cfg.penalties, self.clock, observer=self.metrics)
+        self._penalties = penalties
         self.metrics.watch_penalties(lambda: penalties.tracked)
         ssh_door = SSHDoor(
             penalties=penalties,
@@ -303,7 +309,7 @@ class App:
             max_handshakes=cfg.public.max_tls_handshakes, observer=self.metrics,
         )  # fmt: skip
         await self._https.start()
-        caps = Caps(cfg.public.max_connections or default_max_connections(), cfg.public.max_connections_per_source)
+        caps = public_caps(cfg)
         doors = {Door.SSH: ssh_door.handle, Door.TLS: self._https.handle}
         listener = Listener(sockets, doors, cfg.public.detect_timeout, self.log, caps=caps, penalties=penalties, observer=self.metrics)
         self._listener = listener
@@ -440,8 +446,12 @@ class App:
             max_per_token=cfg.tunnel.max_per_token,
         )
         self._api.set_operators(cfg.operators)
+        if self._penalties is not None:
+            self._penalties.set_policy(cfg.penalties)
+        if self._listener is not None:
+            self._listener.set_caps(public_caps(cfg))
         if self._https is not None:
-            self._https.set_tls(files.tls, cfg.public.header_timeout)
+            self._https.set_tls(files.tls, cfg.public.header_timeout, cfg.public.tls_handshake_timeout, cfg.public.max_tls_handshakes)
         if self._control_https is not None:
             self._control_https.set_tls(files.control_tls, cfg.control.header_timeout)
 

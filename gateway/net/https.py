@@ -90,10 +90,16 @@ class HTTPSServer:
             self._log.info("http_request_timeout", source_ip=peer[0], source_port=peer[1], limit_s=self._header_timeout)
             cast(asyncio.Transport, transport).abort()
 
-    def set_tls(self, ssl_context: ssl.SSLContext, header_timeout: float) -> None:
-        """A reload: new handshakes use the new certificate; live connections keep theirs."""
+    def set_tls(
+        self, ssl_context: ssl.SSLContext, header_timeout: float, handshake_timeout: float | None = None, max_handshakes: int | None = None
+    ) -> None:
+        """A reload: new handshakes use the new certificate and limits; live connections keep theirs."""
         self._ssl = ssl_context
         self._header_timeout = header_timeout
+        if handshake_timeout is not None:
+            self._handshake_timeout = handshake_timeout
+        if max_handshakes is not None:
+            self._max_handshakes = max_handshakes
 
     async def start(self) -> None:
         self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
@@ -128,7 +134,8 @@ class HTTPSServer:
                 self._runner.server, sock, ssl=self._ssl, ssl_handshake_timeout=self._handshake_timeout
             )
         except (OSError, ssl.SSLError, TimeoutError) as exc:
-            self._log.info("tls_handshake_failed", source_ip=peer[0], source_port=peer[1], error=str(exc)[:200])
+            # A scanner fails handshakes all day: one line a second, with how many were not written.
+            self._refusal_log.info(self._log, "tls_handshake_failed", "handshake_failed", source_ip=peer[0], error=str(exc)[:200])
             sock.close()
             return
         finally:

@@ -210,6 +210,10 @@ class Listener:
             # A done callback, not a `finally`: it runs even for a task cancelled before it first ran.
             task.add_done_callback(functools.partial(self._release, key=key))
 
+    def set_caps(self, caps: Caps | None) -> None:
+        """A reload: connections held now stay; new ones are admitted under `caps`."""
+        self._caps = caps
+
     def _admit(self, address: str, key: str) -> Refusal | None:
         """Why this connection may not be held now, or None. O(1): it runs for every connection of a flood."""
         if self._penalties is not None and self._penalties.refused(address) is not None:
@@ -243,7 +247,7 @@ class Listener:
             door = await peek_door(conn, self._detect_timeout)
             handler = self._doors.get(door)
             if handler is None:
-                self._log.info("connection_refused", source_ip=peer[0], source_port=peer[1], reason="unknown_protocol")
+                self._refusal_log.info(self._log, "connection_refused", "unknown_protocol", listener=self.name, source_ip=peer[0])
                 return
             handed = True
             await handler(conn, peer)

@@ -45,6 +45,10 @@ class Penalties:
         self._by_source: OrderedDict[str, _Entry] = OrderedDict()  # least recently penalized first
         self.evicted = 0
 
+    def set_policy(self, policy: PenaltyPolicy) -> None:
+        """A reload: penalties already earned keep counting down; new events and checks use `policy`."""
+        self._policy = policy
+
     @property
     def tracked(self) -> int:
         """Sources in the table now (some may have expired and not been swept yet)."""

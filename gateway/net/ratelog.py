@@ -7,6 +7,7 @@ same reason left out since the previous line. Reasons come from closed sets, so 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from structlog.typing import FilteringBoundLogger
@@ -29,11 +30,18 @@ class RateLimitedLog:
 
         Returns True if the line was written.
         """
+        return self._line(log.warning, event, reason, fields)
+
+    def info(self, log: FilteringBoundLogger, event: str, reason: str, **fields: Any) -> bool:
+        """`warning()` at info level: for what a scanner causes all day (failed handshakes, unknown protocols)."""
+        return self._line(log.info, event, reason, fields)
+
+    def _line(self, emit: Callable[..., Any], event: str, reason: str, fields: dict[str, Any]) -> bool:
         now = self._clock.monotonic()
         last, skipped = self._last.get(reason, (None, 0))
         if last is not None and now - last < self._every:
             self._last[reason] = (last, skipped + 1)
             return False
         self._last[reason] = (now, 0)
-        log.warning(event, reason=reason, suppressed=skipped, **fields)
+        emit(event, reason=reason, suppressed=skipped, **fields)
         return True

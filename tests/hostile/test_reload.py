@@ -188,3 +188,25 @@ async def test_the_daemon_reloads_on_sighup_and_tells_systemd(tmp_path: Path, ke
         for f in sock_dir.iterdir():
             f.unlink()
         sock_dir.rmdir()
+
+
+async def test_reloaded_caps_apply_to_new_connections(gw: Gateway) -> None:
+    """public.max_connections_per_source lowered to 2 by a reload: a third connection from 127.0.0.2 is closed at
+    accept and counted, while alice from 127.0.0.1 still logs in."""
+    from tests.support.hostile import close_all, closed_by_peer, open_from, refused
+
+    gw.raw["public"]["max_connections_per_source"] = 2
+    assert await gw.app.reload()
+    held = []
+    try:
+        for _ in range(2):
+            _, w = await open_from("127.0.0.2", gw.port)
+            held.append(w)
+        before = refused(gw, "max_connections_per_source")
+        r, w = await open_from("127.0.0.2", gw.port)
+        held.append(w)
+        assert await closed_by_peer(r)
+        assert refused(gw, "max_connections_per_source") == before + 1
+        assert (await gw.ssh("alice+web01", "true")).rc == 0
+    finally:
+        close_all(held)
