@@ -126,7 +126,7 @@ class SSHSection:
     user_ca_keys: tuple[str, ...] = ()
     login_grace_time: float = 30.0
     max_auth_tries: int = 6
-    max_startups: StartupPolicy = field(default_factory=lambda: StartupPolicy(10, 30, 100, 10))
+    max_startups: StartupPolicy = field(default_factory=lambda: StartupPolicy(10, 30, 100, 5))
     keepalive_interval: float = 30.0
     keepalive_count: int = 3
     max_sessions: int = 10  # session channels (shell, exec, sftp) open at once on one SSH connection, like sshd's MaxSessions
@@ -483,7 +483,8 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
     max_auth = r.get(s, "ssh", "max_auth_tries", int, 6)
     if max_auth < 1:
         r.problem("ssh.max_auth_tries", f"must be at least 1, got {max_auth!r}")
-    per_source = r.get(s, "ssh", "per_source_max_startups", int, 10)
+    # Below max_startups' start: one address holding all its slots must not push every other user into early drop.
+    per_source = r.get(s, "ssh", "per_source_max_startups", int, 5)
     if per_source < 1:
         r.problem("ssh.per_source_max_startups", f"must be at least 1, got {per_source!r}")
         per_source = 10

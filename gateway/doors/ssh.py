@@ -318,7 +318,8 @@ class GatewaySSHServer(asyncssh.SSHServer):
         self._login: str | None = None
         self._record: Connection | None = None  # in the connection registry once authenticated
         self._idle: asyncio.Task[None] | None = None
-        self._locked = False  # authenticated, but a lock holds: it is being disconnected, nothing opens
+        self._locked: str | None = None  # authenticated, but a lock holds (its text): being disconnected, nothing opens
+        self._session_channels = 0  # session channels open now (VM sessions and gateway shells), for max_sessions
 
     # -- supervisor --
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
@@ -419,8 +420,8 @@ class GatewaySSHServer(asyncssh.SSHServer):
         if lock is not None:
             self._log.info("login_refused", user=name, method=method, reason="locked", lock_id=lock.id)
             self._door.observer.refused("locked")
-            self._locked = True
-            self.spawn(self._disconnect(lock.refusal()), name="locked")
+            self._locked = lock.refusal()
+            self.spawn(self._disconnect(self._locked), name="locked")
             return
         self._record = self._door.connections.add(name, self._peer, "ssh", method, self._end_requested)
         self._log.info("auth_succeeded", user=name, method=method, vm=self._vm, connection_id=self._record.id)
@@ -477,13 +478,15 @@ class GatewaySSHServer(asyncssh.SSHServer):
     def _channel_allowed(self, kind: str) -> None:
         """Session channels (like sshd's MaxSessions) and forwards are capped per connection. Raises ChannelOpenError.
 
-        Each relaying channel is one task here, named by kind, so the live count is the task count.
+        Session channels (VM sessions and gateway shells) are counted from the open until the channel closes: their
+        relay task starts only at session_started, so counting tasks let a burst of opens through. Each forward is
+        one task from the open on, so the live forward count is the task count.
         """
-        if self._locked:
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "access is locked")
+        if self._locked is not None:
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, self._locked)
         limit = self._door.max_sessions if kind == "session" else self._door.max_forwards
-        prefix = "ssh:" if kind == "session" else "jump:"
-        if sum(1 for t in self._tasks if t.get_name().startswith(prefix)) >= limit:
+        live = self._session_channels if kind == "session" else sum(1 for t in self._tasks if t.get_name().startswith("jump:"))
+        if live >= limit:
             reason = "connection_session_limit" if kind == "session" else "connection_forward_limit"
             self._log.info("channel_refused", user=self.username, kind=kind, reason=reason, limit=limit)
             self._door.observer.refused(reason)
@@ -495,11 +498,17 @@ class GatewaySSHServer(asyncssh.SSHServer):
     ) -> asyncssh.SSHServerSession[bytes] | tuple[asyncssh.SSHServerChannel[bytes], asyncssh.SSHServerSession[bytes]]:
         client = self._client()
         vm = self._vm
-        if vm is not None or self._locked:
-            self._channel_allowed("session")
+        self._channel_allowed("session")
+        self._session_channels += 1
         if vm is None:
             self._channel_opened()
-            return GatewayShellSession(self._door, client, on_close=self._channel_closed)
+
+            def shell_closed() -> None:
+                self._session_channels -= 1
+                self._channel_closed()
+
+            shell = GatewayShellSession(self._door, client, on_close=shell_closed)
+            return shell if self._conn is None else (bounded_channel(self._conn), shell)
         request_login = self._login
 
         def start(user: UserSide) -> None:
@@ -508,9 +517,12 @@ class GatewaySSHServer(asyncssh.SSHServer):
             request = TerminateRequest(client.principal, vm, request_login, user)
             self.spawn(self._run(self._door.terminate, request, client, user, vm), name=f"ssh:{client.principal.name}:{vm[:64]}")
 
-        if self._conn is None:
-            return UserSide(start)
-        return bounded_channel(self._conn), UserSide(start)
+        user_side = UserSide(start)
+        user_side.closed.add_done_callback(self._session_channel_closed)
+        return user_side if self._conn is None else (bounded_channel(self._conn), user_side)
+
+    def _session_channel_closed(self, _: object) -> None:
+        self._session_channels -= 1
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
         self._channel_allowed("direct-tcpip")

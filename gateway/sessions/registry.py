@@ -30,6 +30,7 @@ from gateway.errors import GatewayError
 from gateway.kinds import Protocol as SessionProtocol
 from gateway.kinds import Reason
 from gateway.sessions.model import Pending, Progress, SessionEvent, SessionInfo, SessionSpec
+from gateway.text import one_line
 
 NoticeCallback = Callable[[str], bool]
 # Does the session's access still hold under the current policy? None: yes; else the text the user reads.
@@ -450,6 +451,7 @@ class SessionRegistry:
         s = self._sessions.get(sid)
         if s is None:
             return None
+        text = one_line(text)  # the notice a user reads: one printable line, whoever asked
         now = self._clock.monotonic()
         if s.ended:  # already ending (its notice is being shown): nothing to change, it is gone in a moment
             return TerminateResult(Pending(s.reason or reason, text, now, self._clock.now()), changed=False)
@@ -470,7 +472,7 @@ class SessionRegistry:
             return None
         if s.notice_cb is None:
             return False
-        return s.notice_cb(message)
+        return s.notice_cb(one_line(message))  # whoever asked, nothing but one printable line reaches a terminal
 
     async def wait_closed(self, sid: str, timeout: float) -> bool:
         """Wait (bounded, real time) until a session has left the registry. True if it has."""

@@ -52,6 +52,9 @@ def with_vm(port: int) -> Any:
     def edit(cfg: dict[str, Any]) -> None:
         cfg["vms"].append({"name": "tcp01", "address": "127.0.0.1", "ssh_port": 22, "trust_on_first_use": True})
         cfg["rules"].append({"groups": ["ops"], "vms": ["tcp01"], "protocols": ["ssh-jump"], "ports": [port]})
+        # 40 streams at once, and an ended one lingers while its relay flushes (up to 2 s on a loaded machine):
+        # more than the default 50 sessions per user can be open for a moment.
+        cfg["sessions"]["max_per_user"] = 1000
 
     return edit
 
