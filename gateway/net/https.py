@@ -59,7 +59,7 @@ class HTTPSServer:
         self._handshake_timeout = handshake_timeout
         self._header_timeout = header_timeout
         self._runner: web.AppRunner | None = None
-        self._open: dict[object, asyncio.Future[None]] = {}  # aiohttp protocol -> set when its connection is lost
+        self._open: dict[object, asyncio.Future[None]] = {}  # transport -> set when its connection is lost
         self._lost: Callable[[Any, BaseException | None], None] | None = None
         # Transports whose request headers arrived, until their deadline passes. Keyed by
         # id() but checked by identity, so a recycled id cannot vouch for a new connection.
@@ -130,7 +130,7 @@ class HTTPSServer:
             return
         self.handshakes += 1
         try:
-            transport, protocol = await loop.connect_accepted_socket(
+            transport, _ = await loop.connect_accepted_socket(
                 self._runner.server, sock, ssl=self._ssl, ssl_handshake_timeout=self._handshake_timeout
             )
         except (OSError, ssl.SSLError, TimeoutError) as exc:
@@ -143,18 +143,21 @@ class HTTPSServer:
         loop.call_later(self._header_timeout, self._expire, transport, peer)
         # Return only when the connection is gone, so the listener's caps count it for its whole life,
         # not just its handshake (a source could otherwise hold rate x header_timeout connections).
+        # Keyed by the transport: uvloop returns its SSLProtocol here, while aiohttp reports its own handler, whose
+        # `transport` is this one.
         closed = loop.create_future()
-        self._open[protocol] = closed
+        self._open[transport] = closed
         try:
             if not transport.is_closing():
                 await closed
         finally:
-            self._open.pop(protocol, None)
+            self._open.pop(transport, None)
 
     def _connection_lost(self, handler: object, exc: BaseException | None = None) -> None:
         assert self._lost is not None
+        transport = getattr(handler, "transport", None)  # read before aiohttp's handler forgets it
         self._lost(handler, exc)
-        fut = self._open.get(handler)
+        fut = self._open.get(transport) if transport is not None else None
         if fut is not None and not fut.done():
             fut.set_result(None)
 

@@ -66,3 +66,39 @@ async def test_the_listener_holds_at_most_max_connections(make_gateway: GatewayF
             close_all(held)
         assert not tracebacks(gw)
         print(f"legit login after the global cap was full: {took:.2f}s")
+
+
+async def test_https_connections_count_until_they_close_and_no_longer(make_gateway: GatewayFactory) -> None:
+    """An HTTPS connection holds its listener slot for its whole life (not only its handshake) and gives it back when
+    it closes: with 3 per source, 20 requests one after the other all succeed and nothing is held afterwards; 3 open
+    TLS connections make a 4th from the same source be refused at accept."""
+    import ssl
+
+    import aiohttp
+
+    def edit(c: dict[str, Any]) -> None:
+        c["public"]["max_connections_per_source"] = 3
+
+    async with make_gateway(edit) as gw:
+        listener = gw.app._listener
+        assert listener is not None
+        ctx = ssl.create_default_context(cafile=str(gw.ca_file))
+        for _ in range(20):
+            async with aiohttp.ClientSession() as http, http.get(f"https://127.0.0.1:{gw.port}/healthz", ssl=ctx) as resp:
+                assert resp.status == 200
+        await eventually(lambda: listener.held == 0)
+        held = []
+        try:
+            for _ in range(3):
+                r, w = await asyncio.open_connection("127.0.0.1", gw.port, ssl=ctx)
+                held.append(w)
+            await eventually(lambda: listener.held == 3)
+            before = refused(gw, "max_connections_per_source")
+            r, w = await asyncio.open_connection("127.0.0.1", gw.port)
+            held.append(w)
+            assert await r.read() == b""
+            assert refused(gw, "max_connections_per_source") == before + 1
+        finally:
+            close_all(held)
+        await eventually(lambda: listener.held == 0)
+        assert not tracebacks(gw)
