@@ -29,6 +29,7 @@ from gateway.clock import Clock, SystemClock
 from gateway.config import Config
 from gateway.control.api import ControlAPI
 from gateway.doors.https import PublicApp, public_https
+from gateway.doors.rdg import RdgDoor
 from gateway.doors.ssh import SSHDoor
 from gateway.errors import ConfigError, StartupError
 from gateway.filemodes import check_private_file, check_state_dir
@@ -42,6 +43,7 @@ from gateway.net.listener import Caps, Listener, bind, default_max_connections
 from gateway.net.penalties import Penalties
 from gateway.policy import Policy
 from gateway.protocols.lifecycle import CLOSE_DEADLINE, END_DEADLINE, Deps
+from gateway.protocols.rdg import RdgHandler
 from gateway.protocols.ssh_jump import SSHJumpHandler
 from gateway.protocols.ssh_terminate import SSHTerminateHandler
 from gateway.protocols.tunnel import TunnelHandler
@@ -160,13 +162,14 @@ def public_caps(cfg: Config) -> Caps:
     return Caps(cfg.public.max_connections or default_max_connections(), cfg.public.max_connections_per_source)
 
 
-def build_handlers(cfg: Config, credentials: Credentials, host_keys: HostKeys) -> Handlers:
+def build_handlers(cfg: Config, credentials: Credentials, host_keys: HostKeys, clock: Clock) -> Handlers:
     """The handler table: every way of reaching a VM. A new protocol is a module and a line here."""
     keepalive = (cfg.ssh.keepalive_interval, cfg.ssh.keepalive_count)
     return Handlers(
         ssh=SSHTerminateHandler(credentials, host_keys, cfg.gateway.connect_timeout, keepalive=keepalive),
         ssh_jump=SSHJumpHandler(cfg.gateway.connect_timeout),
         tunnel=TunnelHandler(cfg.gateway.connect_timeout),
+        rdg=RdgHandler(cfg.gateway.connect_timeout, cfg.tunnel.ping_interval, clock),
     )
 
 
@@ -177,6 +180,7 @@ class Handlers:
     ssh: SSHTerminateHandler
     ssh_jump: SSHJumpHandler
     tunnel: TunnelHandler
+    rdg: RdgHandler
 
 
 class App:
@@ -221,6 +225,7 @@ class App:
         self._public: PublicApp | None = None
         self._api: ControlAPI | None = None
         self._penalties: Penalties | None = None
+        self._rdg: RdgDoor | None = None
 
     @property
     def public_addresses(self) -> list[tuple[str, int]]:
@@ -258,7 +263,7 @@ class App:
                 s.close()
             raise
         deps = Deps(self.registry, self.policy, self.log, self.metrics, locks=self.locks)
-        handlers = build_handlers(cfg, credentials, host_keys)
+        handlers = build_handlers(cfg, credentials, host_keys, self.clock)
         first = cfg.public.listen[0] if cfg.public.listen else None
         hint = first.host if first and first.host not in ("0.0.0.0", "::") else "GATEWAY"
         penalties = Penalties(cfg.penalties, self.clock, observer=self.metrics)
@@ -283,6 +288,7 @@ class App:
             max_forwards=cfg.ssh.max_forwards,
             log=self.log,
             public_hint=hint,
+            public_port=sockets[0].getsockname()[1] if sockets else 443,
             observer=self.metrics,
             tokens=self.tokens,
             connections=self.connections,
@@ -304,9 +310,14 @@ class App:
             max_per_token=cfg.tunnel.max_per_token,
         )
         self._public = public
+        self._rdg = RdgDoor(
+            deps=deps, handler=handlers.rdg, tokens=self.tokens, log=self.log, locks=self.locks, connections=self.connections,
+            observer=self.metrics, preauth_deadline=cfg.public.header_timeout,
+        )  # fmt: skip
         self._https = public_https(
             public, ssl_ctx, self.log, cfg.public.header_timeout, handshake_timeout=cfg.public.tls_handshake_timeout,
             max_handshakes=cfg.public.max_tls_handshakes, observer=self.metrics,
+            raw=(self._rdg.probe, self._rdg.handle),
         )  # fmt: skip
         await self._https.start()
         caps = public_caps(cfg)
@@ -422,7 +433,7 @@ class App:
         self.metrics.set_vms(cfg.vms)
         self.tokens.reconfigure(cfg.tunnel.token_lifetime, {d: u.name for u in cfg.users.values() for d in u.token_sha256s})
         self.host_keys = files.ssh_host_keys
-        handlers = build_handlers(cfg, files.credentials, files.vm_host_keys)
+        handlers = build_handlers(cfg, files.credentials, files.vm_host_keys, self.clock)
         assert self._ssh_door is not None and self._public is not None and self._api is not None
         self._ssh_door.reconfigure(
             host_keys=files.ssh_host_keys,
@@ -446,6 +457,9 @@ class App:
             max_per_token=cfg.tunnel.max_per_token,
         )
         self._api.set_operators(cfg.operators)
+        if self._rdg is not None:
+            self._rdg.handler = handlers.rdg
+            self._rdg.preauth_deadline = cfg.public.header_timeout
         if self._penalties is not None:
             self._penalties.set_policy(cfg.penalties)
         if self._listener is not None:

@@ -26,7 +26,9 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 USER_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
 ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\*?")
 # `+` and `@` separate user, VM and login in SSH user names; keep them out of names.
-PROTOCOLS = frozenset(p.value for p in Protocol)
+# What a rule may grant. `rdp` rules grant RDP by every path (tunnel, ssh -L, RD Gateway): `rdp-gateway` is a
+# session's protocol, not something a rule names.
+PROTOCOLS = frozenset(p.value for p in Protocol if p is not Protocol.RDP_GATEWAY)
 _DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")  # ASCII digits: `\d` also matches Arabic-Indic ones, which float() reads
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 

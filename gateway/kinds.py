@@ -17,6 +17,7 @@ class Protocol(StrEnum):
     SSH_JUMP = "ssh-jump"  # ssh -J / -W / -L: a TCP stream inside the user's SSH connection
     RDP = "rdp"  # a TCP stream to the VM's rdp_port (WebSocket tunnel or ssh -L)
     TCP = "tcp"  # a WebSocket tunnel to any other granted port
+    RDP_GATEWAY = "rdp-gateway"  # RDP through the RD Gateway protocol (mstsc, xfreerdp /g:); granted by `rdp` rules
 
 
 class Reason(StrEnum):

@@ -7,6 +7,7 @@ exists, so users cannot probe the inventory.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import ipaddress
 from collections.abc import Iterable, Mapping
@@ -156,6 +157,16 @@ class Policy:
         if granting:
             return Grant(vm=vm, protocol=protocol, port=port, login=None, env=(), limits=_limits(granting))
         raise PolicyDenied(f"port {port} on VM {vm_name!r} is not granted to you", reason="port_denied")
+
+    def check_rdg(self, principal: Principal, vm_name: str, port: int) -> Grant:
+        """May `principal` reach `vm_name`'s RDP port `port` through the RD Gateway? Only an `rdp` rule grants it.
+
+        Raises PolicyDenied without revealing whether the VM exists.
+        """
+        grant = self.check_tunnel(principal, vm_name, port)
+        if grant.protocol != Protocol.RDP:
+            raise PolicyDenied(f"port {port} on VM {vm_name!r} is not an RDP port granted to you", reason="port_denied")
+        return dataclasses.replace(grant, protocol=Protocol.RDP_GATEWAY)
 
     def granted_ports(self, principal: Principal, vm: VM) -> tuple[int, ...]:
         """The VM ports this principal may reach by jump mode or tunnels (for listings)."""

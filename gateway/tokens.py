@@ -31,6 +31,13 @@ class TokenClaims:
     token_id: str
     static: bool = False
     issued_at: float = 0.0  # Unix seconds, to the millisecond
+    # An RD Gateway token is bound to one VM and port (what the .rdp file names); a tunnel token to none.
+    vm: str | None = None
+    port: int | None = None
+
+    @property
+    def purpose(self) -> str:
+        return "rdg" if self.vm is not None else "tunnel"
 
 
 def _b64(data: bytes) -> str:
@@ -66,6 +73,7 @@ class TokenService:
         self._clock = clock
         self.lifetime = lifetime
         self._static = dict(static or {})
+        self._revoked: dict[str, float] = {}  # token id -> when it expires (then it is dropped)
 
     def reconfigure(self, lifetime: float, static: Mapping[bytes, str]) -> None:
         """A reload: new tokens get `lifetime`; static tokens are exactly the configured ones (a removed one stops working)."""
@@ -75,16 +83,18 @@ class TokenService:
     def __repr__(self) -> str:
         return f"TokenService(lifetime={self.lifetime:g}s, static={len(self._static)})"
 
-    def issue(self, user: str) -> tuple[str, TokenClaims]:
+    def issue(self, user: str, *, vm: str | None = None, port: int | None = None) -> tuple[str, TokenClaims]:
+        """A signed token for `user`; with `vm` and `port`, an RD Gateway token good for that target only."""
         now = self._clock.now().timestamp()
         issued_ms = int(now * 1000)
-        claims = TokenClaims(user=user, expires_at=now + self.lifetime, token_id=secrets.token_hex(8), issued_at=issued_ms / 1000)
-        payload = _b64(
-            json.dumps(
-                {"sub": user, "iat": int(now), "iat_ms": issued_ms, "exp": int(claims.expires_at), "jti": claims.token_id},
-                separators=(",", ":"),
-            ).encode()
+        claims = TokenClaims(
+            user=user, expires_at=now + self.lifetime, token_id=secrets.token_hex(8), issued_at=issued_ms / 1000, vm=vm, port=port
         )
+        body_claims: dict[str, object] = {"sub": user, "iat": int(now), "iat_ms": issued_ms, "exp": int(claims.expires_at)}
+        body_claims["jti"] = claims.token_id
+        if vm is not None:
+            body_claims["vm"], body_claims["port"] = vm, port
+        payload = _b64(json.dumps(body_claims, separators=(",", ":")).encode())
         body = f"{_PREFIX}.{payload}"
         mac = _b64(hmac.new(self._key, body.encode(), hashlib.sha256).digest())
         return f"{body}.{mac}", claims
@@ -125,4 +135,25 @@ class TokenService:
             issued = float(iat)
         else:
             issued = 0.0
-        return TokenClaims(user=claims["sub"], expires_at=float(claims["exp"]), token_id=str(claims.get("jti", "")), issued_at=issued)
+        vm, port = claims.get("vm"), claims.get("port")
+        if vm is not None and (not isinstance(vm, str) or not isinstance(port, int) or isinstance(port, bool)):
+            raise AuthError("malformed token", reason="token_invalid")
+        token_id = str(claims.get("jti", ""))
+        if token_id in self._revoked:
+            raise AuthError("token revoked: the session it opened was ended", reason="token_revoked")
+        return TokenClaims(
+            user=claims["sub"],
+            expires_at=float(claims["exp"]),
+            token_id=token_id,
+            issued_at=issued,
+            vm=vm if isinstance(vm, str) else None,
+            port=port if isinstance(port, int) and vm is not None else None,
+        )
+
+    def revoke(self, claims: TokenClaims) -> None:
+        """Void one token until it would have expired anyway (an ended RD Gateway session: no auto-reconnect)."""
+        if claims.static:
+            return
+        now = self._clock.now().timestamp()
+        self._revoked = {t: exp for t, exp in self._revoked.items() if exp > now}  # bounded: every entry expires
+        self._revoked[claims.token_id] = claims.expires_at

@@ -14,6 +14,7 @@ _SESSION: dict[str, Any] = {
     "required": [
         "id", "user", "source_ip", "source_port", "vm", "target_address", "target_port", "protocol",
         "login", "started_at", "duration_s", "bytes_up", "bytes_down", "node", "state", "ends_at", "connection_id",
+        "client_name",
     ],
     "properties": {
         "id": {"type": "string"},
@@ -33,6 +34,7 @@ _SESSION: dict[str, Any] = {
         "state": {"type": "string", "enum": ["active", "terminating", "closed"]},
         "ends_at": {"oneOf": [_TIME, {"type": "null"}], "description": "while terminating: when the session will be ended"},
         "connection_id": {"type": ["string", "null"], "description": "the authenticated connection carrying it"},
+        "client_name": {"type": ["string", "null"], "description": "the machine name an RD Gateway client gave"},
     },
 }  # fmt: skip
 
@@ -45,7 +47,7 @@ _CONNECTION: dict[str, Any] = {
         "user": {"type": "string"},
         "source_ip": {"type": "string"},
         "source_port": {"type": "integer", "minimum": 0, "maximum": 65535},
-        "door": {"type": "string", "enum": ["ssh", "websocket"]},
+        "door": {"type": "string", "enum": ["ssh", "websocket", "rdg"]},
         "auth_method": {"type": "string"},
         "since": _TIME,
         "channels": {"type": "integer", "minimum": 0, "description": "sessions, shells and forwards open on it now"},

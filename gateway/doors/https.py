@@ -18,7 +18,7 @@ from structlog.typing import FilteringBoundLogger
 
 from gateway.errors import AuthError
 from gateway.locks import LockStore
-from gateway.net.https import HTTPSServer
+from gateway.net.https import HTTPSServer, Probe, RawHandler
 from gateway.net.listener import ConnectionObserver
 from gateway.policy import Principal
 from gateway.protocols.lifecycle import Client, Deps, ProtocolHandler, run_session
@@ -109,6 +109,11 @@ class PublicApp:
             log.info("tunnel_refused", reason=exc.reason)
             self._count_auth(exc.reason)
             return _refuse(401, "unauthorized", f"{exc.message}: get a new one with `ssh USER@GATEWAY token`")
+        if claims.purpose != "tunnel":
+            log.info("tunnel_refused", reason="token_wrong_purpose", token_id=claims.token_id)
+            self._count_auth("token_wrong_purpose")
+            text = "this token is for the RD Gateway (an .rdp file): get a tunnel token with `ssh USER@GATEWAY token`"
+            return _refuse(401, "unauthorized", text)
         user = self._deps.policy.user(claims.user)
         if user is None:
             log.info("tunnel_refused", reason="unknown_user", token_id=claims.token_id)
@@ -174,7 +179,9 @@ def public_https(
     handshake_timeout: float = 5.0,
     max_handshakes: int = 256,
     observer: ConnectionObserver | None = None,
+    raw: tuple[Probe, RawHandler] | None = None,
 ) -> HTTPSServer:
+    """The public HTTPS server: aiohttp for health and tunnels; what `raw`'s probe claims (RD Gateway) to its handler."""
     return HTTPSServer(
         app.build(),
         ssl_context,
@@ -183,4 +190,5 @@ def public_https(
         handshake_timeout=handshake_timeout,
         max_handshakes=max_handshakes,
         observer=observer,
+        raw=raw,
     )

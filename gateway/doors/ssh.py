@@ -83,6 +83,7 @@ class SSHDoor:
         max_sessions: int = 10,
         max_forwards: int = 100,
         public_hint: str = "GATEWAY",
+        public_port: int = 443,
         observer: DoorObserver | None = None,
         tokens: TokenService | None = None,
         connections: ConnectionRegistry | None = None,
@@ -118,6 +119,7 @@ class SSHDoor:
         self.max_forwards = max_forwards
         self.log = log
         self.public_hint = public_hint
+        self.public_port = public_port
         self._options = _server_options(host_keys, login_grace_time, keepalive_interval, keepalive_count)
 
     def reconfigure(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from aiohttp import web
@@ -26,6 +26,48 @@ from structlog.typing import FilteringBoundLogger
 from gateway.kinds import Refusal
 from gateway.net.listener import ConnectionObserver
 from gateway.net.ratelog import RateLimitedLog
+
+# A probe looks at the first bytes after TLS: True, the raw handler's; False, aiohttp's; None, not enough bytes yet.
+Probe = Callable[[bytes], bool | None]
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, tuple[str, int]], Awaitable[None]]
+_SNIFF = 32  # bytes enough to tell a request line's method
+_RAW_LIMIT = 64 * 1024
+
+
+class _Sniffer(asyncio.Protocol):
+    """The first protocol of a TLS connection when a raw handler is registered: buffers until `probe` decides.
+
+    Bytes arriving after the decision (before the switch) are kept too; whoever takes over gets all of them.
+    """
+
+    def __init__(self, probe: Probe, decided: asyncio.Future[bool]) -> None:
+        self._probe = probe
+        self.decided = decided
+        self.buf = bytearray()
+        self.lost = False
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.decided.done():
+            return
+        verdict = self._probe(bytes(self.buf[:_SNIFF]))
+        if verdict is None and len(self.buf) < _SNIFF:
+            return
+        if self._transport is not None:
+            self._transport.pause_reading()
+        self.decided.set_result(bool(verdict))
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if not self.decided.done():
+            self.decided.set_result(False)
 
 
 async def _plain_server_header(request: web.Request, response: web.StreamResponse) -> None:
@@ -47,7 +89,9 @@ class HTTPSServer:
         max_handshakes: int = 256,
         observer: ConnectionObserver | None = None,
         name: str = "public",
+        raw: tuple[Probe, RawHandler] | None = None,
     ) -> None:
+        self._raw = raw  # (probe of the first bytes, handler of the requests it claims), e.g. RD Gateway
         self._max_handshakes = max_handshakes
         self.handshakes = 0  # in progress now
         self._observer = observer
@@ -129,10 +173,14 @@ class HTTPSServer:
             )
             return
         self.handshakes += 1
+        sniffer: _Sniffer | None = None
+        factory: Callable[[], asyncio.BaseProtocol] = self._runner.server
+        if self._raw is not None:
+            probe = self._raw[0]
+            sniffer = _Sniffer(probe, loop.create_future())
+            factory = lambda: sniffer  # noqa: E731 - one protocol object for this one connection
         try:
-            transport, _ = await loop.connect_accepted_socket(
-                self._runner.server, sock, ssl=self._ssl, ssl_handshake_timeout=self._handshake_timeout
-            )
+            transport, _ = await loop.connect_accepted_socket(factory, sock, ssl=self._ssl, ssl_handshake_timeout=self._handshake_timeout)
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             # A scanner fails handshakes all day: one line a second, with how many were not written.
             self._refusal_log.info(self._log, "tls_handshake_failed", "handshake_failed", source_ip=peer[0], error=str(exc)[:200])
@@ -140,6 +188,8 @@ class HTTPSServer:
             return
         finally:
             self.handshakes -= 1
+        if sniffer is not None and not await self._route(sniffer, transport, peer):
+            return
         loop.call_later(self._header_timeout, self._expire, transport, peer)
         # Return only when the connection is gone, so the listener's caps count it for its whole life,
         # not just its handshake (a source could otherwise hold rate x header_timeout connections).
@@ -152,6 +202,41 @@ class HTTPSServer:
                 await closed
         finally:
             self._open.pop(transport, None)
+
+    async def _route(self, sniffer: _Sniffer, transport: asyncio.Transport, peer: tuple[str, int]) -> bool:
+        """Read the first bytes after TLS: hand a raw-protocol request (RD Gateway's `RDG_*` methods, which aiohttp's
+        parser rejects) to the raw handler and return False once it is done; True: aiohttp serves the connection."""
+        assert self._raw is not None and self._runner is not None and self._runner.server is not None
+        try:
+            async with asyncio.timeout(self._header_timeout):
+                raw = await sniffer.decided
+        except TimeoutError:
+            self._log.info("http_request_timeout", source_ip=peer[0], source_port=peer[1], limit_s=self._header_timeout)
+            transport.abort()
+            return False
+        if sniffer.lost:
+            return False
+        loop = asyncio.get_running_loop()
+        if not raw:
+            proto = self._runner.server()
+            transport.set_protocol(proto)
+            proto.connection_made(transport)
+            if sniffer.buf:
+                proto.data_received(bytes(sniffer.buf))
+            transport.resume_reading()
+            return True
+        reader = asyncio.StreamReader(limit=_RAW_LIMIT, loop=loop)
+        stream = asyncio.StreamReaderProtocol(reader, loop=loop)
+        transport.set_protocol(stream)
+        stream.connection_made(transport)
+        reader.feed_data(bytes(sniffer.buf))
+        transport.resume_reading()
+        writer = asyncio.StreamWriter(transport, stream, reader, loop)
+        try:
+            await self._raw[1](reader, writer, peer)
+        finally:
+            transport.abort()
+        return False
 
     def _connection_lost(self, handler: object, exc: BaseException | None = None) -> None:
         assert self._lost is not None

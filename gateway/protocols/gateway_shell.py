@@ -13,6 +13,7 @@ from typing import Protocol
 import asyncssh
 from structlog.typing import FilteringBoundLogger
 
+from gateway.errors import PolicyDenied
 from gateway.policy import Policy
 from gateway.protocols.lifecycle import Client
 from gateway.tokens import TokenService
@@ -32,6 +33,9 @@ class ShellContext(Protocol):
 
     @property
     def public_hint(self) -> str: ...
+
+    @property
+    def public_port(self) -> int: ...
 
     @property
     def log(self) -> FilteringBoundLogger: ...
@@ -110,13 +114,55 @@ class GatewayShellSession(asyncssh.SSHServerSession[bytes]):
             self._door.log.info("token_issued", user=name, token_id=claims.token_id, lifetime_s=self._door.tokens.lifetime)
             self._chan.write((token + nl).encode())
             self._chan.exit(0)
+        elif command == "rdp" or command.startswith("rdp "):
+            self._rdp_file(command.split()[1:], nl)
         elif command == "ls":
             self._chan.write((nl.join(["VMs you may reach:", *self._listing()]) + nl).encode())
             self._chan.exit(0)
         else:
-            msg = f"bastion: the gateway runs only `token` and `ls`; connect as {name}+VM to run commands on a VM{nl}"
+            msg = f"bastion: the gateway runs only `token`, `rdp VM` and `ls`; connect as {name}+VM to run commands on a VM{nl}"
             self._chan.write(msg.encode(), asyncssh.EXTENDED_DATA_STDERR)
             self._chan.exit(2)
+
+    def _rdp_file(self, args: list[str], nl: str) -> None:
+        """`rdp VM`: an .rdp file for mstsc or xfreerdp with an RD Gateway token bound to this user, VM and port."""
+        assert self._chan is not None
+        principal = self._client.principal
+        if len(args) != 1 or self._door.tokens is None:
+            self._chan.write(f"bastion: usage: rdp VM  (then save the output as VM.rdp){nl}".encode(), asyncssh.EXTENDED_DATA_STDERR)
+            self._chan.exit(2)
+            return
+        vm = self._door.policy.vm(args[0])
+        try:
+            grant = self._door.policy.check_rdg(principal, args[0], vm.rdp_port if vm is not None and vm.rdp_port else 3389)
+        except PolicyDenied as exc:
+            self._door.log.info("token_refused", user=principal.name, purpose="rdg", target=args[0][:64], reason=exc.reason)
+            self._chan.write(f"bastion: {exc.message}{nl}".encode(), asyncssh.EXTENDED_DATA_STDERR)
+            self._chan.exit(1)
+            return
+        token, claims = self._door.tokens.issue(principal.name, vm=grant.vm.name, port=grant.port)
+        self._door.log.info(
+            "token_issued", user=principal.name, token_id=claims.token_id, purpose="rdg", vm=grant.vm.name, port=grant.port,
+            lifetime_s=self._door.tokens.lifetime,
+        )  # fmt: skip
+        target = grant.vm.name if grant.port == 3389 else f"{grant.vm.name}:{grant.port}"
+        gateway = f"{self._door.public_hint}:{self._door.public_port}"
+        lines = [
+            f"full address:s:{target}",
+            f"gatewayhostname:s:{gateway}",
+            "gatewayusagemethod:i:1",
+            "gatewaycredentialssource:i:5",
+            "gatewayprofileusagemethod:i:1",
+            f"gatewayaccesstoken:s:{token}",
+        ]
+        self._chan.write(("\r\n".join(lines) + "\r\n").encode())
+        hint = (
+            f"# valid {self._door.tokens.lifetime / 60:g} min for one connection to {grant.vm.name}; open it with mstsc, or:{nl}"
+            f"#   xfreerdp /v:{target} /g:{gateway} /gat:TOKEN          (FreeRDP 2){nl}"
+            f"#   xfreerdp /v:{target} /gateway:g:{gateway},access-token:TOKEN   (FreeRDP 3){nl}"
+        )
+        self._chan.write(hint.encode(), asyncssh.EXTENDED_DATA_STDERR)
+        self._chan.exit(0)
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         if self._chan is not None and (b"\x03" in data or b"\x04" in data):

@@ -53,6 +53,7 @@ class Client:
     source_ip: str
     source_port: int
     connection_id: str | None = None  # the authenticated connection carrying the session (operators can end it)
+    client_name: str | None = None  # the machine name the client gave (RD Gateway), already cleaned and bounded
 
 
 class ClientSide(Protocol):
@@ -167,6 +168,7 @@ def session_spec(client: Client, grant: Grant) -> SessionSpec:
         protocol=SessionProtocol(grant.protocol),
         login=grant.login,
         connection_id=client.connection_id,
+        client_name=client.client_name,
     )
 
 

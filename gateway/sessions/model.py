@@ -23,6 +23,7 @@ class SessionSpec:
     protocol: Protocol
     login: str | None = None
     connection_id: str | None = None
+    client_name: str | None = None  # what the client calls its machine (RD Gateway's TUNNEL_AUTH), for the audit
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class SessionInfo:
     state: Literal["active", "terminating", "closed"]
     ends_at: datetime | None = None  # when state is terminating: when the session will be ended
     connection_id: str | None = None
+    client_name: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -74,6 +76,7 @@ class SessionInfo:
             "state": self.state,
             "ends_at": iso(self.ends_at) if self.ends_at is not None else None,
             "connection_id": self.connection_id,
+            "client_name": self.client_name,
         }
 
 

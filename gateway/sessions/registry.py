@@ -196,6 +196,7 @@ class Session:
             state=state,
             ends_at=self.pending.ends_at if self.pending is not None and state == "terminating" else None,
             connection_id=s.connection_id,
+            client_name=s.client_name,
         )
 
 

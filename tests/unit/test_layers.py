@@ -42,6 +42,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "gateway.protocols.lifecycle": (*LOW, "gateway.net", "gateway.sessions", "gateway.policy"),
     "gateway.protocols.upstream_ssh": (*LOW, "gateway.net"),
     "gateway.protocols.ssh_disconnect": (),
+    "gateway.protocols.rdg_codec": ("gateway.errors",),
+    "gateway.protocols.rdg": (*PROTOCOL_DEPS, "gateway.protocols.rdg_codec"),
     "gateway.protocols": PROTOCOL_DEPS,
     "gateway.control": (*LOW, "gateway.sessions", "gateway.control", "gateway.locks", "gateway.access"),
     "gateway.doors": (*PROTOCOL_DEPS, "gateway.protocols", "gateway.locks"),
@@ -106,8 +108,10 @@ def test_module_respects_the_import_direction(module: str, path: Path) -> None:
 
 @pytest.mark.parametrize(("module", "path"), [(m, p) for m, p in _modules() if m.startswith("gateway.protocols.")])
 def test_protocols_do_not_import_each_other(module: str, path: Path) -> None:
-    """A protocol handler imports only the shared lifecycle modules, never another protocol, a door or the control app."""
-    others = sorted(i for i in _imports(path) if i.startswith("gateway.protocols.") and i not in SHARED_PROTOCOL and i != module)
+    """A protocol handler imports only the shared lifecycle modules and its own wire codec (`<protocol>_codec`), never
+    another protocol, a door or the control app."""
+    own = (module, module + "_codec")
+    others = sorted(i for i in _imports(path) if i.startswith("gateway.protocols.") and i not in SHARED_PROTOCOL and i not in own)
     assert not others, f"protocol {module} imports another protocol: {others}"
     assert not any(i.startswith(("gateway.doors", "gateway.control", "gateway.metrics", "gateway.app")) for i in _imports(path))
 
