@@ -343,6 +343,32 @@ def cmd_tunnel(args: argparse.Namespace) -> int:
     return _run(lambda stop: run_tunnel(stop, tunnel, local))
 
 
+def _native_rdp(args: argparse.Namespace, client: str) -> int:
+    """`bastion rdp VM --native`: the .rdp file from `ssh USER@GATEWAY rdp VM`, then the RDP client on it (RD Gateway)."""
+    import subprocess
+    import tempfile
+
+    gateway = args.gateway or os.environ.get("BASTION_GATEWAY")
+    if not gateway:
+        raise SystemExit("bastion: set --gateway HOST:PORT (or BASTION_GATEWAY)")
+    host, _, gw_port = gateway.rpartition(":")
+    if not host or not gw_port.isdigit():
+        raise SystemExit(f"bastion: --gateway must be HOST:PORT, got {gateway!r}")
+    ssh = ["ssh", *(["-F", args.ssh_config] if args.ssh_config else []), *(["-i", args.identity] if args.identity else [])]
+    ssh += ["-p", gw_port, f"{args.user or os.environ.get('USER', '')}@{host.strip('[]')}", "rdp", args.vm]
+    got = subprocess.run(ssh, stdin=subprocess.DEVNULL, capture_output=True, timeout=60, check=False)  # noqa: S603 - argv, no shell
+    if got.returncode != 0 or b"gatewayaccesstoken:s:" not in got.stdout:
+        print(f"bastion rdp: could not get an .rdp file: {got.stderr.decode(errors='replace').strip() or got.returncode}", file=sys.stderr)
+        return 1
+    with tempfile.TemporaryDirectory(prefix="bastion-rdp-") as d:  # 0700: the file holds a token
+        path = os.path.join(d, f"{args.vm}.rdp")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(got.stdout)
+        argv = [client, path, *args.client_args] if "xfreerdp" in client else [client, path]
+        return subprocess.run(argv, check=False).returncode  # noqa: S603 - the user's own RDP client
+
+
 def cmd_rdp(args: argparse.Namespace) -> int:
     import shutil
 
@@ -352,6 +378,8 @@ def cmd_rdp(args: argparse.Namespace) -> int:
     if client is None:
         print("bastion rdp: no RDP client found (install FreeRDP's xfreerdp, or use mstsc on Windows)", file=sys.stderr)
         return 1
+    if args.native:
+        return _native_rdp(args, client)
     args.local = "127.0.0.1:0"
     tunnel, local = _tunnel_from_args(args)
     result = 0
@@ -463,6 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("vm", metavar="VM")
     _tunnel_flags(rd, vm_flag=False)
     rd.add_argument("--port", type=int, default=3389, help="the VM's RDP port (default 3389)")
+    rd.add_argument(
+        "--native", action="store_true", help="no local tunnel: the client talks RD Gateway to the gateway itself (an .rdp file)"
+    )
     rd.set_defaults(func=cmd_rdp, client_args=[])  # arguments after `--` go to xfreerdp
     return p
 

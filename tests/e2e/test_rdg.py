@@ -183,3 +183,28 @@ async def test_xfreerdp_opens_the_rdp_file_as_saved(make_gateway: GatewayFactory
         assert proc.returncode == 0, out.decode(errors="replace")[-2000:]
         await wait_for(lambda: bool(gw.logs.events("session_closed")), gw.logs.changed, timeout=20)
         assert gw.logs.events("session_closed")[0]["protocol"] == "rdp-gateway"
+
+
+async def test_bastion_rdp_native_runs_freerdp_on_the_rdp_file(make_gateway: GatewayFactory, xrdp: XRDP, display: str) -> None:
+    """`bastion rdp win01 --native`: the helper fetches the .rdp file over SSH and starts xfreerdp on it; no local
+    tunnel, the client speaks RD Gateway to the gateway (the session is rdp-gateway)."""
+    import sys
+
+    async with make_gateway(with_win_vm(xrdp.port)) as gw:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "rdp", "win01", "--native", "--gateway", f"127.0.0.1:{gw.port}",
+            "--user", "alice", "--ssh-config", str(gw.ssh_config),
+            "--", f"/u:{xrdp.user}", f"/p:{xrdp.password}", "/cert:ignore", "+auth-only",
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            env=dict(os.environ) | {"DISPLAY": display},
+        )  # fmt: skip
+        try:
+            async with asyncio.timeout(90):
+                out, _ = await proc.communicate()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert proc.returncode == 0, out.decode(errors="replace")[-2000:]
+        await wait_for(lambda: bool(gw.logs.events("session_closed")), gw.logs.changed, timeout=20)
+        assert [e["protocol"] for e in gw.logs.events("session_closed")] == ["rdp-gateway"]
