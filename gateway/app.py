@@ -312,7 +312,7 @@ class App:
         self._public = public
         self._rdg = RdgDoor(
             deps=deps, handler=handlers.rdg, tokens=self.tokens, log=self.log, locks=self.locks, connections=self.connections,
-            observer=self.metrics, preauth_deadline=cfg.public.header_timeout,
+            observer=self.metrics, preauth_deadline=cfg.public.header_timeout, penalties=penalties,
         )  # fmt: skip
         self._https = public_https(
             public, ssl_ctx, self.log, cfg.public.header_timeout, handshake_timeout=cfg.public.tls_handshake_timeout,

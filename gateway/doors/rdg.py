@@ -25,7 +25,9 @@ from structlog.typing import FilteringBoundLogger
 
 import gateway.protocols.rdg_codec as rdg
 from gateway.errors import AuthError
+from gateway.kinds import PenaltyEvent
 from gateway.locks import LockStore
+from gateway.net.penalties import Penalties
 from gateway.net.ratelog import RateLimitedLog
 from gateway.policy import Principal
 from gateway.protocols.lifecycle import Client, Deps, ProtocolHandler, run_session
@@ -67,8 +69,10 @@ class RdgDoor:
         connections: ConnectionRegistry | None = None,
         observer: DoorObserver | None = None,
         preauth_deadline: float = PREAUTH_DEADLINE,
+        penalties: Penalties | None = None,
     ) -> None:
         self.preauth_deadline = preauth_deadline
+        self._penalties = penalties  # like SSH: a bad token or a client cut at the deadline earns its source a penalty
         self._deps = deps
         self._tokens = tokens
         self._log = log
@@ -83,6 +87,10 @@ class RdgDoor:
     @staticmethod
     def probe(first: bytes) -> bool | None:
         return rdg.is_rdg_request_line(first)
+
+    def _penalize(self, peer: tuple[str, int], event: PenaltyEvent) -> None:
+        if self._penalties is not None:
+            self._penalties.record(peer[0], event)
 
     def _refused(self, log: FilteringBoundLogger, reason: str, **fields: object) -> None:
         """What a stranger can cause all day: counted, logged one line a second per reason."""
@@ -99,9 +107,11 @@ class RdgDoor:
                 head = await _read_head(reader)
         except TimeoutError:
             self._refused(log, "preauth_timeout", limit_s=self.preauth_deadline)
+            self._penalize(peer, PenaltyEvent.GRACE_EXCEEDED)
             return
         except (rdg.RdgError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError) as exc:
             self._refused(log, getattr(exc, "reason", "bad_http"), error=str(exc)[:200])
+            self._penalize(peer, PenaltyEvent.NO_AUTH)
             return
         if head.target.split("?", 1)[0].lower() != PATH:
             await _answer(writer, 404, "Not Found")
@@ -198,9 +208,11 @@ class RdgDoor:
                     started = await self._preauth(channel, peer, log)
             except TimeoutError:
                 self._refused(log, "preauth_timeout", limit_s=self.preauth_deadline)
+                self._penalize(peer, PenaltyEvent.GRACE_EXCEEDED)
                 return
             except rdg.RdgError as exc:
                 self._refused(log, exc.reason, error=str(exc)[:200])
+                self._penalize(peer, PenaltyEvent.NO_AUTH)
                 return
             except (ConnectionError, OSError):
                 return
@@ -259,6 +271,7 @@ class RdgDoor:
                 elif stage == "tunnel" and isinstance(pkt, rdg.TunnelCreate):
                     found = self._authenticate(pkt.paa_cookie, peer, log)
                     if found is None:
+                        self._penalize(peer, PenaltyEvent.AUTH_FAILURE)
                         await _send_and_close(channel, rdg.tunnel_response(rdg.E_PROXY_COOKIE_AUTHENTICATION_ACCESS_DENIED))
                         return None
                     principal, claims = found

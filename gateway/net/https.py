@@ -188,9 +188,11 @@ class HTTPSServer:
             return
         finally:
             self.handshakes -= 1
+        started = loop.time()
         if sniffer is not None and not await self._route(sniffer, transport, peer):
             return
-        loop.call_later(self._header_timeout, self._expire, transport, peer)
+        # One deadline for the request head, counted from the handshake's end (the sniffing included).
+        loop.call_later(max(0.0, self._header_timeout - (loop.time() - started)), self._expire, transport, peer)
         # Return only when the connection is gone, so the listener's caps count it for its whole life,
         # not just its handshake (a source could otherwise hold rate x header_timeout connections).
         # Keyed by the transport: uvloop returns its SSLProtocol here, while aiohttp reports its own handler, whose

@@ -308,3 +308,24 @@ async def test_strangers_are_cut_at_the_preauth_deadline_and_on_bad_bytes(make_g
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert (await closed_by_gateway(reader)).startswith(b"HTTP/1.1 200")
         writer.close()
+
+
+async def test_a_bad_token_earns_its_source_a_penalty(make_gateway: GatewayFactory, echo_vm: EchoVM) -> None:
+    """Like a failed SSH login: a refused RD Gateway token adds to its source's penalty; above the minimum, that
+    source's next connection is closed at accept (counted as `penalty`)."""
+    from tests.support.hostile import refused
+
+    def edit(cfg: dict[str, Any]) -> None:
+        with_win(echo_vm.port)(cfg)
+        cfg["penalties"] = {"exempt": [], "auth_failure": "30s", "min": "15s"}
+
+    async with make_gateway(edit) as gw:
+        with pytest.raises(RdgRefused):
+            await open_tunnel(gw, "v1.bm90.aXQ", echo_vm.port)
+        before = refused(gw, "penalty")
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        try:
+            assert await closed_by_gateway(reader) == b""
+        finally:
+            writer.close()
+        assert refused(gw, "penalty") == before + 1
