@@ -841,3 +841,10 @@ def test_chunked_round_trip(chunks: list[bytes], split: int) -> None:
     reader = c.ChunkedReader()
     out = [piece for i in range(0, len(raw), split) for piece in reader.feed(raw[i : i + split])]
     assert out == chunks and reader.done
+
+
+@settings(max_examples=200, deadline=None)
+@given(payload=st.binary(max_size=40_000), mask=st.binary(min_size=4, max_size=4))
+def test_the_fast_unmask_equals_the_python_one(payload: bytes, mask: bytes) -> None:
+    """aiohttp's compiled mask (used when present) and the pure-Python fallback agree on every input."""
+    assert c._unmask(payload, mask) == c._unmask_python(payload, mask)
