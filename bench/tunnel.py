@@ -72,7 +72,8 @@ WHAT = {"direct": "the sink", "tunnel": "bastion tunnel", "ssh-L": "ssh -L"}  # 
 # --------------------------------------------------------------------------- gateway
 
 
-def gateway_toml(*, state_dir: Path, port: int, alice: KeyPair, token_sha256: str, sink_port: int) -> str:
+def gateway_toml(*, state_dir: Path, port: int, alice: KeyPair, token_sha256: str, sink_port: int, rdp_port: int | None = None) -> str:
+    """The gateway's config; with `rdp_port` the VM lists it as its RDP port and an `rdp` rule grants it (bench/rdg.py)."""
     lines = [
         "[gateway]",
         f"node = {toml_value('bench')}",
@@ -90,6 +91,7 @@ def gateway_toml(*, state_dir: Path, port: int, alice: KeyPair, token_sha256: st
         f"address = {toml_value(HOST)}",
         f"ssh_port = {toml_value(22)}",  # never dialled: neither path logs in to the VM
         f"trust_on_first_use = {toml_value(True)}",
+        *([f"rdp_port = {toml_value(rdp_port)}"] if rdp_port is not None else []),
         "",
         "[[users]]",
         f"name = {toml_value('alice')}",
@@ -109,14 +111,20 @@ def gateway_toml(*, state_dir: Path, port: int, alice: KeyPair, token_sha256: st
         f"protocols = {toml_value(['ssh-jump'])}",
         f"ports = {toml_value([sink_port])}",
     ]
+    if rdp_port is not None:  # no `ports`: an rdp rule grants the VM's rdp_port (tunnel, ssh -L and RD Gateway)
+        lines += ["", "[[rules]]", f"groups = {toml_value(['bench'])}", f"vms = {toml_value([VM])}", f"protocols = {toml_value(['rdp'])}"]
     return "\n".join(lines) + "\n"
 
 
-def start_gateway(workdir: Path, *, alice: KeyPair, token_sha256: str, sink_port: int) -> tuple[GatewayProc, Path]:
+def start_gateway(
+    workdir: Path, *, alice: KeyPair, token_sha256: str, sink_port: int, rdp_port: int | None = None
+) -> tuple[GatewayProc, Path]:
     """`python -m gateway serve` in its own process (see bench.ssh_forward). Returns it and its tls.crt."""
     gw = start_gateway_with(
         workdir,
-        lambda state_dir, port: gateway_toml(state_dir=state_dir, port=port, alice=alice, token_sha256=token_sha256, sink_port=sink_port),
+        lambda state_dir, port: gateway_toml(
+            state_dir=state_dir, port=port, alice=alice, token_sha256=token_sha256, sink_port=sink_port, rdp_port=rdp_port
+        ),
     )
     return gw, workdir / "gw-state" / "tls.crt"  # written before the port is bound
 
