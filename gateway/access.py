@@ -18,6 +18,7 @@ from gateway.locks import Lock, LockKind, LockStore
 from gateway.sessions.connections import ConnectionRegistry
 from gateway.sessions.model import notice_text
 from gateway.sessions.registry import SessionRegistry
+from gateway.websessions import WebSessions
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class AccessControl:
         self.connections = connections
         self.locks = locks
         self._log = log
+        self.web_sessions: WebSessions | None = None
 
     def lock(self, kind: LockKind, target: str, reason: str, expires_at: float | None, by: str) -> tuple[Lock, Ended]:
         """Add a lock, then end every live session and connection it covers. Raises LockError, OSError (not saved)."""
@@ -49,6 +51,8 @@ class AccessControl:
         for conn in self.connections.all():
             if lock.kind != "vm" and lock.applies(conn.user, None, conn.source_ip) and conn.end(notice_text(text)):
                 connections += 1
+        if lock.kind == "user" and self.web_sessions is not None:
+            connections += len(self.web_sessions.end_user(lock.target))  # browser sign-ins of a locked user end too
         self._log.info(
             "lock_added", lock_id=lock.id, kind=lock.kind, target=lock.target, operator=by,
             sessions_ended=sessions, connections_ended=connections,

@@ -31,7 +31,8 @@ from gateway.control.api import ControlAPI
 from gateway.doors.https import PublicApp, public_https
 from gateway.doors.rdg import RdgDoor
 from gateway.doors.ssh import SSHDoor
-from gateway.errors import ConfigError, StartupError
+from gateway.doors.web import WebDoor
+from gateway.errors import ConfigError, GatewayError, StartupError
 from gateway.filemodes import check_private_file, check_state_dir
 from gateway.kinds import Reason
 from gateway.locks import LockStore
@@ -41,17 +42,20 @@ from gateway.net.detect import Door
 from gateway.net.https import HTTPSServer
 from gateway.net.listener import Caps, Listener, bind, default_max_connections
 from gateway.net.penalties import Penalties
+from gateway.oidc import OIDCClient, PendingLogins, read_client_secret
 from gateway.policy import Policy
 from gateway.protocols.lifecycle import CLOSE_DEADLINE, END_DEADLINE, Deps
 from gateway.protocols.rdg import RdgHandler
 from gateway.protocols.ssh_jump import SSHJumpHandler
 from gateway.protocols.ssh_terminate import SSHTerminateHandler
+from gateway.protocols.ssh_web import SSHWebHandler
 from gateway.protocols.tunnel import TunnelHandler
 from gateway.protocols.upstream_ssh import Credentials, HostKeys
 from gateway.sdnotify import Notifier, ServiceNotifier
 from gateway.sessions.connections import ConnectionRegistry
 from gateway.sessions.registry import SessionRegistry
 from gateway.tokens import TokenService, load_or_create_key
+from gateway.websessions import WebSessions
 
 
 def ensure_state_dir(path: Path) -> Path:
@@ -112,6 +116,8 @@ def load_tls(config: Config, state_dir: Path, log: FilteringBoundLogger) -> ssl.
     return tls.server_context(cert, key)
 
 
+WEB_SESSION_LIFETIME = 8 * 3600.0  # a browser sign-in lasts this long (the cookie's Max-Age too)
+
 # Operators, scrapers and event streams (at most 64) on the control port: a few hundred at most, from few sources.
 CONTROL_CAPS = Caps(total=256, per_source=256)
 
@@ -170,6 +176,7 @@ def build_handlers(cfg: Config, credentials: Credentials, host_keys: HostKeys, c
         ssh_jump=SSHJumpHandler(cfg.gateway.connect_timeout),
         tunnel=TunnelHandler(cfg.gateway.connect_timeout),
         rdg=RdgHandler(cfg.gateway.connect_timeout, cfg.tunnel.ping_interval, clock),
+        ssh_web=SSHWebHandler(credentials, host_keys, cfg.gateway.connect_timeout, keepalive=keepalive),
     )
 
 
@@ -181,6 +188,7 @@ class Handlers:
     ssh_jump: SSHJumpHandler
     tunnel: TunnelHandler
     rdg: RdgHandler
+    ssh_web: SSHWebHandler
 
 
 class App:
@@ -226,6 +234,9 @@ class App:
         self._api: ControlAPI | None = None
         self._penalties: Penalties | None = None
         self._rdg: RdgDoor | None = None
+        self._web: WebDoor | None = None
+        self._oidc: OIDCClient | None = None
+        self._oidc_discovery: asyncio.Task[None] | None = None
 
     @property
     def public_addresses(self) -> list[tuple[str, int]]:
@@ -296,6 +307,19 @@ class App:
             idle_connection_timeout=cfg.ssh.idle_connection_timeout,
         )
         self._ssh_door = ssh_door
+        self.web_sessions = WebSessions(self.clock, cfg.oidc.session_lifetime if cfg.oidc else WEB_SESSION_LIFETIME)
+        self.access.web_sessions = self.web_sessions
+        if cfg.oidc is not None:
+            check_private_file(cfg.oidc.client_secret_file, "oidc.client_secret_file", "client secret file")
+            self._oidc = OIDCClient(cfg.oidc, self.clock, read_client_secret(cfg.oidc.client_secret_file))
+            self._oidc_discovery = asyncio.create_task(self._discover(self._oidc), name="oidc-discovery")
+        self._web = WebDoor(
+            deps=deps, handler=handlers.ssh_web, sessions=self.web_sessions, tokens=self.tokens, log=self.log,
+            connections=self.connections, locks=self.locks, ping_interval=cfg.tunnel.ping_interval,
+            max_message=cfg.tunnel.max_message, end_connection=self.access.end_connection,
+            oidc=self._oidc, pending=PendingLogins(self.clock) if self._oidc else None,
+            redirect_base=cfg.oidc.redirect_base if cfg.oidc else None,
+        )  # fmt: skip
         public = PublicApp(
             cfg.gateway.node,
             deps=deps,
@@ -308,6 +332,7 @@ class App:
             connections=self.connections,
             locks=self.locks,
             max_per_token=cfg.tunnel.max_per_token,
+            web=self._web,
         )
         self._public = public
         self._rdg = RdgDoor(
@@ -457,6 +482,8 @@ class App:
             max_per_token=cfg.tunnel.max_per_token,
         )
         self._api.set_operators(cfg.operators)
+        if self._web is not None:
+            self._web.handler = handlers.ssh_web
         if self._rdg is not None:
             self._rdg.handler = handlers.rdg
             self._rdg.preauth_deadline = cfg.public.header_timeout
@@ -468,6 +495,20 @@ class App:
             self._https.set_tls(files.tls, cfg.public.header_timeout, cfg.public.tls_handshake_timeout, cfg.public.max_tls_handshakes)
         if self._control_https is not None:
             self._control_https.set_tls(files.control_tls, cfg.control.header_timeout)
+
+    async def _discover(self, oidc: OIDCClient, every: float = 10.0) -> None:
+        """Owned by the App: read the provider's discovery document and keys, again every `every` s until it works
+        (the gateway serves SSH and everything else meanwhile; OIDC sign-in answers that it is not ready)."""
+        cfg_issuer = self.config.oidc.issuer if self.config.oidc else ""
+        while True:
+            try:
+                await oidc.discover()
+            except GatewayError as exc:
+                self.log.warning("oidc_discovery_failed", reason=exc.reason, error=exc.message, retry_s=every)
+            else:
+                self.log.info("oidc_ready", issuer=cfg_issuer)
+                return
+            await self.clock.sleep(every)
 
     async def _tick(self, every: float = 2.0) -> None:
         """Owned by the App: lets live views (SSE, the page) see byte counts grow, one coalesced event a tick."""
@@ -509,7 +550,7 @@ class App:
     async def stop(self) -> None:
         """Drain, then stop the public side, then the control port (last, so operators watch the drain)."""
         await self.drain()
-        for task in (self._ticker, self._watchdog):
+        for task in (self._ticker, self._watchdog, self._oidc_discovery):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -518,6 +559,8 @@ class App:
             await self._listener.stop()
         if self._https is not None:
             await self._https.stop()
+        if self._oidc is not None:
+            await self._oidc.close()
         self.registry.end_subscriptions()  # event streams end cleanly instead of waiting out aiohttp's shutdown
         if self._control is not None:
             await self._control.stop()

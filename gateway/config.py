@@ -26,9 +26,9 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 USER_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
 ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\*?")
 # `+` and `@` separate user, VM and login in SSH user names; keep them out of names.
-# What a rule may grant. `rdp` rules grant RDP by every path (tunnel, ssh -L, RD Gateway): `rdp-gateway` is a
-# session's protocol, not something a rule names.
-PROTOCOLS = frozenset(p.value for p in Protocol if p is not Protocol.RDP_GATEWAY)
+# What a rule may grant. `rdp` rules grant RDP by every path (tunnel, ssh -L, RD Gateway) and `ssh` rules a shell
+# by every path (ssh, the browser): `rdp-gateway` and `ssh-web` are sessions' protocols, not what a rule names.
+PROTOCOLS = frozenset(p.value for p in Protocol if p not in (Protocol.RDP_GATEWAY, Protocol.SSH_WEB))
 _DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")  # ASCII digits: `\d` also matches Arabic-Indic ones, which float() reads
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -249,6 +249,41 @@ class Operator:
 
 
 @dataclass(frozen=True)
+class OIDCSection:
+    """Sign-in with the organisation's OpenID Connect provider (`[oidc]`).
+
+    `client_secret_file` is a path: the secret is read by `gateway.oidc.read_client_secret` at start, never here.
+    `group_map` maps an IdP group (as the `groups_claim` carries it) to the gateway groups it grants; IdP groups
+    not in it grant nothing. `allowed_http_issuer` lets tests use an http:// issuer on a loopback address.
+    """
+
+    issuer: str
+    client_id: str
+    client_secret_file: Path
+    scopes: tuple[str, ...] = ("openid", "profile", "email")
+    user_claim: str = "preferred_username"
+    groups_claim: str = "groups"
+    group_map: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    allowed_http_issuer: bool = False
+    redirect_base: str | None = None  # e.g. "https://gw.example.com"; None: from the request's Host
+    session_lifetime: float = 8 * 3600.0
+
+
+OIDC_KEYS = (
+    "issuer",
+    "client_id",
+    "client_secret_file",
+    "scopes",
+    "user_claim",
+    "groups_claim",
+    "group_map",
+    "allowed_http_issuer",
+    "redirect_base",
+    "session_lifetime",
+)
+
+
+@dataclass(frozen=True)
 class Config:
     gateway: GatewaySection
     public: PublicSection
@@ -265,6 +300,7 @@ class Config:
     session_rate_per_user: tuple[float, float] | None = (10.0, 50.0)
     on_revoke: str = "end"  # a reload that no longer grants a live session: "end" it (with a notice) or let it "continue"
     penalties: PenaltyPolicy = field(default_factory=PenaltyPolicy)
+    oidc: OIDCSection | None = None  # None: no sign-in with an identity provider
 
 
 T = TypeVar("T")
@@ -425,7 +461,8 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
             pth = Path(value)
         return pth if pth.is_absolute() else (base / pth)
 
-    r.table(data, "", {"gateway", "public", "ssh", "vms", "users", "rules", "control", "operators", "tunnel", "sessions", "penalties"})
+    sections = {"gateway", "public", "ssh", "vms", "users", "rules", "control", "operators", "tunnel", "sessions", "penalties", "oidc"}
+    r.table(data, "", sections)
 
     g = r.get(data, "", "gateway", dict, {})
     r.table(g, "gateway", {"node", "state_dir", "connect_timeout", "shutdown_grace", "shutdown_notice"})
@@ -623,6 +660,8 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         max_per_token=max_per_token,
     )
 
+    oidc = _parse_oidc(r, data, path_of)
+
     if r.problems:
         raise ConfigError(r.problems)
     return Config(
@@ -640,6 +679,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         session_rate_per_user=session_rate,
         on_revoke=on_revoke,
         penalties=penalties,
+        oidc=oidc,
     )
 
 
@@ -872,3 +912,119 @@ def _valid_address(address: str) -> bool:
                 r"(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*", address
             )
         )
+
+
+# RFC 6749 scope-token characters; claim names and client ids: printable ASCII without spaces.
+_SCOPE_RE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]{1,128}")
+_TOKEN_RE = re.compile(r"[\x21-\x7e]{1,255}")
+
+
+def is_loopback_host(host: str) -> bool:
+    """`localhost` or a loopback IP address (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_url(r: _Reader, full: str, value: str, *, allow_http: bool, path_ok: bool) -> str | None:
+    """An https:// URL (http:// only on a loopback host with `allow_http`), without query, fragment or user info."""
+    from urllib.parse import urlsplit
+
+    try:
+        u = urlsplit(value)
+        host = u.hostname or ""
+        _ = u.port  # raises ValueError for a bad port
+    except ValueError:
+        r.problem(full, f"not a URL: {value!r}")
+        return None
+    if u.scheme == "http" and allow_http and is_loopback_host(host):
+        pass
+    elif u.scheme == "http" and allow_http:
+        r.problem(full, f"http:// is allowed only on a loopback host (127.0.0.1, ::1, localhost), got {value!r}")
+        return None
+    elif u.scheme != "https":
+        r.problem(full, f"must be an https:// URL, got {value!r}")
+        return None
+    if not host or u.username is not None or u.query or u.fragment or (not path_ok and u.path not in ("", "/")):
+        what = "a path, " if not path_ok else ""
+        r.problem(full, f"must be a plain URL like 'https://idp.example.com/realm' without {what}user, query or fragment, got {value!r}")
+        return None
+    if one_line(value) != value or " " in value:
+        r.problem(full, f"must not contain spaces or control characters, got {value!r}")
+        return None
+    return value
+
+
+def _parse_oidc(r: _Reader, data: Mapping[str, Any], path_of: Callable[[str, str], Path]) -> OIDCSection | None:
+    """`[oidc]`: absent means no sign-in with an identity provider."""
+    if "oidc" not in data:
+        return None
+    o = r.get(data, "", "oidc", dict)
+    if o is None:
+        return None
+    r.table(o, "oidc", set(OIDC_KEYS))
+    allow_http = r.get(o, "oidc", "allowed_http_issuer", bool, False)
+    issuer_raw = r.get(o, "oidc", "issuer", str, required=True)
+    issuer = _check_url(r, "oidc.issuer", issuer_raw, allow_http=allow_http, path_ok=True) if issuer_raw is not None else None
+    client_id = r.get(o, "oidc", "client_id", str, required=True)
+    if client_id is not None and not _TOKEN_RE.fullmatch(client_id):
+        r.problem("oidc.client_id", f"must be 1 to 255 printable ASCII characters without spaces, got {client_id!r}")
+        client_id = None
+    secret_raw = r.get(o, "oidc", "client_secret_file", str, required=True)
+    secret_file: Path | None = None
+    if secret_raw is not None:
+        if not secret_raw.strip():
+            r.problem("oidc.client_secret_file", f"must be a file path (the file holds the secret), got {secret_raw!r}")
+        else:
+            secret_file = path_of(secret_raw, "oidc.client_secret_file")
+    scopes = r.str_list(o, "oidc", "scopes", lambda x: None if _SCOPE_RE.fullmatch(x) else "not an OAuth scope")
+    if scopes is not None and "openid" not in scopes:
+        r.problem("oidc.scopes", f'must include "openid" (OpenID Connect needs it), got {list(scopes)!r}')
+    claims: dict[str, str] = {}
+    for key, default in (("user_claim", OIDCSection.user_claim), ("groups_claim", OIDCSection.groups_claim)):
+        value = r.get(o, "oidc", key, str, default)
+        if not _TOKEN_RE.fullmatch(value):
+            r.problem(f"oidc.{key}", f"must be a claim name (printable ASCII without spaces), got {value!r}")
+            value = default
+        claims[key] = value
+    group_map: dict[str, tuple[str, ...]] = {}
+    for idp_group, targets in r.get(o, "oidc", "group_map", dict, {}).items():
+        gpath = f"oidc.group_map.{idp_group}"
+        if not idp_group or len(idp_group) > 256 or one_line(idp_group) != idp_group:
+            r.problem(gpath, f"an identity provider group name must be 1 to 256 characters of one line, got {idp_group!r}")
+            continue
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets) or not targets:
+            r.problem(gpath, f'expected the gateway groups it grants, like ["ops"], got {targets!r}')
+            continue
+        good = []
+        for i, t in enumerate(targets):
+            if (msg := _group_check(t)) is not None:
+                r.problem(f"{gpath}[{i}]", f"{msg}: {t!r}")
+            else:
+                good.append(t)
+        group_map[idp_group] = tuple(dict.fromkeys(good))
+    base_raw = r.get(o, "oidc", "redirect_base", str)
+    redirect_base = None
+    if base_raw is not None:
+        checked = _check_url(r, "oidc.redirect_base", base_raw, allow_http=allow_http, path_ok=True)
+        redirect_base = checked.rstrip("/") if checked is not None else None
+    lifetime = r.duration(o, "oidc", "session_lifetime", OIDCSection.session_lifetime)
+    if lifetime > 7 * 86400:
+        r.problem("oidc.session_lifetime", f"must be at most 7 days (168h), got {o['session_lifetime']!r}")
+    if issuer is None or client_id is None or secret_file is None:
+        return None
+    return OIDCSection(
+        issuer=issuer,
+        client_id=client_id,
+        client_secret_file=secret_file,
+        scopes=tuple(dict.fromkeys(scopes)) if scopes is not None else OIDCSection.scopes,
+        user_claim=claims["user_claim"],
+        groups_claim=claims["groups_claim"],
+        group_map=group_map,
+        allowed_http_issuer=allow_http,
+        redirect_base=redirect_base,
+        session_lifetime=lifetime,
+    )

@@ -314,6 +314,8 @@ Try, in another terminal:
   ssh -F {cfg} web01                                    # jump mode (ssh -J) to web01
   ssh -F {cfg} -N -L 12222:web02:$(awk '/^Host web02/{{f=1}} f&&/Port/{{print $2; exit}}' {cfg}) alice@bastion-demo
   curl -k https://127.0.0.1:{port}/healthz               # the HTTPS door on the same port
+  ssh -F {cfg} alice@bastion-demo web                   # a one-time link: a terminal in your browser
+                                                        # (self-signed certificate: accept it once)
 
 Operators (control port https://127.0.0.1:{control_port}, operator token in {state / "operator.token"}):
 

@@ -18,6 +18,7 @@ class Protocol(StrEnum):
     RDP = "rdp"  # a TCP stream to the VM's rdp_port (WebSocket tunnel or ssh -L)
     TCP = "tcp"  # a WebSocket tunnel to any other granted port
     RDP_GATEWAY = "rdp-gateway"  # RDP through the RD Gateway protocol (mstsc, xfreerdp /g:); granted by `rdp` rules
+    SSH_WEB = "ssh-web"  # a terminal in the browser (the gateway logs in to the VM); granted by `ssh` rules
 
 
 class Reason(StrEnum):

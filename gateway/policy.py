@@ -168,6 +168,19 @@ class Policy:
             raise PolicyDenied(f"port {port} on VM {vm_name!r} is not an RDP port granted to you", reason="port_denied")
         return dataclasses.replace(grant, protocol=Protocol.RDP_GATEWAY)
 
+    def check_web_terminal(self, principal: Principal, vm_name: str, login: str | None) -> Grant:
+        """May `principal` open a browser terminal on `vm_name` as `login`? Exactly what `ssh USER+VM+LOGIN` may."""
+        return dataclasses.replace(self.check_ssh(principal, vm_name, login), protocol=Protocol.SSH_WEB)
+
+    def ssh_logins(self, principal: Principal, vm: VM) -> tuple[str, ...]:
+        """The logins `principal` may use on `vm` through an `ssh` rule (for the browser's VM list)."""
+        out: list[str] = []
+        for rule in self._rules_for(principal, vm, Protocol.SSH):
+            granted = rule.logins if rule.logins is not None else ((vm.default_login,) if vm.default_login else ())
+            names = vm.logins.keys() if "*" in granted else granted
+            out.extend(n for n in names if n in vm.logins)
+        return tuple(dict.fromkeys(out))
+
     def granted_ports(self, principal: Principal, vm: VM) -> tuple[int, ...]:
         """The VM ports this principal may reach by jump mode or tunnels (for listings)."""
         ports: set[int] = set()

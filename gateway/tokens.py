@@ -34,9 +34,12 @@ class TokenClaims:
     # An RD Gateway token is bound to one VM and port (what the .rdp file names); a tunnel token to none.
     vm: str | None = None
     port: int | None = None
+    use: str | None = None  # "web": a one-time browser sign-in link
 
     @property
     def purpose(self) -> str:
+        if self.use == "web":
+            return "web"
         return "rdg" if self.vm is not None else "tunnel"
 
 
@@ -83,17 +86,28 @@ class TokenService:
     def __repr__(self) -> str:
         return f"TokenService(lifetime={self.lifetime:g}s, static={len(self._static)})"
 
-    def issue(self, user: str, *, vm: str | None = None, port: int | None = None) -> tuple[str, TokenClaims]:
-        """A signed token for `user`; with `vm` and `port`, an RD Gateway token good for that target only."""
+    def issue(
+        self, user: str, *, vm: str | None = None, port: int | None = None, use: str | None = None, lifetime: float | None = None
+    ) -> tuple[str, TokenClaims]:
+        """A signed token for `user`; with `vm` and `port`, an RD Gateway token good for that target only; with
+        `use="web"`, a browser sign-in link's token (short `lifetime`, spent once by the web door)."""
         now = self._clock.now().timestamp()
         issued_ms = int(now * 1000)
         claims = TokenClaims(
-            user=user, expires_at=now + self.lifetime, token_id=secrets.token_hex(8), issued_at=issued_ms / 1000, vm=vm, port=port
+            user=user,
+            expires_at=now + (lifetime if lifetime is not None else self.lifetime),
+            token_id=secrets.token_hex(8),
+            issued_at=issued_ms / 1000,
+            vm=vm,
+            port=port,
+            use=use,
         )
         body_claims: dict[str, object] = {"sub": user, "iat": int(now), "iat_ms": issued_ms, "exp": int(claims.expires_at)}
         body_claims["jti"] = claims.token_id
         if vm is not None:
             body_claims["vm"], body_claims["port"] = vm, port
+        if use is not None:
+            body_claims["use"] = use
         payload = _b64(json.dumps(body_claims, separators=(",", ":")).encode())
         body = f"{_PREFIX}.{payload}"
         mac = _b64(hmac.new(self._key, body.encode(), hashlib.sha256).digest())
@@ -148,6 +162,7 @@ class TokenService:
             issued_at=issued,
             vm=vm if isinstance(vm, str) else None,
             port=port if isinstance(port, int) and vm is not None else None,
+            use=claims["use"] if isinstance(claims.get("use"), str) else None,
         )
 
     def revoke(self, claims: TokenClaims) -> None:

@@ -47,7 +47,7 @@ _CONNECTION: dict[str, Any] = {
         "user": {"type": "string"},
         "source_ip": {"type": "string"},
         "source_port": {"type": "integer", "minimum": 0, "maximum": 65535},
-        "door": {"type": "string", "enum": ["ssh", "websocket", "rdg"]},
+        "door": {"type": "string", "enum": ["ssh", "websocket", "rdg", "web"]},
         "auth_method": {"type": "string"},
         "since": _TIME,
         "channels": {"type": "integer", "minimum": 0, "description": "sessions, shells and forwards open on it now"},

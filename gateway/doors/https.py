@@ -35,6 +35,12 @@ def parse_port(text: str) -> int | None:
     return int(text) if _PORT.fullmatch(text) and 1 <= int(text) <= 65535 else None
 
 
+class Routes(Protocol):
+    """Another door's routes on this app (the web door's pages and terminal)."""
+
+    def add_routes(self, app: web.Application) -> None: ...
+
+
 class AuthObserver(Protocol):
     def auth_failed(self, method: str, reason: str) -> None: ...
 
@@ -62,7 +68,9 @@ class PublicApp:
         connections: ConnectionRegistry | None = None,
         locks: LockStore | None = None,
         max_per_token: int = 20,
+        web: Routes | None = None,
     ) -> None:
+        self._web = web
         self._connections = connections
         self._locks = locks
         self._max_per_token = max_per_token
@@ -90,6 +98,8 @@ class PublicApp:
         app.router.add_get("/healthz", self.healthz)
         if self._tunnel is not None:
             app.router.add_get("/v1/tunnel", self.tunnel)
+        if self._web is not None:
+            self._web.add_routes(app)
         return app
 
     async def healthz(self, request: web.Request) -> web.Response:

@@ -18,6 +18,8 @@ from gateway.policy import Policy
 from gateway.protocols.lifecycle import Client
 from gateway.tokens import TokenService
 
+WEB_LINK_LIFETIME = 60.0  # seconds
+
 
 class ShellContext(Protocol):
     """What the gateway shell needs from the door that accepted the connection."""
@@ -114,15 +116,30 @@ class GatewayShellSession(asyncssh.SSHServerSession[bytes]):
             self._door.log.info("token_issued", user=name, token_id=claims.token_id, lifetime_s=self._door.tokens.lifetime)
             self._chan.write((token + nl).encode())
             self._chan.exit(0)
+        elif command == "web":
+            self._web_link(nl)
         elif command == "rdp" or command.startswith("rdp "):
             self._rdp_file(command.split()[1:], nl)
         elif command == "ls":
             self._chan.write((nl.join(["VMs you may reach:", *self._listing()]) + nl).encode())
             self._chan.exit(0)
         else:
-            msg = f"bastion: the gateway runs only `token`, `rdp VM` and `ls`; connect as {name}+VM to run commands on a VM{nl}"
+            msg = f"bastion: the gateway runs only `token`, `web`, `rdp VM` and `ls`; connect as {name}+VM to run commands on a VM{nl}"
             self._chan.write(msg.encode(), asyncssh.EXTENDED_DATA_STDERR)
             self._chan.exit(2)
+
+    def _web_link(self, nl: str) -> None:
+        """`web`: a one-time link that signs this user in to the browser terminal (a minute, one use)."""
+        assert self._chan is not None
+        name = self._client.principal.name
+        if self._door.tokens is None:
+            self._chan.exit(2)
+            return
+        token, claims = self._door.tokens.issue(name, use="web", lifetime=WEB_LINK_LIFETIME)
+        self._door.log.info("token_issued", user=name, token_id=claims.token_id, purpose="web", lifetime_s=WEB_LINK_LIFETIME)
+        self._chan.write(f"https://{self._door.public_hint}:{self._door.public_port}/login/link?t={token}{nl}".encode())
+        self._chan.write(f"# open it within {WEB_LINK_LIFETIME:g} s; it works once{nl}".encode(), asyncssh.EXTENDED_DATA_STDERR)
+        self._chan.exit(0)
 
     def _rdp_file(self, args: list[str], nl: str) -> None:
         """`rdp VM`: an .rdp file for mstsc or xfreerdp with an RD Gateway token bound to this user, VM and port."""

@@ -286,9 +286,12 @@ def _still_granted(deps: Deps, handler: ProtocolHandler[R_contra, U, S], request
     The user's groups are taken from the current config; requests carry the principal, so it is replaced.
     """
     user = deps.policy.user(client.principal.name)
-    if user is None:
+    if client.principal.auth_method == "oidc":
+        principal = client.principal  # an identity provider's user: the groups it signed in with
+    elif user is None:
         return "Your account was removed from the gateway's configuration."
-    principal = Principal(user.name, user.groups, client.principal.auth_method)
+    else:
+        principal = Principal(user.name, user.groups, client.principal.auth_method)
     fresh: Any = request
     if dataclasses.is_dataclass(request) and hasattr(request, "principal"):
         fresh = dataclasses.replace(cast(Any, request), principal=principal)

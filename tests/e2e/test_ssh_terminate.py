@@ -162,7 +162,7 @@ async def test_command_without_vm_is_answered_by_the_gateway(gw: Gateway) -> Non
     """`ssh alice@gw CMD` names no VM: the gateway says how to name one and exits 2."""
     r = await gw.ssh("alice", "uptime")
     assert r.rc == 2
-    assert "the gateway runs only `token`, `rdp VM` and `ls`; connect as alice+VM" in r.errtext
+    assert "the gateway runs only `token`, `web`, `rdp VM` and `ls`; connect as alice+VM" in r.errtext
 
 
 async def test_malformed_user_name_is_just_a_failed_login(gw: Gateway) -> None:

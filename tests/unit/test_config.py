@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from gateway.config import Limits, ListenAddress, load_config, parse_config, parse_duration, parse_listen
+from gateway.config import Limits, ListenAddress, OIDCSection, load_config, parse_config, parse_duration, parse_listen
 from gateway.errors import ConfigError
 
-from .helpers import problem_message, problem_paths, public_key, valid_config_data
+from .helpers import config_problems, problem_message, problem_paths, public_key, valid_config_data
 
 LOOKALIKE = "w\u0435b01"  # Cyrillic small letter ie, renders like "web01"
 
@@ -720,3 +720,131 @@ def test_access_keys_have_defaults_and_are_validated() -> None:
         "ssh.idle_connection_timeout",
         "tunnel.max_per_token",
     ]
+
+
+# --- [oidc] -----------------------------------------------------------------
+
+
+def _with_oidc(**keys: Any) -> dict[str, Any]:
+    data = valid_config_data()
+    data["oidc"] = {"issuer": "https://idp.example.com/realms/corp", "client_id": "bastion", "client_secret_file": "oidc.secret", **keys}
+    return data
+
+
+def test_oidc_is_off_without_its_section() -> None:
+    """No [oidc]: no sign-in with an identity provider."""
+    assert parse_config(valid_config_data()).oidc is None
+
+
+def test_oidc_minimal_section_takes_the_defaults() -> None:
+    """issuer, client_id and client_secret_file alone: the standard scopes and claims, no group map, 8 h sessions."""
+    oidc = parse_config(_with_oidc(), base_dir=Path("/cfg")).oidc
+    assert oidc == OIDCSection(
+        issuer="https://idp.example.com/realms/corp", client_id="bastion", client_secret_file=Path("/cfg/oidc.secret")
+    )
+    assert oidc.scopes == ("openid", "profile", "email") and oidc.user_claim == "preferred_username" and oidc.groups_claim == "groups"
+    assert oidc.group_map == {} and oidc.redirect_base is None and oidc.session_lifetime == 8 * 3600 and not oidc.allowed_http_issuer
+
+
+def test_oidc_every_key_is_read() -> None:
+    """Every key of [oidc] set, as an operator would write it."""
+    data = _with_oidc(
+        scopes=["openid", "groups"],
+        user_claim="email_local",
+        groups_claim="https://example.com/claims/groups",
+        group_map={"/corp/ops": ["ops", "operators"], "staff": ["users"]},
+        redirect_base="https://gw.example.com/",
+        session_lifetime="2h",
+    )
+    oidc = parse_config(data).oidc
+    assert oidc is not None
+    assert oidc.scopes == ("openid", "groups") and oidc.user_claim == "email_local"
+    assert oidc.groups_claim == "https://example.com/claims/groups"
+    assert oidc.group_map == {"/corp/ops": ("ops", "operators"), "staff": ("users",)}
+    assert oidc.redirect_base == "https://gw.example.com" and oidc.session_lifetime == 7200
+
+
+def test_oidc_required_keys_are_named() -> None:
+    """An empty [oidc] names each of the three keys it needs."""
+    data = valid_config_data()
+    data["oidc"] = {}
+    assert sorted(problem_paths(data)) == ["oidc.client_id", "oidc.client_secret_file", "oidc.issuer"]
+
+
+def test_oidc_unknown_key_is_an_error() -> None:
+    assert problem_paths(_with_oidc(client_secret="hunter2")) == ["oidc.client_secret"]
+
+
+@pytest.mark.parametrize(
+    "issuer",
+    [
+        "http://idp.example.com",
+        "ftp://idp.example.com",
+        "idp.example.com",
+        "https://",
+        "https://idp.example.com/?x=1",
+        "https://u@idp.example.com",
+    ],
+)
+def test_oidc_issuer_must_be_a_plain_https_url(issuer: str) -> None:
+    """http://, another scheme, no host, a query or user info: refused, naming the value."""
+    assert repr(issuer) in problem_message(_with_oidc(issuer=issuer), "oidc.issuer")
+
+
+def test_oidc_http_issuer_only_for_tests_on_loopback() -> None:
+    """allowed_http_issuer admits http:// on 127.0.0.1, ::1 or localhost, and nowhere else."""
+    for issuer in ("http://127.0.0.1:9400", "http://[::1]:9400", "http://localhost:9400"):
+        oidc = parse_config(_with_oidc(issuer=issuer, allowed_http_issuer=True)).oidc
+        assert oidc is not None and oidc.issuer == issuer and oidc.allowed_http_issuer
+    msg = problem_message(_with_oidc(issuer="http://10.0.0.1:9400", allowed_http_issuer=True), "oidc.issuer")
+    assert "loopback" in msg and "'http://10.0.0.1:9400'" in msg
+    assert "https://" in problem_message(_with_oidc(issuer="http://127.0.0.1:9400"), "oidc.issuer")
+
+
+def test_oidc_client_secret_file_must_be_a_path() -> None:
+    """A blank value or a non-string is refused; the key is named."""
+    assert "file path" in problem_message(_with_oidc(client_secret_file="  "), "oidc.client_secret_file")
+    assert "expected a string" in problem_message(_with_oidc(client_secret_file=42), "oidc.client_secret_file")
+
+
+def test_oidc_bad_values_are_named() -> None:
+    """Each bad value is reported at its own key path with the value."""
+    data = _with_oidc(
+        client_id="has space",
+        scopes=["profile", "bad scope"],
+        user_claim="",
+        groups_claim=["groups"],
+        allowed_http_issuer="yes",
+        redirect_base="gw.example.com",
+        session_lifetime="forever",
+    )
+    problems = dict(config_problems(data))
+    assert sorted(problems) == [
+        "oidc.allowed_http_issuer",
+        "oidc.client_id",
+        "oidc.groups_claim",
+        "oidc.redirect_base",
+        "oidc.scopes",
+        "oidc.scopes[1]",
+        "oidc.session_lifetime",
+        "oidc.user_claim",
+    ]
+    assert "'has space'" in problems["oidc.client_id"] and '"openid"' in problems["oidc.scopes"]
+    assert "'gw.example.com'" in problems["oidc.redirect_base"] and "'forever'" in problems["oidc.session_lifetime"]
+
+
+def test_oidc_session_lifetime_is_bounded() -> None:
+    assert "at most 7 days" in problem_message(_with_oidc(session_lifetime="200h"), "oidc.session_lifetime")
+
+
+def test_oidc_group_map_targets_must_be_gateway_group_names() -> None:
+    """A mapped-to group must be a valid gateway group name; the mapping must be a list of them."""
+    data = _with_oidc(group_map={"ops": ["good", "bad name"], "staff": "users", "empty": []})
+    problems = dict(config_problems(data))
+    assert sorted(problems) == ["oidc.group_map.empty", "oidc.group_map.ops[1]", "oidc.group_map.staff"]
+    assert "'bad name'" in problems["oidc.group_map.ops[1]"] and "'users'" in problems["oidc.group_map.staff"]
+
+
+def test_oidc_group_map_idp_names_are_one_line() -> None:
+    """An IdP group name with a control character cannot be matched safely: refused."""
+    assert problem_paths(_with_oidc(group_map={"ops\x1b[2J": ["ops"]})) == ["oidc.group_map.ops\x1b[2J"]
