@@ -55,6 +55,7 @@ from gateway.sdnotify import Notifier, ServiceNotifier
 from gateway.sessions.connections import ConnectionRegistry
 from gateway.sessions.registry import SessionRegistry
 from gateway.tokens import TokenService, load_or_create_key
+from gateway.userca import CliLogins, Identities, UserCA
 from gateway.websessions import WebSessions
 
 
@@ -261,6 +262,9 @@ class App:
         )
         self.locks = LockStore(state_dir / "locks.json", self.clock)
         self.locks.load()
+        self.user_ca = UserCA.load_or_create(cfg.ca.key or state_dir / "user_ca_ed25519", self.clock, cfg.ca.certificate_lifetime)
+        self.identities = Identities(state_dir / "identities.json", self.clock)
+        self.identities.load()
         self.access = AccessControl(self.registry, self.connections, self.locks, self.log)
         sockets: list[socket.socket] = []
         control_sockets: list[socket.socket] = []
@@ -305,6 +309,8 @@ class App:
             connections=self.connections,
             locks=self.locks,
             idle_connection_timeout=cfg.ssh.idle_connection_timeout,
+            user_ca=self.user_ca,
+            identities=self.identities,
         )
         self._ssh_door = ssh_door
         self.web_sessions = WebSessions(self.clock, cfg.oidc.session_lifetime if cfg.oidc else WEB_SESSION_LIFETIME)
@@ -319,6 +325,7 @@ class App:
             max_message=cfg.tunnel.max_message, end_connection=self.access.end_connection,
             oidc=self._oidc, pending=PendingLogins(self.clock) if self._oidc else None,
             redirect_base=cfg.oidc.redirect_base if cfg.oidc else None,
+            cli=CliLogins(self.clock), user_ca=self.user_ca, identities=self.identities,
         )  # fmt: skip
         public = PublicApp(
             cfg.gateway.node,

@@ -315,6 +315,38 @@ def cmd_connections(args: argparse.Namespace) -> int:
     return _call(args, "GET", "v1/connections", None, show)
 
 
+def cmd_login(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gateway.client.login import Files, LoginError, default_dir, login
+
+    gateway = args.gateway or os.environ.get("BASTION_GATEWAY")
+    if not gateway:
+        print("bastion login: set --gateway HOST:PORT (or BASTION_GATEWAY)", file=sys.stderr)
+        return 2
+    files = Files(Path(args.dir) if args.dir else default_dir())
+
+    async def run(stop: asyncio.Event) -> int:
+        try:
+            await login(gateway, files, ca_file=args.ca_file, insecure=args.insecure, open_browser=not args.no_browser)
+        except LoginError as exc:
+            print(f"bastion login: {exc.message}", file=sys.stderr)
+            return 1
+        return 0
+
+    return _run(run)
+
+
+def cmd_logout(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gateway.client.login import Files, default_dir, logout
+
+    files = Files(Path(args.dir) if args.dir else default_dir())
+    print("signed out: certificate and key removed" if logout(files) else "nothing to remove")
+    return 0
+
+
 def _tunnel_from_args(args: argparse.Namespace) -> tuple[Any, tuple[str, int]]:
     from gateway.client.tunnel import TokenSource, Tunnel
     from gateway.config import parse_listen
@@ -480,6 +512,18 @@ def build_parser() -> argparse.ArgumentParser:
     cn.add_argument("--end", metavar="ID", help="end this connection and its sessions")
     cn.add_argument("--reason", default="", help="with --end: shown to the user")
     cn.set_defaults(func=cmd_connections)
+
+    li = sub.add_parser("login", help="sign in (in a browser) and get a short-lived SSH certificate for ssh, scp, sftp, ssh -J")
+    li.add_argument("--gateway", help="the gateway's public HOST:PORT (env BASTION_GATEWAY)")
+    li.add_argument("--dir", help="where the key, certificate and ssh_config go (default ~/.config/bastion)")
+    li.add_argument("--ca-file", help="CA or certificate to verify the gateway with")
+    li.add_argument("--insecure", action="store_true", help="do not verify the gateway's certificate (tests only)")
+    li.add_argument("--no-browser", action="store_true", help="print the URL only (a headless machine)")
+    li.set_defaults(func=cmd_login)
+
+    lo = sub.add_parser("logout", help="remove the certificate and key `bastion login` wrote")
+    lo.add_argument("--dir", help="the directory `bastion login` used")
+    lo.set_defaults(func=cmd_logout)
 
     tn = sub.add_parser("tunnel", help="a local port whose connections are tunnelled to a VM port through the gateway")
     _tunnel_flags(tn)

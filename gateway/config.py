@@ -284,6 +284,14 @@ OIDC_KEYS = (
 
 
 @dataclass(frozen=True)
+class CASection:
+    """The gateway's SSH user CA (`bastion login` certificates): its key (None: generated in the state dir)."""
+
+    key: Path | None = None
+    certificate_lifetime: float = 8 * 3600.0
+
+
+@dataclass(frozen=True)
 class Config:
     gateway: GatewaySection
     public: PublicSection
@@ -301,6 +309,7 @@ class Config:
     on_revoke: str = "end"  # a reload that no longer grants a live session: "end" it (with a notice) or let it "continue"
     penalties: PenaltyPolicy = field(default_factory=PenaltyPolicy)
     oidc: OIDCSection | None = None  # None: no sign-in with an identity provider
+    ca: CASection = field(default_factory=CASection)
 
 
 T = TypeVar("T")
@@ -462,6 +471,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         return pth if pth.is_absolute() else (base / pth)
 
     sections = {"gateway", "public", "ssh", "vms", "users", "rules", "control", "operators", "tunnel", "sessions", "penalties", "oidc"}
+    sections |= {"ca"}
     r.table(data, "", sections)
 
     g = r.get(data, "", "gateway", dict, {})
@@ -661,6 +671,15 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
     )
 
     oidc = _parse_oidc(r, data, path_of)
+    ca_raw = r.get(data, "", "ca", dict, {})
+    r.table(ca_raw, "ca", {"key", "certificate_lifetime"})
+    ca_key = r.get(ca_raw, "ca", "key", str)
+    ca = CASection(
+        key=path_of(ca_key, "ca.key") if ca_key else None,
+        certificate_lifetime=r.duration(ca_raw, "ca", "certificate_lifetime", 8 * 3600.0),
+    )
+    if ca.certificate_lifetime > 7 * 86400:
+        r.problem("ca.certificate_lifetime", f"must be at most 7 days, got {ca_raw.get('certificate_lifetime')!r}")
 
     if r.problems:
         raise ConfigError(r.problems)
@@ -680,6 +699,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         on_revoke=on_revoke,
         penalties=penalties,
         oidc=oidc,
+        ca=ca,
     )
 
 

@@ -44,6 +44,7 @@ from gateway.protocols.ssh_jump import ChannelSide, JumpRequest, JumpSide
 from gateway.protocols.ssh_terminate import TerminateRequest, UserSide, bounded_channel
 from gateway.sessions.connections import Connection, ConnectionRegistry
 from gateway.tokens import TokenService
+from gateway.userca import Identities, UserCA
 
 
 class DoorObserver(Protocol):
@@ -89,6 +90,8 @@ class SSHDoor:
         connections: ConnectionRegistry | None = None,
         locks: LockStore | None = None,
         idle_connection_timeout: float | None = None,
+        user_ca: UserCA | None = None,
+        identities: Identities | None = None,
         penalties: Penalties | None = None,
         version_timeout: float = 10.0,
         refusals: ConnectionObserver | None = None,
@@ -101,6 +104,8 @@ class SSHDoor:
         self.connections = connections or ConnectionRegistry(node, deps.registry.clock)
         self.locks = locks
         self.idle_connection_timeout = idle_connection_timeout
+        self.user_ca = user_ca  # the gateway's own CA (`bastion login` certificates)
+        self.identities = identities
         self.deps = deps
         self.policy: Policy = deps.policy
         # Each user's keys parsed once, as the wire blobs clients present.
@@ -120,6 +125,7 @@ class SSHDoor:
         self.log = log
         self.public_hint = public_hint
         self.public_port = public_port
+        self.login_hint = f"{public_hint}:{public_port}"
         self._options = _server_options(host_keys, login_grace_time, keepalive_interval, keepalive_count)
 
     def reconfigure(
@@ -376,14 +382,26 @@ class GatewaySSHServer(asyncssh.SSHServer):
             self._principal = None
             return True
         user = self._door.policy.user(target.user)
-        if user is None:
-            self._principal = None
-            return True
-        self._principal = Principal(name=user.name, groups=user.groups, auth_method="publickey")
+        cas = list(self._door.user_ca_keys)
+        if user is not None:
+            self._principal = Principal(name=user.name, groups=user.groups, auth_method="publickey")
+        else:
+            # Someone who signed in on the web (an identity provider's user) holds only a gateway certificate.
+            groups = self._door.identities.groups(target.user) if self._door.identities is not None else None
+            if groups is None:
+                self._principal = None
+                if self._door.identities is not None and self._door.identities.expired(target.user) and self._conn is not None:
+                    hint = f"bastion login --gateway {self._door.login_hint}"
+                    self._conn.send_auth_banner(f"Your bastion certificate has expired: run `{hint}`.\r\n")
+                return True
+            self._principal = Principal(name=target.user, groups=groups, auth_method="certificate")
+            cas = []
+        if self._door.user_ca is not None:
+            cas.append(self._door.user_ca.public_line())
         self._vm = target.vm
         self._login = target.login
-        if self._door.user_ca_keys and self._conn is not None:
-            lines = "".join(f'cert-authority,principals="{user.name}" {k}\n' for k in self._door.user_ca_keys)
+        if cas and self._conn is not None:
+            lines = "".join(f'cert-authority,principals="{self._principal.name}" {k}\n' for k in cas)
             self._conn.set_authorized_keys(asyncssh.import_authorized_keys(lines))
         return True
 
@@ -395,7 +413,7 @@ class GatewaySSHServer(asyncssh.SSHServer):
         if user is not None and key.public_data in self._door.key_blobs.get(user.name, frozenset()):
             self._key_ok = True
             return True
-        self._auth_failed("unknown_user" if user is None else "key_not_authorized", "publickey")
+        self._auth_failed("unknown_user" if self._principal is None else "key_not_authorized", "publickey")
         return False
 
     def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool:

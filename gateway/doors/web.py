@@ -11,6 +11,7 @@ Pages carry a strict CSP; every text the page shows is set as text, never as HTM
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib import resources
@@ -26,6 +27,7 @@ from gateway.protocols.lifecycle import Client, Deps, ProtocolHandler, run_sessi
 from gateway.protocols.ssh_web import WebTerminalRequest, WebTerminalSide, terminal_size
 from gateway.sessions.connections import ConnectionRegistry
 from gateway.tokens import TokenService
+from gateway.userca import CliLogins, Identities, UserCA, parse_public_key
 from gateway.websessions import WebSession, WebSessions
 
 COOKIE = "bastion_session"
@@ -86,7 +88,13 @@ class WebDoor:
         pending: PendingStore | None = None,
         end_connection: Callable[[str, str], object] | None = None,
         redirect_base: str | None = None,
+        cli: CliLogins | None = None,
+        user_ca: UserCA | None = None,
+        identities: Identities | None = None,
     ) -> None:
+        self.cli = cli
+        self._ca = user_ca
+        self._identities = identities
         self._redirect_base = redirect_base  # the gateway's public https://HOST[:PORT], when the Host header is not it
         self._deps = deps
         self.handler = handler
@@ -111,6 +119,11 @@ class WebDoor:
         app.router.add_get("/login/oidc", self.oidc_begin)
         app.router.add_get("/login/oidc/callback", self.oidc_callback)
         app.router.add_get("/ws/terminal", self.terminal)
+        if self.cli is not None:
+            app.router.add_post("/api/cli/start", self.cli_start)
+            app.router.add_get("/api/cli/poll", self.cli_poll)
+            app.router.add_post("/api/cli/approve", self.cli_approve)
+            app.router.add_get("/cli", self.cli_page)
 
     # -- helpers --
     def _session(self, request: web.Request) -> WebSession | None:
@@ -241,6 +254,64 @@ class WebDoor:
         configured = self._deps.policy.user(identity.user)
         groups = tuple(dict.fromkeys((*identity.groups, *(configured.groups if configured else ()))))
         return self._sign_in(request, Principal(identity.user, groups, "oidc"))
+
+    # -- `bastion login`: a certificate for native tools, approved in the browser --
+    async def cli_start(self, request: web.Request) -> web.Response:
+        """No cookie needed: the command sends its public key and gets an id, a code and the URL to approve it at."""
+        assert self.cli is not None
+        try:
+            body = await request.json()
+            key = parse_public_key(body.get("public_key") if isinstance(body, dict) else None)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return _json_error(400, "bad_request", str(exc) if not isinstance(exc, UnicodeDecodeError) else "body must be JSON")
+        login = self.cli.start(key)
+        if login is None:
+            return _json_error(503, "busy", "too many sign-ins are waiting; try again in a few minutes")
+        url = f"{self._redirect_base or f'https://{request.host}'}/cli?id={login.id}"
+        self._log.info("cli_login_started", login_id=login.id[:8], source_ip=request.remote)
+        return web.json_response({"id": login.id, "code": login.code, "url": url, "expires_in": 600})
+
+    async def cli_poll(self, request: web.Request) -> web.Response:
+        assert self.cli is not None
+        login_id = request.query.get("id", "")
+        login = self.cli.get(login_id)
+        if login is None:
+            return _json_error(404, "expired", "this sign-in expired or was already used: run `bastion login` again")
+        if login.certificate is None:
+            return web.json_response({"status": "pending"}, status=202)
+        taken = self.cli.take(login_id)
+        assert taken is not None and taken.valid_before is not None
+        valid = datetime.fromtimestamp(taken.valid_before, UTC).isoformat().replace("+00:00", "Z")
+        return web.json_response({"status": "approved", "certificate": taken.certificate, "user": taken.user, "valid_before": valid})
+
+    async def cli_approve(self, request: web.Request) -> web.Response:
+        """The signed-in browser approves a pending `bastion login` with the code the command printed."""
+        assert self.cli is not None and self._ca is not None
+        if not self._same_origin(request):
+            return _json_error(403, "cross_origin", "approvals must come from this site")
+        s = self._session(request)
+        if s is None:
+            return _json_error(401, "signed_out", "sign in first", oidc=self.oidc is not None)
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            return _json_error(400, "bad_request", "body must be JSON")
+        login = self.cli.get(str(body.get("id", ""))[:64]) if isinstance(body, dict) else None
+        code = str(body.get("code", "")).strip().upper() if isinstance(body, dict) else ""
+        if login is None or login.certificate is not None:
+            return _json_error(404, "expired", "this sign-in expired or was already approved: run `bastion login` again")
+        if not secrets.compare_digest(code.replace("-", ""), login.code.replace("-", "")):
+            self._log.info("cli_login_refused", user=s.principal.name, reason="wrong_code")
+            return _json_error(403, "wrong_code", "the code does not match the one `bastion login` printed")
+        cert, until = self._ca.sign(login.public_key, s.principal.name)
+        login.certificate, login.user, login.valid_before = cert, s.principal.name, until
+        if self._identities is not None and self._deps.policy.user(s.principal.name) is None:
+            self._identities.remember(s.principal.name, s.principal.groups, until)
+        self._log.info("certificate_issued", user=s.principal.name, method=s.principal.auth_method, lifetime_s=self._ca.lifetime)
+        return web.Response(status=204)
+
+    async def cli_page(self, request: web.Request) -> web.Response:
+        return web.Response(body=_static("cli.html"), content_type="text/html", headers=_PAGE_HEADERS)
 
     # -- the terminal --
     async def terminal(self, request: web.Request) -> web.StreamResponse:

@@ -48,7 +48,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "gateway.protocols.rdg": (*PROTOCOL_DEPS, "gateway.protocols.rdg_codec"),
     "gateway.protocols": PROTOCOL_DEPS,
     "gateway.control": (*LOW, "gateway.sessions", "gateway.control", "gateway.locks", "gateway.access", "gateway.websessions"),
-    "gateway.doors": (*PROTOCOL_DEPS, "gateway.protocols", "gateway.locks", "gateway.websessions"),
+    "gateway.doors": (*PROTOCOL_DEPS, "gateway.protocols", "gateway.locks", "gateway.websessions", "gateway.userca"),
+    "gateway.userca": LOW,
     "gateway.client": ("gateway.client",),
     "gateway.app": (
         *PROTOCOL_DEPS,
@@ -62,6 +63,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "gateway.access",
         "gateway.websessions",
         "gateway.oidc",
+        "gateway.userca",
     ),
     "gateway.demo": (*LOW, "gateway.app", "gateway.logs", "gateway.net", "gateway.tokens"),
     "gateway.cli": (*LOW, "gateway", "gateway.app", "gateway.logs", "gateway.sdnotify", "gateway.client", "gateway.demo"),
