@@ -362,7 +362,7 @@ def _tunnel_from_args(args: argparse.Namespace) -> tuple[Any, tuple[str, int]]:
     except ValueError as exc:
         raise SystemExit(f"bastion: --local: {exc}") from None
     token = args.token or os.environ.get("BASTION_TUNNEL_TOKEN")
-    ssh_argv = ["ssh", *(["-F", args.ssh_config] if args.ssh_config else []), *(["-i", args.identity] if args.identity else [])]
+    ssh_argv = ["ssh", *(["-F", args.ssh_config] if args.ssh_config else []), *_identity_args(args)]
     ssh_argv += ["-p", gw_port, f"{args.user or os.environ.get('USER', '')}@{host.strip('[]')}", "token"]
     tunnel = Tunnel(gateway, args.vm, args.port, TokenSource(fixed=token, ssh_argv=ssh_argv), ca_file=args.ca_file, insecure=args.insecure)
     return tunnel, (local.host, local.port)
@@ -373,6 +373,18 @@ def cmd_tunnel(args: argparse.Namespace) -> int:
 
     tunnel, local = _tunnel_from_args(args)
     return _run(lambda stop: run_tunnel(stop, tunnel, local))
+
+
+def _identity_args(args: argparse.Namespace) -> list[str]:
+    """`-i KEY` as given; else the `bastion login` certificate when there is one (so its user needs no key of her own)."""
+    if args.identity:
+        return ["-i", args.identity]
+    from gateway.client.login import Files, default_dir
+
+    files = Files(default_dir())
+    if files.cert.exists() and files.key.exists():
+        return ["-i", str(files.key), "-o", f"CertificateFile={files.cert}"]
+    return []
 
 
 def _native_rdp(args: argparse.Namespace, client: str) -> int:
@@ -386,7 +398,7 @@ def _native_rdp(args: argparse.Namespace, client: str) -> int:
     host, _, gw_port = gateway.rpartition(":")
     if not host or not gw_port.isdigit():
         raise SystemExit(f"bastion: --gateway must be HOST:PORT, got {gateway!r}")
-    ssh = ["ssh", *(["-F", args.ssh_config] if args.ssh_config else []), *(["-i", args.identity] if args.identity else [])]
+    ssh = ["ssh", *(["-F", args.ssh_config] if args.ssh_config else []), *_identity_args(args)]
     ssh += ["-p", gw_port, f"{args.user or os.environ.get('USER', '')}@{host.strip('[]')}", "rdp", args.vm]
     got = subprocess.run(ssh, stdin=subprocess.DEVNULL, capture_output=True, timeout=60, check=False)  # noqa: S603 - argv, no shell
     if got.returncode != 0 or b"gatewayaccesstoken:s:" not in got.stdout:
