@@ -95,6 +95,8 @@ class WebTerminalSide:
             t.cancel()
         if self.ws.prepared and not self.ws.closed:
             with contextlib.suppress(ConnectionError, RuntimeError):
+                if text:  # in the terminal itself too, where it stays in the scrollback
+                    await self.ws.send_bytes(f"\r\n\x1b[1m{text}\x1b[0m\r\n".encode())
                 await self.ws.send_str(json.dumps({"type": "ended", "message": text, "reason": reason}))
                 await self.ws.close(code=code, message=b"")
 

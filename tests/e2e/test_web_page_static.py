@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,6 +215,7 @@ async def test_signed_out_without_oidc_shows_only_the_ssh_hint(site: Site) -> No
     await expect(site.page.locator("#signin")).to_be_visible()
     await expect(site.page.get_by_role("link", name="Sign in with your identity provider")).to_have_count(0)
     await expect(site.page.locator("#ssh-command")).to_be_visible()
+    await expect(site.page.locator("#link-hint")).to_have_text(re.compile(r"^Run ssh -p \d+ USER@127\.0\.0\.1 web for"))
 
 
 async def test_vm_list_and_user_render_as_text(site: Site) -> None:

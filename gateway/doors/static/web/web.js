@@ -40,6 +40,7 @@
     $("oidc").hidden = !oidc;
     const port = location.port || (location.protocol === "https:" ? "443" : "80");
     $("ssh-command").textContent = "ssh -p " + port + " USER@" + location.hostname + " web";
+    $("link-or").textContent = oidc ? "Or run " : "Run ";
     $("signin-error").textContent = error || "";
     $("signin-error").hidden = !error;
     $("retry").hidden = !error;
@@ -218,7 +219,20 @@
       ws.send(JSON.stringify({ type: "resize", cols: term.cols, rows: term.rows }));
     };
     term.onResize(sendSize);
-    term.onData((data) => { if (ws.readyState === WebSocket.OPEN) ws.send(encoder.encode(data)); });
+    // Keys typed while the gateway logs in to the VM are kept (up to 4 KiB) and sent once the socket opens.
+    const early = [];
+    let earlyBytes = 0;
+    term.onData((data) => {
+      const bytes = encoder.encode(data);
+      if (ws.readyState === WebSocket.OPEN) ws.send(bytes);
+      else if (ws.readyState === WebSocket.CONNECTING && earlyBytes + bytes.length <= 4096) {
+        early.push(bytes);
+        earlyBytes += bytes.length;
+      }
+    });
+    ws.addEventListener("open", () => {
+      for (const bytes of early.splice(0)) ws.send(bytes);
+    });
     // Some mouse reports are raw bytes, not UTF-8 text.
     term.onBinary((data) => {
       if (ws.readyState !== WebSocket.OPEN) return;
