@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -13,8 +14,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+from playwright.async_api import expect
 
-from tests.e2e.conftest import Gateway, GatewayFactory, wait_for
+from tests.e2e import test_web_page_static
+from tests.e2e.conftest import OPERATOR_TOKEN, Gateway, GatewayFactory, wait_for
 from tests.support.oidc import OIDCProvider, authorize, running_oidc_provider
 
 
@@ -127,3 +130,43 @@ async def test_a_forged_callback_is_refused(oidc_gw: Gateway) -> None:
             assert resp.status == 401
     reasons = [e["reason"] for e in gw.logs.events("web_sign_in_refused")]
     assert reasons[0] == "oidc_state" and reasons[1].startswith("oidc_")
+
+
+chromium = test_web_page_static.browser  # the Chromium launch fixture (pytest names it `chromium` here)
+
+
+async def test_sign_in_in_a_real_browser_at_the_providers_own_page(chromium: Any, oidc_gw: Gateway, tmp_path: Path) -> None:
+    """Chromium: the gateway's sign-in page, "Sign in with your identity provider", the provider's own form (type the
+    user, Authorize), back to the gateway signed in as zoe with her VM list; then a terminal; lock zoe from the
+    control API: the terminal ends with the lock's reason and the browser is signed out."""
+    gw = oidc_gw
+    context = await chromium.new_context(ignore_https_errors=True, viewport={"width": 1000, "height": 640})
+    page = await context.new_page()
+    try:
+        await page.goto(f"https://127.0.0.1:{gw.port}/")
+        await page.get_by_role("link", name="Sign in with your identity provider").click()
+        await page.wait_for_url(re.compile(r"^http://127\.0\.0\.1:\d+/oauth2/authorize"))
+        await page.screenshot(path=str(tmp_path / "provider.png"))
+        await page.locator('input[name="sub"]').fill("zoe-sub")
+        await page.get_by_role("button", name=re.compile("Authorize", re.I)).click()
+        await expect(page.locator("#user")).to_have_text("zoe", timeout=15_000)
+        await expect(page.locator('#vms li[data-vm="web01"]')).to_be_visible()
+        await page.locator('#vms li[data-vm="web01"] button.open').click()
+        await expect(page.locator("#term-state")).to_have_text("")
+        await page.keyboard.type("echo oidc-$((6*7))")
+        await page.keyboard.press("Enter")
+        await page.wait_for_function("() => window.bastionTerminalText().includes('oidc-42')")
+        ctx = ssl.create_default_context(cafile=str(gw.ca_file))
+        headers = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(gw.control_url + "/v1/locks", json={"user": "zoe", "reason": "left the company"}, headers=headers, ssl=ctx) as r,
+        ):
+            assert r.status == 201
+        await expect(page.locator("#banner-text")).to_contain_text("locked by an operator: left the company")
+        async with aiohttp.ClientSession() as http:
+            cookies = {c["name"]: c["value"] for c in await context.cookies()}
+            async with http.get(f"https://127.0.0.1:{gw.port}/api/me", cookies=cookies, ssl=ctx) as r:
+                assert r.status == 401  # the lock ended the browser session too
+    finally:
+        await context.close()
