@@ -76,8 +76,8 @@ HOST = "bastion-127.0.0.1"  # the alias the snippet defines; known_hosts names t
 
 async def test_login_then_plain_ssh_scp_and_jump_with_the_certificate(oidc_gw: Gateway, tmp_path: Path) -> None:
     """zoe runs `bastion login --no-browser`, approves its code in a browser session signed in at the provider, and gets a
-    certificate for `zoe`; with only the written ssh_config she runs a command on web01, copies a file there, and
-    reaches the VM's SSH port by the jump path; the audit says certificate; `bastion logout` removes the files."""
+    certificate for `zoe`; with only the written ssh_config she runs a command on web01, copies a file there (scp),
+    lists it (sftp), and reaches the VM's SSH port by the jump path; the audit says certificate; `bastion logout` removes the files."""
     gw = oidc_gw
     home = tmp_path / "zoe"
     rc, out, err = await bastion_login(gw, home)
@@ -94,6 +94,8 @@ async def test_login_then_plain_ssh_scp_and_jump_with_the_certificate(oidc_gw: G
     src.write_text("copied with a certificate\n")
     r = await gw.run("scp", "-F", str(cfg), *opts, str(src), f"zoe+web01@{host}:/tmp/bastion-cert-copy.txt")
     assert r.rc == 0, r.errtext
+    r = await gw.run("sftp", "-F", str(cfg), *opts, "-b", "-", f"zoe+web01@{host}", stdin=b"ls /tmp/bastion-cert-copy.txt\n")
+    assert r.rc == 0 and "bastion-cert-copy.txt" in r.text, r.errtext
     r = await gw.run("ssh", "-F", str(cfg), *opts, "-W", f"web01:{gw.vm.port}", f"zoe@{host}", stdin=b"", timeout=20)
     assert r.out.startswith(b"SSH-2.0-OpenSSH"), (r.out[:100], r.errtext)
     methods = {e["method"] for e in gw.logs.events("auth_succeeded") if e["user"] == "zoe"}

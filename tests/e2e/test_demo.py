@@ -7,6 +7,8 @@ import signal
 import sys
 from pathlib import Path
 
+import aiohttp
+
 from tests.support.peers import free_port, wait_port
 
 
@@ -43,6 +45,16 @@ async def test_demo_runs_the_commands_it_prints_and_stops_on_ctrl_c(tmp_path: Pa
         assert (tmp_path / "copied").read_bytes() == src.read_bytes()
         rc, out = await sh("ssh", "-F", cfg, "web01", "echo jumped")
         assert (rc, out) == (0, "jumped\n")
+        # The browser path it prints: `ssh ... web` gives a one-time link that signs a browser in.
+        assert f"ssh -F {cfg} alice@bastion-demo web" in banner
+        rc, out = await sh("ssh", "-F", cfg, "alice@bastion-demo", "web")
+        link = next(line for line in out.splitlines() if line.startswith("https://"))
+        assert rc == 0 and f":{port}/login/link?t=" in link, out
+        async with (
+            aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http,
+            http.get(link.replace("bastion-demo", "127.0.0.1"), ssl=False, allow_redirects=False) as resp,
+        ):
+            assert resp.status == 303 and "bastion_session=" in resp.headers["Set-Cookie"]
         # The operator commands it prints work too.
         assert "sessions --ca-file" in banner
         token = (state / "operator.token").read_text().strip()
