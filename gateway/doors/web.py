@@ -12,6 +12,7 @@ Pages carry a strict CSP; every text the page shows is set as text, never as HTM
 from __future__ import annotations
 
 import secrets
+from collections import OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib import resources
@@ -20,8 +21,10 @@ from typing import Any, Protocol
 from aiohttp import web
 from structlog.typing import FilteringBoundLogger
 
+from gateway.clock import Clock
 from gateway.errors import AuthError, GatewayError
 from gateway.locks import LockStore
+from gateway.net.startups import source_key
 from gateway.policy import Principal
 from gateway.protocols.lifecycle import Client, Deps, ProtocolHandler, run_session
 from gateway.protocols.ssh_web import WebTerminalRequest, WebTerminalSide, terminal_size
@@ -67,6 +70,33 @@ class PendingStore(Protocol):
     def take(self, state: str) -> Any | None: ...
 
 
+class _PerSource:
+    """What one source (an IPv4 address or IPv6 /64) may start before signing in: `burst` per `window` seconds.
+
+    `/login/oidc` and `/api/cli/start` each create a pending entry before anyone is known; the stores are bounded,
+    and this keeps one source from churning them (evicting other people's sign-ins). Bounded too: the oldest
+    sources are forgotten first.
+    """
+
+    def __init__(self, clock: Clock, burst: int = 20, window: float = 60.0, max_sources: int = 10_000) -> None:
+        self._clock = clock
+        self._burst = burst
+        self._window = window
+        self._max = max_sources
+        self._seen: OrderedDict[str, tuple[float, int]] = OrderedDict()  # source -> (window start, count)
+
+    def allow(self, address: str) -> bool:
+        key = source_key(address)
+        now = self._clock.monotonic()
+        start, count = self._seen.pop(key, (now, 0))
+        if now - start >= self._window:
+            start, count = now, 0
+        self._seen[key] = (start, count + 1)
+        while len(self._seen) > self._max:
+            self._seen.popitem(last=False)
+        return count < self._burst
+
+
 def _json_error(status: int, error: str, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": error, "message": message, **extra}, status=status, headers={"Cache-Control": "no-store"})
 
@@ -95,6 +125,7 @@ class WebDoor:
         self.cli = cli
         self._ca = user_ca
         self._identities = identities
+        self._starts = _PerSource(deps.registry.clock)
         self._redirect_base = redirect_base  # the gateway's public https://HOST[:PORT], when the Host header is not it
         self._deps = deps
         self.handler = handler
@@ -226,6 +257,9 @@ class WebDoor:
     async def oidc_begin(self, request: web.Request) -> web.Response:
         if self.oidc is None or self.pending is None:
             return self._refusal_page(404, "Sign-in with an identity provider is not configured here.")
+        if not self._starts.allow(request.remote or ""):
+            self._log.info("web_sign_in_refused", reason="too_many_starts", method="oidc", source_ip=request.remote)
+            return self._refusal_page(429, "Too many sign-ins started from your address; wait a minute.")
         base = self._redirect_base or f"https://{request.host}"
         try:
             url, pending = self.oidc.begin(f"{base}/login/oidc/callback")
@@ -259,6 +293,8 @@ class WebDoor:
     async def cli_start(self, request: web.Request) -> web.Response:
         """No cookie needed: the command sends its public key and gets an id, a code and the URL to approve it at."""
         assert self.cli is not None
+        if not self._starts.allow(request.remote or ""):
+            return _json_error(429, "too_many", "too many sign-ins started from your address; wait a minute")
         try:
             body = await request.json()
             key = parse_public_key(body.get("public_key") if isinstance(body, dict) else None)
