@@ -152,7 +152,7 @@ def load_files(cfg: Config, state_dir: Path, log: FilteringBoundLogger) -> Files
 
 
 # What a reload cannot change: the sockets are bound and the state dir is open. A change is logged and waits for a restart.
-RESTART_ONLY = ("gateway.node", "gateway.state_dir", "public.listen", "control.listen")
+RESTART_ONLY = ("gateway.node", "gateway.state_dir", "public.listen", "control.listen", "oidc", "ca")
 
 
 def _restart_only_changes(old: Config, new: Config) -> list[str]:
@@ -161,6 +161,8 @@ def _restart_only_changes(old: Config, new: Config) -> list[str]:
         "gateway.state_dir": (old.gateway.state_dir, new.gateway.state_dir),
         "public.listen": (old.public.listen, new.public.listen),
         "control.listen": (old.control.listen, new.control.listen),
+        "oidc": (old.oidc, new.oidc),
+        "ca": (old.ca, new.ca),
     }
     return [key for key in RESTART_ONLY if pairs[key][0] != pairs[key][1]]
 
@@ -441,6 +443,8 @@ class App:
                 gateway=dataclasses.replace(new.gateway, node=old.gateway.node, state_dir=old.gateway.state_dir),
                 public=dataclasses.replace(new.public, listen=old.public.listen),
                 control=dataclasses.replace(new.control, listen=old.control.listen),
+                oidc=old.oidc,
+                ca=old.ca,
             )
         self._apply(new, files)
         ended = self.access.revoke(lambda name: self.policy.user(name) is not None) if new.on_revoke == "end" else None
