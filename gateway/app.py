@@ -356,7 +356,10 @@ class App:
         await self._https.start()
         caps = public_caps(cfg)
         doors = {Door.SSH: ssh_door.handle, Door.TLS: self._https.handle}
-        listener = Listener(sockets, doors, cfg.public.detect_timeout, self.log, caps=caps, penalties=penalties, observer=self.metrics)
+        listener = Listener(
+            sockets, doors, cfg.public.detect_timeout, self.log, caps=caps, penalties=penalties, observer=self.metrics,
+            proxy_from=cfg.public.proxy_protocol_from,
+        )  # fmt: skip
         self._listener = listener
         self.metrics.watch_listener("public", lambda: listener.held)
         self._listener.start()
@@ -502,6 +505,7 @@ class App:
             self._penalties.set_policy(cfg.penalties)
         if self._listener is not None:
             self._listener.set_caps(public_caps(cfg))
+            self._listener.set_proxy_from(cfg.public.proxy_protocol_from)
         if self._https is not None:
             self._https.set_tls(files.tls, cfg.public.header_timeout, cfg.public.tls_handshake_timeout, cfg.public.max_tls_handshakes)
         if self._control_https is not None:

@@ -120,6 +120,8 @@ class PublicSection:
     max_connections_per_source: int = 200  # per IPv4 address or IPv6 /64, from accept until the door is done
     max_tls_handshakes: int = 256  # TLS handshakes in progress at once; more are closed at once
     tls_handshake_timeout: float = 5.0
+    # Load balancers whose connections start with a PROXY protocol header (v1 or v2) naming the real client; () = off.
+    proxy_protocol_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -501,8 +503,11 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         r.problem("sessions.on_revoke", f"must be 'end' or 'continue', got {on_revoke!r}")
 
     pub = r.get(data, "", "public", dict, {})
-    r.table(pub, "public", {"listen", "tls_cert", "tls_key", "detect_timeout", "header_timeout", *_CAP_KEYS, "tls_handshake_timeout"})
+    pub_keys = {"listen", "tls_cert", "tls_key", "detect_timeout", "header_timeout", *_CAP_KEYS, "tls_handshake_timeout"}
+    r.table(pub, "public", pub_keys | {"proxy_protocol_from"})
     listen, cert, key = _listener_keys(r, pub, "public", "0.0.0.0:443", path_of)
+    balancers: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    r.str_list(pub, "public", "proxy_protocol_from", lambda text: _network_into(balancers, text))
     public = PublicSection(
         listen=listen,
         tls_cert=cert,
@@ -513,6 +518,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         max_connections_per_source=_count(r, pub, "public.max_connections_per_source", 200, 1_000_000) or 200,
         max_tls_handshakes=_count(r, pub, "public.max_tls_handshakes", 256, 100_000) or 256,
         tls_handshake_timeout=r.duration(pub, "public", "tls_handshake_timeout", 5.0),
+        proxy_protocol_from=tuple(balancers),
     )
 
     s = r.get(data, "", "ssh", dict, {})
@@ -731,6 +737,15 @@ def _count(r: _Reader, table: Mapping[str, Any], full: str, default: int | None,
         r.problem(full, f"must be 1 to {most}, got {value!r}")
         return default
     return int(value)
+
+
+def _network_into(out: list[ipaddress.IPv4Network | ipaddress.IPv6Network], text: str) -> str | None:
+    """A `str_list` check: append the CIDR `text` to `out`, or say what is wrong with it."""
+    try:
+        out.append(ipaddress.ip_network(text, strict=True))
+    except ValueError:
+        return "not a network like '10.0.0.0/8' or '2001:db8::/32' (no host bits after the prefix)"
+    return None
 
 
 def _parse_penalties(r: _Reader, data: Mapping[str, Any]) -> PenaltyPolicy:

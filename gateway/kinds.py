@@ -55,6 +55,8 @@ class Refusal(StrEnum):
     PENALTY = "penalty"  # this source is serving a penalty (auth failures, grace exceeded, no auth)
     MAX_TLS_HANDSHAKES = "max_tls_handshakes"  # too many TLS handshakes in progress
     VERSION_TIMEOUT = "version_timeout"  # an SSH client sent no identification string within ssh.version_timeout
+    PROXY_HEADER = "proxy_header"  # a configured load balancer's connection did not start with a valid PROXY header in time
+    PROXY_UNTRUSTED = "proxy_untrusted"  # a PROXY header from an address not in public.proxy_protocol_from (not parsed)
 
 
 class PenaltyEvent(StrEnum):

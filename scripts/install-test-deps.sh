@@ -45,6 +45,8 @@ check_all() {
     need coreutils tail id
     # curl on /v1/events (tests/e2e/test_daemon.py), and in the commands `make demo` prints.
     need curl curl
+    # haproxy in TCP mode with send-proxy-v2 in front of the gateway (tests/hostile/test_proxy_protocol.py).
+    need haproxy /usr/sbin/haproxy
 }
 
 check_all

@@ -18,7 +18,7 @@ from structlog.typing import FilteringBoundLogger
 
 from gateway.errors import AuthError
 from gateway.locks import LockStore
-from gateway.net.https import HTTPSServer, Probe, RawHandler
+from gateway.net.https import HTTPSServer, Probe, RawHandler, peer_of
 from gateway.net.listener import ConnectionObserver
 from gateway.policy import Principal
 from gateway.protocols.lifecycle import Client, Deps, ProtocolHandler, run_session
@@ -150,8 +150,7 @@ class PublicApp:
         if not vm_name or len(vm_name) > 64 or port is None:
             return _refuse(400, "bad_request", "give ?vm=NAME&port=1-65535")
         principal = Principal(user.name, user.groups, "token")
-        peer = request.transport.get_extra_info("peername") if request.transport else None
-        source = (request.remote or "", int(peer[1]) if peer else 0)
+        source = peer_of(request)
         # A WebSocket client carries one tunnel: ending the connection is ending its session (which AccessControl does).
         record = self._connections.add(user.name, source, "websocket", "token", lambda text: None) if self._connections else None
         client = Client(principal, source[0], source[1], record.id if record is not None else None)

@@ -24,6 +24,7 @@ from structlog.typing import FilteringBoundLogger
 from gateway.clock import Clock
 from gateway.errors import AuthError, GatewayError
 from gateway.locks import LockStore
+from gateway.net.https import peer_of
 from gateway.net.startups import source_key
 from gateway.policy import Principal
 from gateway.protocols.lifecycle import Client, Deps, ProtocolHandler, run_session
@@ -365,8 +366,7 @@ class WebDoor:
         size = terminal_size(request.query.get("cols", "80"), request.query.get("rows", "24"))
         if not vm or len(vm) > 64 or (login is not None and len(login) > 32) or size is None:
             return _json_error(400, "bad_request", "give ?vm=NAME[&login=LOGIN]&cols=1-1000&rows=1-500")
-        peer = request.transport.get_extra_info("peername") if request.transport else None
-        source = (request.remote or "", int(peer[1]) if peer else 0)
+        source = peer_of(request)
         record = (
             self._connections.add(s.principal.name, source, "web", s.principal.auth_method, lambda text: None)
             if self._connections is not None

@@ -9,11 +9,15 @@ WebSockets) are fine: the deadline only covers the headers.
 A TLS handshake costs the server a key exchange and buffers (half-sent ClientHellos once held 3000 fds and 136 MB):
 at most `max_handshakes` run at once, each within `handshake_timeout`; a connection beyond the cap is closed at once,
 counted and logged rate-limited.
+
+The client's address is the `peer` the listener handed over (behind a load balancer, the one its PROXY header named,
+not the socket's): every request on the connection gets it as `request.remote` and `peer_of(request)`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -32,6 +36,16 @@ Probe = Callable[[bytes], bool | None]
 RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, tuple[str, int]], Awaitable[None]]
 _SNIFF = 32  # bytes enough to tell a request line's method
 _RAW_LIMIT = 64 * 1024
+PEER = web.RequestKey("bastion_peer", tuple)  # (ip, port) of the client, as the listener was told
+
+
+def peer_of(request: web.Request) -> tuple[str, int]:
+    """The client's (ip, port): the listener's peer (true behind a PROXY header), else the socket's."""
+    peer = request.get(PEER)
+    if peer is not None:
+        return (str(peer[0]), int(peer[1]))
+    sock = request.transport.get_extra_info("peername") if request.transport else None
+    return (request.remote or "", int(sock[1]) if sock else 0)
 
 
 class _Sniffer(asyncio.Protocol):
@@ -104,6 +118,7 @@ class HTTPSServer:
         self._header_timeout = header_timeout
         self._runner: web.AppRunner | None = None
         self._open: dict[object, asyncio.Future[None]] = {}  # transport -> set when its connection is lost
+        self._peers: dict[object, tuple[str, int]] = {}  # aiohttp's protocol (`request.protocol`) -> the listener's peer
         self._lost: Callable[[Any, BaseException | None], None] | None = None
         # Transports whose request headers arrived, until their deadline passes. Keyed by
         # id() but checked by identity, so a recycled id cannot vouch for a new connection.
@@ -115,6 +130,11 @@ class HTTPSServer:
     async def _one_request(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.transport is not None:
             self._seen[id(request.transport)] = request.transport
+        peer = self._peers.get(request.protocol)
+        if peer is not None:
+            if request.remote != peer[0]:
+                request = request.clone(remote=peer[0])
+            request[PEER] = peer
         try:
             response = await handler(request)
         except web.HTTPException as exc:
@@ -174,13 +194,16 @@ class HTTPSServer:
             return
         self.handshakes += 1
         sniffer: _Sniffer | None = None
-        factory: Callable[[], asyncio.BaseProtocol] = self._runner.server
+        mine: list[object] = []  # aiohttp's protocol for this connection, mapped to `peer` until its connection is lost
+        factory: Callable[[], asyncio.BaseProtocol] = functools.partial(self._protocol_for, peer, mine)
         if self._raw is not None:
             probe = self._raw[0]
             sniffer = _Sniffer(probe, loop.create_future())
             factory = lambda: sniffer  # noqa: E731 - one protocol object for this one connection
+        connected = False
         try:
             transport, _ = await loop.connect_accepted_socket(factory, sock, ssl=self._ssl, ssl_handshake_timeout=self._handshake_timeout)
+            connected = True
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             # A scanner fails handshakes all day: one line a second, with how many were not written.
             self._refusal_log.info(self._log, "tls_handshake_failed", "handshake_failed", source_ip=peer[0], error=str(exc)[:200])
@@ -188,8 +211,11 @@ class HTTPSServer:
             return
         finally:
             self.handshakes -= 1
+            if not connected:  # a failed or cancelled handshake: aiohttp's protocol never saw the connection
+                for proto in mine:
+                    self._peers.pop(proto, None)
         started = loop.time()
-        if sniffer is not None and not await self._route(sniffer, transport, peer):
+        if sniffer is not None and not await self._route(sniffer, transport, peer, mine):
             return
         # One deadline for the request head, counted from the handshake's end (the sniffing included).
         loop.call_later(max(0.0, self._header_timeout - (loop.time() - started)), self._expire, transport, peer)
@@ -205,7 +231,15 @@ class HTTPSServer:
         finally:
             self._open.pop(transport, None)
 
-    async def _route(self, sniffer: _Sniffer, transport: asyncio.Transport, peer: tuple[str, int]) -> bool:
+    def _protocol_for(self, peer: tuple[str, int], mine: list[object]) -> asyncio.Protocol:
+        """aiohttp's protocol for one connection, which `_one_request` finds the client's `peer` by."""
+        assert self._runner is not None and self._runner.server is not None
+        proto = self._runner.server()
+        self._peers[proto] = peer
+        mine.append(proto)
+        return proto
+
+    async def _route(self, sniffer: _Sniffer, transport: asyncio.Transport, peer: tuple[str, int], mine: list[object]) -> bool:
         """Read the first bytes after TLS: hand a raw-protocol request (RD Gateway's `RDG_*` methods, which aiohttp's
         parser rejects) to the raw handler and return False once it is done; True: aiohttp serves the connection."""
         assert self._raw is not None and self._runner is not None and self._runner.server is not None
@@ -220,7 +254,7 @@ class HTTPSServer:
             return False
         loop = asyncio.get_running_loop()
         if not raw:
-            proto = self._runner.server()
+            proto = self._protocol_for(peer, mine)
             transport.set_protocol(proto)
             proto.connection_made(transport)
             if sniffer.buf:
@@ -243,6 +277,7 @@ class HTTPSServer:
     def _connection_lost(self, handler: object, exc: BaseException | None = None) -> None:
         assert self._lost is not None
         transport = getattr(handler, "transport", None)  # read before aiohttp's handler forgets it
+        self._peers.pop(handler, None)
         self._lost(handler, exc)
         fut = self._open.get(transport) if transport is not None else None
         if fut is not None and not fut.done():

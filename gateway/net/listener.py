@@ -7,6 +7,11 @@ Before anything else costs CPU or memory, each accepted connection is admitted o
 a penalty (`net.penalties`), a source holding `max_per_source` connections already, or a listener holding
 `max_connections` (kept below the fd limit, so a flood cannot starve logins and the control port of fds). A
 connection is held from accept until its door's handler returns; refusals are counted and logged rate-limited.
+
+Behind a load balancer (`public.proxy_protocol_from`), a connection from a balancer must start with a PROXY protocol
+header (`net.proxy`), read (consumed) within the detect deadline before anything else: only the global cap applies at
+accept, and the penalty and per-source checks run after the header, on the client address it names, which is then
+the `peer` every door sees. A PROXY header from anyone else is never parsed: detection sees unknown bytes and closes.
 """
 
 from __future__ import annotations
@@ -15,9 +20,10 @@ import asyncio
 import contextlib
 import errno
 import functools
+import ipaddress
 import resource
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,10 +33,12 @@ from gateway.config import ListenAddress
 from gateway.errors import StartupError
 from gateway.kinds import Refusal
 from gateway.net.detect import Door, classify
+from gateway.net.proxy import MAX_HEADER, ProxyError, ProxyHeader, header_length, looks_like_proxy, parse
 from gateway.net.ratelog import RateLimitedLog
 from gateway.net.startups import source_key
 
 DoorHandler = Callable[[socket.socket, tuple[str, int]], Awaitable[None]]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _PEEK = 8
 
 
@@ -137,6 +145,68 @@ async def peek_door(sock: socket.socket, deadline: float) -> Door:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
 
+def _peek_proxy(sock: socket.socket) -> bool:
+    """Whether the bytes detection refused look like the start of a PROXY header (for the refusal's reason)."""
+    try:
+        return looks_like_proxy(sock.recv(16, socket.MSG_PEEK))
+    except OSError:
+        return False
+
+
+async def read_proxy_header(sock: socket.socket, deadline: float) -> ProxyHeader:
+    """Consume exactly one PROXY header (v1 or v2) from the start of `sock` within `deadline` seconds.
+
+    Peeks to learn the header's length (a v1 header ends at its CRLF), then reads exactly that many bytes, so the
+    next peek sees the client's first byte. Like `peek_door`, a partial header raises SO_RCVLOWAT past what is there
+    instead of re-peeking on a timer. Raises ProxyError (`proxy_timeout`, `proxy_closed` or the parser's reason).
+    """
+    loop = asyncio.get_running_loop()
+    fd = sock.fileno()
+    raised = False
+    try:
+        async with asyncio.timeout(deadline):
+            while True:
+                ready: asyncio.Future[None] = loop.create_future()
+                loop.add_reader(fd, _wake, ready)
+                try:
+                    await ready
+                finally:
+                    loop.remove_reader(fd)
+                try:
+                    data = sock.recv(MAX_HEADER, socket.MSG_PEEK)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as exc:
+                    raise ProxyError(f"connection failed before its PROXY header: {exc.strerror}", reason="proxy_closed") from None
+                if not data:
+                    raise ProxyError("connection closed before its PROXY header", reason="proxy_closed")
+                n = header_length(data)
+                if n is not None and len(data) >= n:
+                    return parse(_recv_exactly(sock, n))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n if n is not None else len(data) + 1)
+                raised = True
+    except TimeoutError:
+        raise ProxyError(f"no complete PROXY header within {deadline}s", reason="proxy_timeout") from None
+    finally:
+        if raised:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    """`n` bytes a peek has just seen queued (one recv in practice; bounded by `n` in any case)."""
+    out = bytearray()
+    while len(out) < n:
+        try:
+            chunk = sock.recv(n - len(out))
+        except OSError:
+            chunk = b""
+        if not chunk:
+            raise ProxyError("connection failed while its PROXY header was read", reason="proxy_closed")
+        out += chunk
+    return bytes(out)
+
+
 def _wake(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
@@ -156,7 +226,9 @@ class Listener:
         penalties: PenaltyCheck | None = None,
         observer: ConnectionObserver | None = None,
         name: str = "public",
+        proxy_from: Iterable[Network] = (),
     ) -> None:
+        self._proxy_from = tuple(proxy_from)
         self._caps = caps
         self._penalties = penalties
         self._observer = observer
@@ -193,7 +265,9 @@ class Listener:
                 await asyncio.sleep(0.1)
                 continue
             address = (str(peer[0]), int(peer[1]))
-            key = source_key(address[0])
+            # A balancer's connections are admitted per source only once its PROXY header names the client.
+            balancer = self._is_balancer(address[0])
+            key = None if balancer else source_key(address[0])
             refused = self._admit(address[0], key)
             if refused is not None:
                 conn.close()
@@ -204,8 +278,9 @@ class Listener:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._counter += 1
             self.held += 1
-            self._by_source[key] = self._by_source.get(key, 0) + 1
-            task = asyncio.create_task(self._serve(conn, address), name=f"conn-{self._counter}")
+            if key is not None:
+                self._by_source[key] = self._by_source.get(key, 0) + 1
+            task = asyncio.create_task(self._serve(conn, address, proxied=balancer), name=f"conn-{self._counter}")
             self._tasks.add(task)
             # A done callback, not a `finally`: it runs even for a task cancelled before it first ran.
             task.add_done_callback(functools.partial(self._release, key=key))
@@ -214,39 +289,80 @@ class Listener:
         """A reload: connections held now stay; new ones are admitted under `caps`."""
         self._caps = caps
 
-    def _admit(self, address: str, key: str) -> Refusal | None:
-        """Why this connection may not be held now, or None. O(1): it runs for every connection of a flood."""
-        if self._penalties is not None and self._penalties.refused(address) is not None:
+    def set_proxy_from(self, networks: Iterable[Network]) -> None:
+        """A reload: new connections from `networks` must start with a PROXY header; held ones are not affected."""
+        self._proxy_from = tuple(networks)
+
+    def _is_balancer(self, address: str) -> bool:
+        if not self._proxy_from:
+            return False
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self._proxy_from)
+
+    def _admit(self, address: str, key: str | None, *, accepted: bool = False) -> Refusal | None:
+        """Why this connection may not be held now, or None. O(1): it runs for every connection of a flood.
+
+        `key` None: a balancer's connection at accept (only the global cap). `accepted`: the check after a PROXY
+        header, for a connection already held (the global cap counted it at accept).
+        """
+        if key is not None and self._penalties is not None and self._penalties.refused(address) is not None:
             return Refusal.PENALTY
         if self._caps is not None:
-            if self._by_source.get(key, 0) >= self._caps.per_source:
+            if key is not None and self._by_source.get(key, 0) >= self._caps.per_source:
                 return Refusal.MAX_CONNECTIONS_PER_SOURCE
-            if self.held >= self._caps.total:
+            if not accepted and self.held >= self._caps.total:
                 return Refusal.MAX_CONNECTIONS
         return None
 
-    def _refused(self, peer: tuple[str, int], reason: Refusal) -> None:
+    def _refused(self, peer: tuple[str, int], reason: Refusal, **fields: object) -> None:
         if self._observer is not None:
             self._observer.connection_refused(self.name, reason)
         self._refusal_log.warning(
-            self._log, "connection_refused", reason, listener=self.name, source_ip=peer[0], source_port=peer[1], held=self.held
+            self._log, "connection_refused", reason, listener=self.name, source_ip=peer[0], source_port=peer[1], held=self.held, **fields
         )
 
-    def _release(self, task: asyncio.Task[None], *, key: str) -> None:
+    def _release(self, task: asyncio.Task[None], *, key: str | None) -> None:
         self._tasks.discard(task)
         self.held -= 1
+        if key is not None:
+            self._unhold(key)
+
+    def _unhold(self, key: str) -> None:
         n = self._by_source.get(key, 0) - 1
         if n > 0:
             self._by_source[key] = n
         else:
             self._by_source.pop(key, None)
 
-    async def _serve(self, conn: socket.socket, peer: tuple[str, int]) -> None:
+    async def _serve(self, conn: socket.socket, peer: tuple[str, int], *, proxied: bool = False) -> None:
         handed = False
+        held_as: str | None = None  # the client's per-source key, counted here for a balancer's connection
         try:
+            if proxied:
+                balancer = peer
+                try:
+                    header = await read_proxy_header(conn, self._detect_timeout)
+                except ProxyError as exc:
+                    self._refused(balancer, Refusal.PROXY_HEADER, detail=exc.reason)
+                    return
+                peer = header.client(balancer)
+                key = source_key(peer[0])
+                refused = self._admit(peer[0], key, accepted=True)
+                if refused is not None:
+                    self._refused(peer, refused, balancer_ip=balancer[0])
+                    return
+                self._by_source[key] = self._by_source.get(key, 0) + 1
+                held_as = key
             door = await peek_door(conn, self._detect_timeout)
             handler = self._doors.get(door)
             if handler is None:
+                if _peek_proxy(conn):
+                    # A client's own PROXY header (to us directly, or inside a balancer's stream): never trusted.
+                    self._refused(peer, Refusal.PROXY_UNTRUSTED)
+                    return
                 self._refusal_log.info(self._log, "connection_refused", "unknown_protocol", listener=self.name, source_ip=peer[0])
                 return
             handed = True
@@ -256,6 +372,8 @@ class Listener:
         except Exception:
             self._log.exception("connection_failed", source_ip=peer[0], source_port=peer[1])
         finally:
+            if held_as is not None:
+                self._unhold(held_as)
             if not handed:
                 conn.close()
 

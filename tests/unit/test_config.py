@@ -848,3 +848,25 @@ def test_oidc_group_map_targets_must_be_gateway_group_names() -> None:
 def test_oidc_group_map_idp_names_are_one_line() -> None:
     """An IdP group name with a control character cannot be matched safely: refused."""
     assert problem_paths(_with_oidc(group_map={"ops\x1b[2J": ["ops"]})) == ["oidc.group_map.ops\x1b[2J"]
+
+
+def test_proxy_protocol_from_is_off_by_default_and_parses_cidrs() -> None:
+    """`public.proxy_protocol_from`: [] by default (no PROXY headers read); CIDRs of both families, a bare address
+    as its /32."""
+    assert parse_config(valid_config_data()).public.proxy_protocol_from == ()
+    data = valid_config_data()
+    data["public"]["proxy_protocol_from"] = ["10.0.0.0/29", "2001:db8::/64", "192.0.2.7"]
+    got = parse_config(data).public.proxy_protocol_from
+    assert [str(n) for n in got] == ["10.0.0.0/29", "2001:db8::/64", "192.0.2.7/32"]
+
+
+def test_bad_proxy_protocol_from_names_the_key_and_the_value() -> None:
+    """A balancer entry with host bits set or no address is named with its index and value; a string is not a list."""
+    data = valid_config_data()
+    data["public"]["proxy_protocol_from"] = ["10.0.0.0/29", "10.0.0.1/29", "haproxy"]
+    assert problem_paths(data) == ["public.proxy_protocol_from[1]", "public.proxy_protocol_from[2]"]
+    assert "'haproxy'" in problem_message(data, "public.proxy_protocol_from[2]")
+    assert "'10.0.0.1/29'" in problem_message(data, "public.proxy_protocol_from[1]")
+    data["public"]["proxy_protocol_from"] = "10.0.0.0/8"
+    assert problem_paths(data) == ["public.proxy_protocol_from"]
+    assert "'10.0.0.0/8'" in problem_message(data, "public.proxy_protocol_from")

@@ -183,7 +183,7 @@ CONFIG_KEYS = sorted(
         *("role", "token_sha256", "token_lifetime", "max_message", "ping_interval", "max_per_token"),
         *("penalties", "enabled", "auth_failure", "grace_exceeded", "no_auth", "min", "max", "exempt", "max_sources"),
         *("rate_per_user", "burst_per_user", "on_revoke", "version_timeout", "idle_connection_timeout"),
-        *("max_connections", "max_connections_per_source", "max_tls_handshakes", "tls_handshake_timeout"),
+        *("max_connections", "max_connections_per_source", "max_tls_handshakes", "tls_handshake_timeout", "proxy_protocol_from"),
     }
 )
 # Strings that get past the type checks and into the value checks (and paths that need expanding).
