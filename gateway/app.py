@@ -54,7 +54,7 @@ from gateway.protocols.upstream_ssh import Credentials, HostKeys
 from gateway.sdnotify import Notifier, ServiceNotifier
 from gateway.sessions.connections import ConnectionRegistry
 from gateway.sessions.registry import SessionRegistry
-from gateway.tokens import TokenService, load_or_create_key
+from gateway.tokens import TokenService, load_key, load_or_create_key
 from gateway.userca import CliLogins, Identities, UserCA
 from gateway.websessions import WebSessions
 
@@ -132,6 +132,7 @@ class Files:
     control_tls: ssl.SSLContext
     credentials: Credentials
     vm_host_keys: HostKeys
+    token_keys: tuple[bytes, bytes | None] | None = None  # configured signing keys (current, previous), if any
 
 
 def load_files(cfg: Config, state_dir: Path, log: FilteringBoundLogger) -> Files:
@@ -148,6 +149,12 @@ def load_files(cfg: Config, state_dir: Path, log: FilteringBoundLogger) -> Files
         control_tls=control_ssl,
         credentials=Credentials.load(cfg.vms),
         vm_host_keys=HostKeys(cfg.vms, state_dir / "known_hosts_tofu", log),
+        token_keys=(
+            load_key(cfg.tunnel.token_key_file, "tunnel.token_key_file"),
+            load_key(cfg.tunnel.previous_token_key_file, "tunnel.previous_token_key_file") if cfg.tunnel.previous_token_key_file else None,
+        )
+        if cfg.tunnel.token_key_file
+        else None,
     )
 
 
@@ -257,10 +264,15 @@ class App:
         self.host_keys = files.ssh_host_keys
         ssl_ctx, control_ssl, credentials, host_keys = files.tls, files.control_tls, files.credentials, files.vm_host_keys
         self.tokens = TokenService(
-            load_or_create_key(state_dir / "token.key"),
+            load_key(cfg.tunnel.token_key_file, "tunnel.token_key_file")
+            if cfg.tunnel.token_key_file
+            else load_or_create_key(state_dir / "token.key"),
             self.clock,
             cfg.tunnel.token_lifetime,
             {d: u.name for u in cfg.users.values() for d in u.token_sha256s},
+            previous=load_key(cfg.tunnel.previous_token_key_file, "tunnel.previous_token_key_file")
+            if cfg.tunnel.previous_token_key_file
+            else None,
         )
         self.locks = LockStore(state_dir / "locks.json", self.clock)
         self.locks.load()
@@ -471,6 +483,8 @@ class App:
         self.registry.set_limits(cfg.max_sessions_per_user, cfg.session_rate_per_user)
         self.metrics.set_vms(cfg.vms)
         self.tokens.reconfigure(cfg.tunnel.token_lifetime, {d: u.name for u in cfg.users.values() for d in u.token_sha256s})
+        if files.token_keys is not None:
+            self.tokens.set_keys(*files.token_keys)
         self.host_keys = files.ssh_host_keys
         handlers = build_handlers(cfg, files.credentials, files.vm_host_keys, self.clock)
         assert self._ssh_door is not None and self._public is not None and self._api is not None

@@ -216,6 +216,10 @@ class TunnelSection:
     max_message: int = 1024 * 1024
     ping_interval: float = 30.0
     max_per_token: int = 20  # tunnels open at once on one token
+    # Token signing key shared by the nodes of a cluster (None: generated per node in the state dir), and the
+    # previous one during a rollover (tokens it signed stay valid; new tokens use token_key_file).
+    token_key_file: Path | None = None
+    previous_token_key_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -662,7 +666,11 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
 
     control, operators = _parse_control(r, data, path_of)
     t = r.get(data, "", "tunnel", dict, {})
-    r.table(t, "tunnel", {"token_lifetime", "max_message", "ping_interval", "max_per_token"})
+    r.table(t, "tunnel", {"token_lifetime", "max_message", "ping_interval", "max_per_token", "token_key_file", "previous_token_key_file"})
+    key_file = r.get(t, "tunnel", "token_key_file", str)
+    previous_file = r.get(t, "tunnel", "previous_token_key_file", str)
+    if previous_file is not None and key_file is None:
+        r.problem("tunnel.previous_token_key_file", "needs tunnel.token_key_file (the new key) beside it")
     max_per_token = r.get(t, "tunnel", "max_per_token", int, 20)
     if not 1 <= max_per_token <= 10_000:
         r.problem("tunnel.max_per_token", f"must be 1 to 10000, got {max_per_token!r}")
@@ -674,6 +682,8 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         max_message=max_message,
         ping_interval=r.duration(t, "tunnel", "ping_interval", 30.0),
         max_per_token=max_per_token,
+        token_key_file=path_of(key_file, "tunnel.token_key_file") if key_file else None,
+        previous_token_key_file=path_of(previous_file, "tunnel.previous_token_key_file") if previous_file else None,
     )
 
     oidc = _parse_oidc(r, data, path_of)

@@ -51,6 +51,19 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def load_key(path: Path, key_name: str) -> bytes:
+    """A configured signing key (shared by every node of a cluster): at least 32 bytes, the gateway's own, 0600.
+    Raises StartupError naming `key_name` and the file."""
+    check_private_file(path, key_name, "token signing key")
+    try:
+        key = path.read_bytes()
+    except OSError as exc:
+        raise StartupError(f"{key_name}: cannot read {str(path)!r}: {exc.strerror}") from None
+    if len(key) < 32:
+        raise StartupError(f"{key_name}: {str(path)!r} is shorter than 32 bytes (make one with `head -c 32 /dev/urandom`)")
+    return key
+
+
 def load_or_create_key(path: Path) -> bytes:
     """The signing key, created (mode 0600) on first start. Raises StartupError if unusable, or if it is not
     the gateway's own or group or others may access it (anyone who reads it can mint tokens for any user)."""
@@ -71,12 +84,21 @@ def load_or_create_key(path: Path) -> bytes:
 class TokenService:
     """Issues and verifies tokens. `static` maps SHA-256 digests of configured per-user tokens to users."""
 
-    def __init__(self, key: bytes, clock: Clock, lifetime: float, static: Mapping[bytes, str] | None = None) -> None:
+    def __init__(
+        self, key: bytes, clock: Clock, lifetime: float, static: Mapping[bytes, str] | None = None, *, previous: bytes | None = None
+    ) -> None:
         self._key = key
+        # During a key rollover tokens signed with the previous key are still accepted; new ones use `key`.
+        self._previous = previous
         self._clock = clock
         self.lifetime = lifetime
         self._static = dict(static or {})
         self._revoked: dict[str, float] = {}  # token id -> when it expires (then it is dropped)
+
+    def set_keys(self, key: bytes, previous: bytes | None) -> None:
+        """A reload during a key rollover: sign with `key` from now on, still accept what `previous` signed."""
+        self._key = key
+        self._previous = previous
 
     def reconfigure(self, lifetime: float, static: Mapping[bytes, str]) -> None:
         """A reload: new tokens get `lifetime`; static tokens are exactly the configured ones (a removed one stops working)."""
@@ -125,13 +147,13 @@ class TokenService:
         if len(parts) != 3 or parts[0] != _PREFIX or not token.isascii():
             raise AuthError("malformed token", reason="token_invalid")
         body = f"{parts[0]}.{parts[1]}"
-        expected = hmac.new(self._key, body.encode(), hashlib.sha256).digest()
         try:
             given = _unb64(parts[2])
         except ValueError:
             raise AuthError("malformed token", reason="token_invalid") from None
         # The signature before the payload: nothing a client made up is parsed (deep nesting would recurse).
-        if not hmac.compare_digest(expected, given):
+        keys = (self._key,) if self._previous is None else (self._key, self._previous)
+        if not any(hmac.compare_digest(hmac.new(k, body.encode(), hashlib.sha256).digest(), given) for k in keys):
             raise AuthError("token signature does not verify", reason="token_invalid")
         try:
             claims = json.loads(_unb64(parts[1]))

@@ -870,3 +870,13 @@ def test_bad_proxy_protocol_from_names_the_key_and_the_value() -> None:
     data["public"]["proxy_protocol_from"] = "10.0.0.0/8"
     assert problem_paths(data) == ["public.proxy_protocol_from"]
     assert "'10.0.0.0/8'" in problem_message(data, "public.proxy_protocol_from")
+
+
+def test_a_previous_token_key_needs_the_new_one() -> None:
+    """tunnel.previous_token_key_file alone is a mistake (a rollover names both keys)."""
+    data = valid_config_data()
+    data["tunnel"] = {"previous_token_key_file": "/etc/bastion/old.key"}
+    assert problem_paths(data) == ["tunnel.previous_token_key_file"]
+    data["tunnel"] = {"token_key_file": "/etc/bastion/new.key", "previous_token_key_file": "/etc/bastion/old.key"}
+    cfg = parse_config(data)
+    assert str(cfg.tunnel.token_key_file) == "/etc/bastion/new.key" and str(cfg.tunnel.previous_token_key_file) == "/etc/bastion/old.key"
