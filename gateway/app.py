@@ -52,6 +52,7 @@ from gateway.protocols.ssh_web import SSHWebHandler
 from gateway.protocols.tunnel import TunnelHandler
 from gateway.protocols.upstream_ssh import Credentials, HostKeys
 from gateway.sdnotify import Notifier, ServiceNotifier
+from gateway.sessions.cluster import RedisCluster
 from gateway.sessions.connections import ConnectionRegistry
 from gateway.sessions.registry import SessionRegistry
 from gateway.tokens import TokenService, load_key, load_or_create_key
@@ -174,6 +175,18 @@ def _restart_only_changes(old: Config, new: Config) -> list[str]:
     return [key for key in RESTART_ONLY if pairs[key][0] != pairs[key][1]]
 
 
+def read_secret_file(path: Path, key: str) -> str:
+    """A password on one line of a private file. Raises StartupError naming `key` and the file."""
+    check_private_file(path, key, "password file")
+    try:
+        text = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StartupError(f"{key}: cannot read {str(path)!r}: {exc}") from None
+    if not text or "\n" in text:
+        raise StartupError(f"{key}: {str(path)!r} must hold the password on one line")
+    return text
+
+
 def public_caps(cfg: Config) -> Caps:
     return Caps(cfg.public.max_connections or default_max_connections(), cfg.public.max_connections_per_source)
 
@@ -246,6 +259,14 @@ class App:
         self._rdg: RdgDoor | None = None
         self._web: WebDoor | None = None
         self._oidc: OIDCClient | None = None
+        self._cluster: RedisCluster | None = None
+        if config.cluster is not None:
+            c = config.cluster
+            password = read_secret_file(c.password_file, "cluster.password_file") if c.password_file else None
+            self._cluster = RedisCluster(
+                self.registry, config.gateway.node, c.redis_url, heartbeat=c.heartbeat, node_ttl=c.node_ttl, timeout=c.timeout,
+                log=log, clock=self.clock, password=password,
+            )  # fmt: skip
         self._oidc_discovery: asyncio.Task[None] | None = None
 
     @property
@@ -387,6 +408,7 @@ class App:
             ready=lambda: self._ready,
             stopping=lambda: self._stopping,
             access=self.access,
+            cluster=self._cluster,
         )
         self._api = api
         self.metrics.watch_connections(self.connections.counts)
@@ -399,6 +421,10 @@ class App:
         self._control = control
         self.metrics.watch_listener("control", lambda: control.held)
         self._control.start()
+        if self._cluster is not None:
+            cluster = self._cluster
+            self.metrics.watch_cluster(lambda: cluster.degraded, lambda: cluster.failures)
+            await cluster.start()  # never waits on Redis: a node without it serves its own users, degraded
         self._ticker = asyncio.create_task(self._tick(), name="session-progress")
         if self.notifier.watchdog_interval is not None:
             self._watchdog = asyncio.create_task(self._pet_watchdog(self.notifier.watchdog_interval), name="systemd-watchdog")
@@ -590,6 +616,8 @@ class App:
             await self._https.stop()
         if self._oidc is not None:
             await self._oidc.close()
+        if self._cluster is not None:
+            await self._cluster.stop()
         self.registry.end_subscriptions()  # event streams end cleanly instead of waiting out aiohttp's shutdown
         if self._control is not None:
             await self._control.stop()

@@ -290,6 +290,17 @@ OIDC_KEYS = (
 
 
 @dataclass(frozen=True)
+class ClusterSection:
+    """Several nodes sharing one session view through Redis."""
+
+    redis_url: str
+    password_file: Path | None = None
+    heartbeat: float = 2.0
+    node_ttl: float = 6.0
+    timeout: float = 1.0  # no request waits on Redis longer than this
+
+
+@dataclass(frozen=True)
 class CASection:
     """The gateway's SSH user CA (`bastion login` certificates): its key (None: generated in the state dir)."""
 
@@ -316,6 +327,7 @@ class Config:
     penalties: PenaltyPolicy = field(default_factory=PenaltyPolicy)
     oidc: OIDCSection | None = None  # None: no sign-in with an identity provider
     ca: CASection = field(default_factory=CASection)
+    cluster: ClusterSection | None = None  # None: one node, no Redis
 
 
 T = TypeVar("T")
@@ -477,7 +489,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         return pth if pth.is_absolute() else (base / pth)
 
     sections = {"gateway", "public", "ssh", "vms", "users", "rules", "control", "operators", "tunnel", "sessions", "penalties", "oidc"}
-    sections |= {"ca"}
+    sections |= {"ca", "cluster"}
     r.table(data, "", sections)
 
     g = r.get(data, "", "gateway", dict, {})
@@ -696,6 +708,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
     )
     if ca.certificate_lifetime > 7 * 86400:
         r.problem("ca.certificate_lifetime", f"must be at most 7 days, got {ca_raw.get('certificate_lifetime')!r}")
+    cluster = _parse_cluster(r, data, path_of)
 
     if r.problems:
         raise ConfigError(r.problems)
@@ -716,7 +729,34 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         penalties=penalties,
         oidc=oidc,
         ca=ca,
+        cluster=cluster,
     )
+
+
+def _parse_cluster(r: _Reader, data: Mapping[str, Any], path_of: Callable[[str, str], Path]) -> ClusterSection | None:
+    if "cluster" not in data:
+        return None
+    c = r.get(data, "", "cluster", dict, {})
+    r.table(c, "cluster", {"backend", "redis_url", "password_file", "heartbeat", "node_ttl", "timeout"})
+    backend = r.get(c, "cluster", "backend", str, "redis")
+    if backend != "redis":
+        r.problem("cluster.backend", f"the only backend is 'redis', got {backend!r}")
+    url = r.get(c, "cluster", "redis_url", str, required=True) or "redis://127.0.0.1:6379/0"
+    if not re.fullmatch(r"rediss?://[^\s]+", url):
+        r.problem("cluster.redis_url", f"expected redis://HOST:PORT/DB or rediss://..., got {url!r}")
+    if re.search(r"//[^/@]*:[^/@]*@", url):
+        r.problem("cluster.redis_url", "put the password in cluster.password_file, not in the URL")
+    pw = r.get(c, "cluster", "password_file", str)
+    section = ClusterSection(
+        redis_url=url,
+        password_file=path_of(pw, "cluster.password_file") if pw else None,
+        heartbeat=r.duration(c, "cluster", "heartbeat", 2.0),
+        node_ttl=r.duration(c, "cluster", "node_ttl", 6.0),
+        timeout=r.duration(c, "cluster", "timeout", 1.0),
+    )
+    if section.node_ttl < 2 * section.heartbeat:
+        r.problem("cluster.node_ttl", f"must be at least twice the heartbeat ({section.heartbeat:g}s), got {c.get('node_ttl')!r}")
+    return section
 
 
 def _session_rate(r: _Reader, sess: Mapping[str, Any]) -> tuple[float, float] | None:

@@ -55,6 +55,19 @@ class _RegistryCollector(Collector):
         self._vms = vms
 
 
+class _CounterFn(Collector):
+    """A counter whose value its owner keeps (read at scrape time)."""
+
+    def __init__(self, name: str, doc: str, value: Callable[[], int]) -> None:
+        self._name, self._doc, self._value = name, doc, value
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self._name, self._doc, value=self._value())
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
 def _count_of(counts: Callable[[], dict[str, int]], key: str) -> int:
     return counts().get(key, 0)
 
@@ -134,6 +147,13 @@ class Metrics:
         )
         for door in ("ssh", "websocket"):
             gauge.labels(door).set_function(partial(_count_of, counts, door))
+
+    def watch_cluster(self, degraded: Callable[[], bool], errors: Callable[[], int]) -> None:
+        """With [cluster]: whether Redis is unreachable now (1) and how many Redis calls failed so far."""
+        Gauge(
+            "bastion_cluster_degraded", "1 while Redis is unreachable: this node shows only its own sessions.", registry=self.registry
+        ).set_function(lambda: 1.0 if degraded() else 0.0)
+        self.registry.register(_CounterFn("bastion_cluster_redis_errors", "Redis calls that failed or timed out.", errors))
 
     def set_vms(self, vms: Iterable[str]) -> None:
         """A reload: VM labels follow the inventory (labels of VMs gone stay until the restart, as counters must)."""

@@ -47,6 +47,7 @@ check_all() {
     need curl curl
     # haproxy in TCP mode with send-proxy-v2 in front of the gateway (tests/hostile/test_proxy_protocol.py).
     need haproxy /usr/sbin/haproxy
+    need redis-server /usr/bin/redis-server   # the cluster tests run their own on loopback
 }
 
 check_all

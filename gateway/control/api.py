@@ -18,6 +18,7 @@ import json
 import math
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from importlib import resources
 from typing import Any
 
@@ -30,6 +31,7 @@ from gateway.clock import Clock
 from gateway.config import Operator
 from gateway.control.openapi import OPENAPI
 from gateway.locks import KINDS, LockError, clean_reason, parse_expires, parse_target
+from gateway.sessions.cluster import RedisCluster
 from gateway.sessions.model import SessionEvent, SessionInfo, iso
 from gateway.sessions.registry import SessionRegistry, StreamEnded, SubscriberLimit
 from gateway.text import one_line
@@ -78,8 +80,10 @@ class ControlAPI:
         ready: Callable[[], bool] = lambda: True,
         stopping: Callable[[], bool] = lambda: False,
         access: AccessControl | None = None,
+        cluster: RedisCluster | None = None,
     ) -> None:
         self._access_control = access
+        self._cluster = cluster
         self._registry = registry
         self._operators = tuple(operators)
         self._clock = clock
@@ -231,6 +235,10 @@ class ControlAPI:
         """
         result = self._registry.terminate(sid, reason, grace)
         if result is None:
+            if self._cluster is not None:  # another node's? It is that node's registry that ends it.
+                owner = next((r.get("node") for r in (await self._cluster.view()).sessions if r.get("id") == sid), None)
+                if isinstance(owner, str):
+                    return await self._cluster.disconnect(owner, sid, reason, grace)
             return "not_found", None
         left = result.pending.ends_mono - self._clock.monotonic()
         if left > 0:
@@ -247,7 +255,10 @@ class ControlAPI:
 
     async def readyz(self, request: web.Request) -> web.Response:
         if self._ready():
-            return web.json_response({"status": "ready", "node": self._node})
+            body: dict[str, Any] = {"status": "ready", "node": self._node}
+            if self._cluster is not None:
+                body["degraded"] = self._cluster.degraded  # serving its own users either way
+            return web.json_response(body)
         status = "draining" if self._stopping() else "starting"
         return web.json_response({"status": status, "node": self._node}, status=503)
 
@@ -273,8 +284,25 @@ class ControlAPI:
             for s in self._registry.list()
             if all(q.get(k) is None or getattr(s, k) == q[k] for k in ("user", "vm", "protocol"))
         ]
+        answer: dict[str, Any] = {"node": self._node}
+        if self._cluster is not None:
+            view = await self._cluster.view()
+            rows.extend(
+                self._remote(r) for r in view.sessions if all(q.get(k) is None or r.get(k) == q[k] for k in ("user", "vm", "protocol"))
+            )
+            answer |= {"degraded": view.degraded, "nodes": view.nodes}
         rows.sort(key=lambda r: r["started_at"])
-        return web.json_response({"sessions": rows, "node": self._node})
+        return web.json_response({"sessions": rows, **answer})
+
+    def _remote(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Another node's session as this node shows its own (the duration from its start, on this node's clock)."""
+        out = dict(row)
+        try:
+            started = datetime.fromisoformat(str(row["started_at"]).replace("Z", "+00:00"))
+            out["duration_s"] = round(max(0.0, (self._clock.now() - started).total_seconds()), 3)
+        except (KeyError, ValueError):
+            out["duration_s"] = 0.0
+        return out
 
     async def get_session(self, request: web.Request) -> web.Response:
         s = self._registry.get(request.match_info["id"])

@@ -126,14 +126,19 @@ OPENAPI: dict[str, Any] = {
             "SessionList": {
                 "type": "object",
                 "required": ["sessions", "node"],
-                "properties": {"sessions": {"type": "array", "items": _ref("Session")}, "node": {"type": "string"}},
+                "properties": {
+                    "sessions": {"type": "array", "items": _ref("Session")},
+                    "node": {"type": "string"},
+                    "degraded": {"type": "boolean", "description": "with [cluster]: Redis unreachable, only this node's sessions"},
+                    "nodes": {"type": "object", "additionalProperties": _TIME, "description": "with [cluster]: node -> last heartbeat"},
+                },
             },
             "DisconnectResult": {
                 "type": "object",
                 "required": ["id", "result"],
                 "properties": {
                     "id": {"type": "string"},
-                    "result": {"type": "string", "enum": ["disconnected", "pending", "failed"]},
+                    "result": {"type": "string", "enum": ["disconnected", "pending", "failed", "node_unreachable"]},
                     "ends_at": _TIME,
                 },
             },
@@ -151,7 +156,10 @@ OPENAPI: dict[str, Any] = {
                 "properties": {
                     "results": {
                         "type": "object",
-                        "additionalProperties": {"type": "string", "enum": ["disconnected", "pending", "not_found", "failed"]},
+                        "additionalProperties": {
+                            "type": "string",
+                            "enum": ["disconnected", "pending", "not_found", "failed", "node_unreachable"],
+                        },
                     },
                     "ends_at": {"type": "object", "additionalProperties": _TIME, "description": "for each pending id"},
                 },

@@ -880,3 +880,16 @@ def test_a_previous_token_key_needs_the_new_one() -> None:
     data["tunnel"] = {"token_key_file": "/etc/bastion/new.key", "previous_token_key_file": "/etc/bastion/old.key"}
     cfg = parse_config(data)
     assert str(cfg.tunnel.token_key_file) == "/etc/bastion/new.key" and str(cfg.tunnel.previous_token_key_file) == "/etc/bastion/old.key"
+
+
+def test_the_cluster_section() -> None:
+    """[cluster] is optional; the URL must be redis:// or rediss:// without a password in it; node_ttl covers two beats."""
+    assert parse_config(valid_config_data()).cluster is None
+    data = valid_config_data()
+    data["cluster"] = {"redis_url": "rediss://redis.internal:6380/0", "heartbeat": "1s", "node_ttl": "3s"}
+    cfg = parse_config(data)
+    assert cfg.cluster is not None and (cfg.cluster.heartbeat, cfg.cluster.node_ttl, cfg.cluster.timeout) == (1.0, 3.0, 1.0)
+    data["cluster"] = {"backend": "etcd", "redis_url": "redis://u:secret@h:6379/0", "heartbeat": "2s", "node_ttl": "3s", "tls": True}
+    assert sorted(problem_paths(data)) == ["cluster.backend", "cluster.node_ttl", "cluster.redis_url", "cluster.tls"]
+    data["cluster"] = {"redis_url": "http://h"}
+    assert problem_paths(data) == ["cluster.redis_url"]

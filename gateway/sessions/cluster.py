@@ -1,0 +1,213 @@
+"""Several gateways, one view: each node publishes its sessions to Redis and answers disconnects for them.
+
+Each node's registry stays the source of truth for its own sessions. Every `heartbeat` the node writes its
+whole session list to `bastion:node:<node>` with a TTL of `node_ttl`, so a node that dies (SIGKILL, a cut
+cable) drops out of every other node's view within `node_ttl`, and a list from any node is complete within one
+heartbeat. A disconnect for a session on another node is published on `bastion:control:<node>`; the owner ends
+it with its own registry (the user reads the notice as usual) and answers on a reply channel. Every Redis call
+has a deadline (`timeout`): when Redis is unreachable the node goes on serving its users, answers from local
+state and says `degraded`; it converges by itself when Redis is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as redis
+from structlog.typing import FilteringBoundLogger
+
+from gateway.clock import Clock
+from gateway.sessions.model import iso
+from gateway.sessions.registry import SessionRegistry
+
+_NODE = "bastion:node:"
+_CONTROL = "bastion:control:"
+_REPLY = "bastion:reply:"
+_MAX_SERVING = 1000  # disconnects served at once; beyond, requests are dropped and the asker sees node_unreachable
+MAX_REMOTE = 100_000  # sessions read from other nodes at once (beyond: the list is cut and says so)
+
+
+@dataclass(frozen=True)
+class RemoteView:
+    sessions: list[dict[str, Any]]  # other nodes' sessions, as their API would show them
+    nodes: dict[str, str]  # node -> its last heartbeat (ISO time), this node included
+    degraded: bool  # Redis could not be read: only this node's sessions are shown
+
+
+class RedisCluster:
+    """Owns the Redis client, the heartbeat task and the control subscriber. `start()` never waits on Redis."""
+
+    def __init__(
+        self,
+        registry: SessionRegistry,
+        node: str,
+        url: str,
+        *,
+        heartbeat: float,
+        node_ttl: float,
+        timeout: float,
+        log: FilteringBoundLogger,
+        clock: Clock,
+        password: str | None = None,
+    ) -> None:
+        self._registry = registry
+        self.node = node
+        self._url = url
+        self._password = password
+        self.heartbeat = heartbeat
+        self.node_ttl = node_ttl
+        self.timeout = timeout
+        self._log = log
+        self._clock = clock
+        self._redis: redis.Redis | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.degraded = True  # until the first heartbeat lands
+        self.failures = 0
+        self._serving: set[asyncio.Task[None]] = set()  # disconnects being served (each may wait for its session)
+
+    def __repr__(self) -> str:
+        return f"RedisCluster(node={self.node!r}, heartbeat={self.heartbeat:g}s, node_ttl={self.node_ttl:g}s)"
+
+    async def start(self) -> None:
+        self._redis = redis.from_url(
+            self._url, password=self._password, socket_timeout=self.timeout, socket_connect_timeout=self.timeout, decode_responses=True
+        )
+        self._tasks = [
+            asyncio.create_task(self._beat(), name="cluster-heartbeat"),
+            asyncio.create_task(self._serve_control(), name="cluster-control"),
+        ]
+
+    async def stop(self) -> None:
+        for t in [*self._tasks, *self._serving]:
+            t.cancel()
+        await asyncio.gather(*self._tasks, *self._serving, return_exceptions=True)
+        if self._redis is not None:
+            with contextlib.suppress(redis.RedisError, OSError, TimeoutError):
+                async with asyncio.timeout(self.timeout):
+                    await self._redis.delete(_NODE + self.node)  # a clean stop leaves at once, not after node_ttl
+            await self._redis.aclose()
+
+    def _down(self, what: str, exc: BaseException) -> None:
+        self.failures += 1
+        if not self.degraded:
+            self._log.warning("cluster_degraded", during=what, error=f"{type(exc).__name__}: {str(exc)[:200]}")
+        self.degraded = True
+
+    def _up(self) -> None:
+        if self.degraded:
+            self._log.info("cluster_connected", node=self.node)
+        self.degraded = False
+
+    async def _beat(self) -> None:
+        assert self._redis is not None
+        while True:
+            payload = json.dumps(
+                {"node": self.node, "at": iso(self._clock.now()), "sessions": [s.as_dict() for s in self._registry.list()]},
+                separators=(",", ":"),
+            )
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await self._redis.set(_NODE + self.node, payload, px=int(self.node_ttl * 1000))
+            except (redis.RedisError, OSError, TimeoutError) as exc:
+                self._down("heartbeat", exc)
+            else:
+                self._up()
+            await self._clock.sleep(self.heartbeat)
+
+    async def view(self) -> RemoteView:
+        """The other nodes' sessions (within one heartbeat), or a degraded view of none. Bounded by `timeout`."""
+        if self._redis is None:
+            return RemoteView([], {}, True)
+        try:
+            async with asyncio.timeout(self.timeout):
+                keys = [k async for k in self._redis.scan_iter(match=_NODE + "*", count=500)]
+                values = await self._redis.mget(keys) if keys else []
+        except (redis.RedisError, OSError, TimeoutError) as exc:
+            self._down("view", exc)
+            return RemoteView([], {self.node: iso(self._clock.now())}, True)
+        sessions: list[dict[str, Any]] = []
+        nodes: dict[str, str] = {}
+        for raw in values:
+            if raw is None:
+                continue  # expired between SCAN and MGET
+            try:
+                doc = json.loads(raw)
+                node, at, rows = str(doc["node"]), str(doc["at"]), list(doc["sessions"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            nodes[node] = at
+            if node != self.node:
+                sessions.extend(r for r in rows if isinstance(r, dict))
+        return RemoteView(sessions[:MAX_REMOTE], nodes, self.degraded)
+
+    async def disconnect(self, node: str, sid: str, reason: str, grace: float) -> tuple[str, str | None]:
+        """Ask `node` to end its session `sid`: (result, ends_at) as that node's registry answered, or node_unreachable."""
+        if self._redis is None:
+            return "node_unreachable", None
+        reply = _REPLY + secrets.token_hex(8)
+        message = json.dumps({"op": "disconnect", "id": sid, "reason": reason, "grace": grace, "reply": reply})
+        try:
+            async with asyncio.timeout(self.timeout + 12.0):  # the owner waits up to 10 s for the session to end
+                pubsub = self._redis.pubsub()
+                await pubsub.subscribe(reply)
+                try:
+                    if await self._redis.publish(_CONTROL + node, message) == 0:
+                        return "node_unreachable", None
+                    while True:
+                        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                        if msg is not None:
+                            answer = json.loads(msg["data"])
+                            return str(answer["result"]), answer.get("ends_at")
+                finally:
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+        except (redis.RedisError, OSError, TimeoutError, ValueError, KeyError) as exc:
+            self._down("disconnect", exc)
+            return "node_unreachable", None
+
+    async def _serve_control(self) -> None:
+        """Disconnect requests for this node's sessions, from any node. Reconnects by itself after Redis failures."""
+        assert self._redis is not None
+        while True:
+            try:
+                pubsub = self._redis.pubsub()
+                await pubsub.subscribe(_CONTROL + self.node)
+                try:
+                    while True:
+                        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                        if msg is not None and len(self._serving) < _MAX_SERVING:
+                            task = asyncio.create_task(self._handle(msg["data"]), name="cluster-disconnect")
+                            self._serving.add(task)
+                            task.add_done_callback(self._serving.discard)
+                finally:
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+            except (redis.RedisError, OSError, TimeoutError) as exc:
+                self._down("control", exc)
+                await self._clock.sleep(self.heartbeat)
+
+    async def _handle(self, data: str) -> None:
+        try:
+            req = json.loads(data)
+            sid, reason, grace, reply = str(req["id"]), str(req["reason"]), float(req["grace"]), str(req["reply"])
+        except (ValueError, KeyError, TypeError):
+            return
+        if not reply.startswith(_REPLY) or len(sid) > 64 or len(reason) > 400 or not 0 <= grace <= 3600:
+            return
+        result = self._registry.terminate(sid, reason, grace)
+        answer: dict[str, Any]
+        if result is None:
+            answer = {"result": "not_found"}
+        elif result.pending.ends_mono - self._clock.monotonic() > 0:
+            answer = {"result": "pending", "ends_at": iso(result.pending.ends_at)}
+        else:
+            gone = await self._registry.wait_closed(sid, 10.0)
+            answer = {"result": "disconnected" if gone else "failed"}
+        self._log.info("cluster_disconnect_served", session_id=sid, result=answer["result"])
+        assert self._redis is not None
+        with contextlib.suppress(redis.RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(self.timeout):
+                await self._redis.publish(reply, json.dumps(answer))
