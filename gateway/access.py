@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from structlog.typing import FilteringBoundLogger
 
 from gateway.kinds import Reason
-from gateway.locks import Lock, LockKind, LockStore
+from gateway.locks import Lock, LockError, LockKind, LockStore, lock_from_dict
 from gateway.sessions.connections import ConnectionRegistry
 from gateway.sessions.model import notice_text
 from gateway.sessions.registry import SessionRegistry
@@ -38,10 +39,34 @@ class AccessControl:
         self.locks = locks
         self._log = log
         self.web_sessions: WebSessions | None = None
+        # With [cluster]: tell the other nodes (fire and forget; a node that misses it syncs when it reconnects).
+        self.publish_lock: Callable[[dict[str, Any]], None] | None = None
+        self.publish_unlock: Callable[[str], None] | None = None
 
     def lock(self, kind: LockKind, target: str, reason: str, expires_at: float | None, by: str) -> tuple[Lock, Ended]:
         """Add a lock, then end every live session and connection it covers. Raises LockError, OSError (not saved)."""
         lock = self.locks.add(kind, target, reason, expires_at, by)
+        ended = self._enforce(lock, by)
+        if self.publish_lock is not None:
+            self.publish_lock(lock.to_dict())
+        return lock, ended
+
+    def remote_lock(self, raw: dict[str, Any]) -> None:
+        """A lock made on another node: kept here too, and what it covers on this node ends."""
+        try:
+            lock = lock_from_dict(raw)
+        except (LockError, ValueError, KeyError, TypeError):
+            self._log.warning("cluster_lock_ignored", reason="malformed")
+            return
+        if self.locks.add_existing(lock):
+            self._enforce(lock, lock.created_by)
+
+    def remote_unlock(self, lock_id: str) -> None:
+        lock = self.locks.remove(lock_id)
+        if lock is not None:
+            self._log.info("lock_removed", lock_id=lock.id, kind=lock.kind, target=lock.target, operator="(another node)")
+
+    def _enforce(self, lock: Lock, by: str) -> Ended:
         text = _sentence(lock.refusal()) + "."
         sessions = 0
         for info in self.registry.list():
@@ -57,12 +82,14 @@ class AccessControl:
             "lock_added", lock_id=lock.id, kind=lock.kind, target=lock.target, operator=by,
             sessions_ended=sessions, connections_ended=connections,
         )  # fmt: skip
-        return lock, Ended(sessions, connections)
+        return Ended(sessions, connections)
 
     def unlock(self, lock_id: str, by: str) -> Lock | None:
         lock = self.locks.remove(lock_id)
         if lock is not None:
             self._log.info("lock_removed", lock_id=lock.id, kind=lock.kind, target=lock.target, operator=by)
+            if self.publish_unlock is not None:
+                self.publish_unlock(lock.id)
         return lock
 
     def end_connection(self, cid: str, text: str, reason: Reason = Reason.TERMINATED_BY_OPERATOR) -> Ended | None:

@@ -424,6 +424,8 @@ class App:
         if self._cluster is not None:
             cluster = self._cluster
             self.metrics.watch_cluster(lambda: cluster.degraded, lambda: cluster.failures)
+            cluster.on_lock, cluster.on_unlock = self.access.remote_lock, self.access.remote_unlock
+            self.access.publish_lock, self.access.publish_unlock = cluster.publish_lock, cluster.publish_unlock
             await cluster.start()  # never waits on Redis: a node without it serves its own users, degraded
         self._ticker = asyncio.create_task(self._tick(), name="session-progress")
         if self.notifier.watchdog_interval is not None:

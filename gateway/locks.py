@@ -60,6 +60,18 @@ class Lock:
             "created_by": self.created_by,
         }
 
+    def to_dict(self) -> dict[str, Any]:
+        """Unix times, as the locks file and the cluster carry it."""
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "target": self.target,
+            "reason": self.reason,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "created_by": self.created_by,
+        }
+
     def refusal(self) -> str:
         """What a refused user reads."""
         what = {"user": "your account", "vm": f"VM {self.target!r}", "source": "your network"}[self.kind]
@@ -71,6 +83,21 @@ class Lock:
         if self.kind == "vm":
             return vm is not None and vm == self.target
         return source is not None and _in_network(source, self.target)
+
+
+def lock_from_dict(raw: dict[str, Any]) -> Lock:
+    """A lock as another node published it (`Lock.to_dict`). Raises LockError/ValueError/KeyError on anything else."""
+    kind, target = parse_target(str(raw["kind"]), raw["target"])
+    expires = raw.get("expires_at")
+    return Lock(
+        id=str(raw["id"])[:32],
+        kind=kind,
+        target=target,
+        reason=clean_reason(raw.get("reason", "")),
+        created_at=float(raw["created_at"]),
+        expires_at=float(expires) if expires is not None else None,
+        created_by=str(raw.get("created_by", ""))[:64],
+    )
 
 
 def _iso(ts: float) -> str:
@@ -237,6 +264,17 @@ class LockStore:
             self._locks, self._revoked_before = previous
             raise
         return lock
+
+    def add_existing(self, lock: Lock) -> bool:
+        """A lock another node of the cluster made: kept (and persisted) like our own. False if known or expired."""
+        self._prune()
+        if lock.id in self._locks or (lock.expires_at is not None and lock.expires_at <= self._now()) or len(self._locks) >= MAX_LOCKS:
+            return False
+        self._locks[lock.id] = lock
+        if lock.kind == "user":
+            self._revoked_before[lock.target] = max(self._revoked_before.get(lock.target, 0.0), lock.created_at)
+        self._save()
+        return True
 
     def remove(self, lock_id: str) -> Lock | None:
         self._prune()

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import secrets
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from gateway.clock import Clock
 from gateway.sessions.model import iso
 from gateway.sessions.registry import SessionRegistry
 
+_LOCKS = "bastion:locks"  # a hash (id -> lock) and a channel of changes
 _NODE = "bastion:node:"
 _CONTROL = "bastion:control:"
 _REPLY = "bastion:reply:"
@@ -69,6 +71,10 @@ class RedisCluster:
         self.degraded = True  # until the first heartbeat lands
         self.failures = 0
         self._serving: set[asyncio.Task[None]] = set()  # disconnects being served (each may wait for its session)
+        self._sending: set[asyncio.Task[None]] = set()  # lock changes being published
+        # Set by the app: a lock another node made or lifted (dicts: this layer knows no Lock).
+        self.on_lock: Callable[[dict[str, Any]], None] | None = None
+        self.on_unlock: Callable[[str], None] | None = None
 
     def __repr__(self) -> str:
         return f"RedisCluster(node={self.node!r}, heartbeat={self.heartbeat:g}s, node_ttl={self.node_ttl:g}s)"
@@ -83,9 +89,11 @@ class RedisCluster:
         ]
 
     async def stop(self) -> None:
-        for t in [*self._tasks, *self._serving]:
+        if self._sending:  # lock changes made just before the stop still reach the cluster (bounded)
+            await asyncio.wait(list(self._sending), timeout=self.timeout)
+        for t in [*self._tasks, *self._serving, *self._sending]:
             t.cancel()
-        await asyncio.gather(*self._tasks, *self._serving, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._serving, *self._sending, return_exceptions=True)
         if self._redis is not None:
             with contextlib.suppress(redis.RedisError, OSError, TimeoutError):
                 async with asyncio.timeout(self.timeout):
@@ -169,17 +177,73 @@ class RedisCluster:
             self._down("disconnect", exc)
             return "node_unreachable", None
 
+    def publish_lock(self, lock: dict[str, Any]) -> None:
+        """Share a lock made here: kept in the cluster's hash (for nodes that start later) and announced."""
+        self._send(self._store_lock(lock))
+
+    def publish_unlock(self, lock_id: str) -> None:
+        self._send(self._drop_lock(lock_id))
+
+    def _send(self, coro: Coroutine[Any, Any, None]) -> None:
+        if len(self._sending) >= _MAX_SERVING:
+            coro.close()
+            self._log.warning("cluster_lock_not_shared", reason="too many changes in flight")
+            return
+        task = asyncio.create_task(coro, name="cluster-lock")
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _store_lock(self, lock: dict[str, Any]) -> None:
+        assert self._redis is not None
+        raw = json.dumps({**lock, "origin": self.node})
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._redis.hset(_LOCKS, str(lock["id"]), raw)
+                await self._redis.publish(_LOCKS, json.dumps({"op": "lock", "lock": raw}))
+        except (redis.RedisError, OSError, TimeoutError) as exc:
+            self._down("lock", exc)  # the lock holds here; others get it from the hash when Redis is back
+
+    async def _drop_lock(self, lock_id: str) -> None:
+        assert self._redis is not None
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._redis.hdel(_LOCKS, lock_id)
+                await self._redis.publish(_LOCKS, json.dumps({"op": "unlock", "id": lock_id, "origin": self.node}))
+        except (redis.RedisError, OSError, TimeoutError) as exc:
+            self._down("unlock", exc)
+
+    async def _sync_locks(self) -> None:
+        """Every lock of the cluster (after a (re)connect: what was missed while Redis was away)."""
+        assert self._redis is not None
+        async with asyncio.timeout(self.timeout):
+            locks = await self._redis.hgetall(_LOCKS)
+        for raw in list(locks.values())[:10_000]:
+            self._lock_message(raw if isinstance(raw, str) else raw.decode(errors="replace"))
+
+    def _lock_message(self, raw: str) -> None:
+        try:
+            lock = json.loads(raw)
+        except ValueError:
+            return
+        if isinstance(lock, dict) and lock.get("origin") != self.node and self.on_lock is not None:
+            self.on_lock(lock)
+
     async def _serve_control(self) -> None:
-        """Disconnect requests for this node's sessions, from any node. Reconnects by itself after Redis failures."""
+        """Requests for this node (disconnects) and the cluster's lock changes. Reconnects by itself after failures."""
         assert self._redis is not None
         while True:
             try:
                 pubsub = self._redis.pubsub()
-                await pubsub.subscribe(_CONTROL + self.node)
+                await pubsub.subscribe(_CONTROL + self.node, _LOCKS)
                 try:
+                    await self._sync_locks()
                     while True:
                         msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                        if msg is not None and len(self._serving) < _MAX_SERVING:
+                        if msg is None:
+                            continue
+                        if msg["channel"] == _LOCKS:
+                            self._lock_change(msg["data"])
+                        elif len(self._serving) < _MAX_SERVING:
                             task = asyncio.create_task(self._handle(msg["data"]), name="cluster-disconnect")
                             self._serving.add(task)
                             task.add_done_callback(self._serving.discard)
@@ -188,6 +252,18 @@ class RedisCluster:
             except (redis.RedisError, OSError, TimeoutError) as exc:
                 self._down("control", exc)
                 await self._clock.sleep(self.heartbeat)
+
+    def _lock_change(self, data: str) -> None:
+        try:
+            change = json.loads(data)
+        except ValueError:
+            return
+        if not isinstance(change, dict):
+            return
+        if change.get("op") == "lock" and isinstance(change.get("lock"), str):
+            self._lock_message(change["lock"])
+        elif change.get("op") == "unlock" and change.get("origin") != self.node and self.on_unlock is not None:
+            self.on_unlock(str(change.get("id", ""))[:32])
 
     async def _handle(self, data: str) -> None:
         try:

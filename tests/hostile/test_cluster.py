@@ -47,7 +47,16 @@ async def nodes(make_gateway: GatewayFactory, redis_server: RedisServer, tmp_pat
         make_gateway(node(tmp_path, "node-a", redis_server, key)) as a,
         make_gateway(node(tmp_path, "node-b", redis_server, key)) as b,
     ):
+        # Both nodes share the fixture's tmp dir, so its ssh_config and known_hosts name only the last one started:
+        # one known_hosts with both nodes' host keys, and argv built per node (argv()).
+        lines = [f"[127.0.0.1]:{gw.port} {k.export_public_key().decode().strip()}" for gw in (a, b) for k in gw.app.host_keys]
+        (tmp_path / "known_hosts").write_text("\n".join(lines) + "\n")
         yield a, b
+
+
+def argv(gw: Gateway, user: str, *command: str) -> list[str]:
+    """`ssh USER@this node COMMAND` as alice (her key, the shared known_hosts)."""
+    return [*gw.ssh_argv_keys(user, gw.keys.alice.private), *command]
 
 
 async def api(gw: Gateway, method: str, path: str, body: Any = None) -> tuple[int, Any]:
@@ -74,7 +83,7 @@ async def test_one_view_and_disconnects_across_nodes(nodes: tuple[Gateway, Gatew
     """alice's shell on node B shows on node A's list with node-b; node A disconnects it; her ssh prints the notice."""
     a, b = nodes
     proc = await asyncio.create_subprocess_exec(
-        *b.ssh_argv("alice+web01"), "cat", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        *argv(b, "alice+web01", "cat"), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     try:
         await wait_for(lambda: bool(b.app.registry.list()), b.logs.changed, timeout=20)
@@ -113,7 +122,7 @@ async def test_a_silent_node_drops_out_and_redis_down_is_degraded(nodes: tuple[G
 
     redis_server.stop()
     await until(_degraded(a, True))
-    r = await a.ssh("alice+web01", "echo", "still-serving")
+    r = await a.run(*argv(a, "alice+web01", "echo", "still-serving"))
     assert r.rc == 0 and r.text.strip() == "still-serving"
     status, ready = await api(a, "GET", "/readyz")
     assert status == 200 and ready["degraded"] is True
@@ -134,3 +143,31 @@ def _degraded(gw: Gateway, want: bool) -> Callable[[], Awaitable[bool]]:
         return bool((await sessions_on(gw))["degraded"]) is want
 
     return check
+
+
+async def test_a_lock_on_one_node_holds_on_the_other(nodes: tuple[Gateway, Gateway]) -> None:
+    """A lock added on node B refuses alice's login on node A (with the lock's text) and ends her session there;
+    lifted on B, she logs in on A again. A node that joins later gets the lock from the cluster."""
+    a, b = nodes
+    proc = await asyncio.create_subprocess_exec(
+        *argv(a, "alice+web01", "cat"), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        await wait_for(lambda: bool(a.app.registry.list()), a.logs.changed, timeout=20)
+        status, body = await api(b, "POST", "/v1/locks", {"user": "alice", "reason": "audit on node B"})
+        assert status == 201
+        lock_id = body["lock"]["id"]
+        await wait_for(lambda: a.app.locks.match(user="alice") is not None, a.logs.changed, timeout=10)
+        async with asyncio.timeout(20):
+            _, err = await proc.communicate()
+        assert "locked by an operator: audit on node B" in err.decode(), err.decode()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    r = await a.run(*argv(a, "alice+web01", "true"))
+    assert r.rc == 255 and "locked by an operator: audit on node B" in r.errtext
+    status, _ = await api(b, "DELETE", f"/v1/locks/{lock_id}")
+    assert status == 200
+    await wait_for(lambda: a.app.locks.match(user="alice") is None, a.logs.changed, timeout=10)
+    assert (await a.run(*argv(a, "alice+web01", "true"))).rc == 0
