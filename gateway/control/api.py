@@ -360,6 +360,17 @@ class ControlAPI:
         for sid in targets:
             shown = self._registry.notify(sid, message)
             results[sid] = "not_found" if shown is None else ("delivered" if shown else "unsupported")
+        if self._cluster is not None:
+            view = await self._cluster.view()
+            if ids is None:  # every session of every node
+                for other in view.nodes:
+                    if other != self._node:
+                        results |= await self._cluster.notice(other, None, message) or {}
+            else:
+                owners = {str(r.get("id")): str(r.get("node")) for r in view.sessions}
+                for sid in [s for s, r in results.items() if r == "not_found" and s in owners]:
+                    remote = await self._cluster.notice(owners[sid], sid, message)
+                    results[sid] = remote.get(sid, "node_unreachable") if remote is not None else "node_unreachable"
         self._audit(request, "notice", session_ids=targets, message=message, results=results)
         return web.json_response({"results": results})
 

@@ -179,7 +179,7 @@ OPENAPI: dict[str, Any] = {
                 "properties": {
                     "results": {
                         "type": "object",
-                        "additionalProperties": {"type": "string", "enum": ["delivered", "not_found", "unsupported"]},
+                        "additionalProperties": {"type": "string", "enum": ["delivered", "not_found", "unsupported", "node_unreachable"]},
                     }
                 },
             },

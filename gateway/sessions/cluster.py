@@ -155,27 +155,40 @@ class RedisCluster:
 
     async def disconnect(self, node: str, sid: str, reason: str, grace: float) -> tuple[str, str | None]:
         """Ask `node` to end its session `sid`: (result, ends_at) as that node's registry answered, or node_unreachable."""
-        if self._redis is None:
+        answer = await self._ask(node, {"op": "disconnect", "id": sid, "reason": reason, "grace": grace}, wait=12.0)
+        if answer is None:
             return "node_unreachable", None
+        ends = answer.get("ends_at")
+        return str(answer.get("result", "failed")), ends if isinstance(ends, str) else None
+
+    async def notice(self, node: str, sid: str | None, message: str) -> dict[str, str] | None:
+        """Show `message` in `node`'s session `sid` (None: all of its sessions): results per id, None if unreachable."""
+        answer = await self._ask(node, {"op": "notice", "id": sid, "message": message}, wait=0.0)
+        results = answer.get("results") if answer is not None else None
+        return {str(k): str(v) for k, v in results.items()} if isinstance(results, dict) else None
+
+    async def _ask(self, node: str, request: dict[str, Any], wait: float) -> dict[str, Any] | None:
+        """Publish `request` to `node` and wait (timeout + `wait`) for its answer; None if no node took it."""
+        if self._redis is None:
+            return None
         reply = _REPLY + secrets.token_hex(8)
-        message = json.dumps({"op": "disconnect", "id": sid, "reason": reason, "grace": grace, "reply": reply})
         try:
-            async with asyncio.timeout(self.timeout + 12.0):  # the owner waits up to 10 s for the session to end
+            async with asyncio.timeout(self.timeout + wait):
                 pubsub = self._redis.pubsub()
                 await pubsub.subscribe(reply)
                 try:
-                    if await self._redis.publish(_CONTROL + node, message) == 0:
-                        return "node_unreachable", None
+                    if await self._redis.publish(_CONTROL + node, json.dumps({**request, "reply": reply})) == 0:
+                        return None
                     while True:
                         msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                         if msg is not None:
                             answer = json.loads(msg["data"])
-                            return str(answer["result"]), answer.get("ends_at")
+                            return answer if isinstance(answer, dict) else None
                 finally:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
-        except (redis.RedisError, OSError, TimeoutError, ValueError, KeyError) as exc:
-            self._down("disconnect", exc)
-            return "node_unreachable", None
+        except (redis.RedisError, OSError, TimeoutError, ValueError) as exc:
+            self._down("request", exc)
+            return None
 
     def publish_lock(self, lock: dict[str, Any]) -> None:
         """Share a lock made here: kept in the cluster's hash (for nodes that start later) and announced."""
@@ -268,11 +281,41 @@ class RedisCluster:
     async def _handle(self, data: str) -> None:
         try:
             req = json.loads(data)
-            sid, reason, grace, reply = str(req["id"]), str(req["reason"]), float(req["grace"]), str(req["reply"])
+            reply = str(req["reply"])
         except (ValueError, KeyError, TypeError):
             return
-        if not reply.startswith(_REPLY) or len(sid) > 64 or len(reason) > 400 or not 0 <= grace <= 3600:
+        if not reply.startswith(_REPLY):
             return
+        if req.get("op") == "notice":
+            answer = self._notice(req)
+        elif req.get("op") == "disconnect":
+            answer = await self._disconnect(req)
+        else:
+            return
+        if answer is None:
+            return
+        assert self._redis is not None
+        with contextlib.suppress(redis.RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(self.timeout):
+                await self._redis.publish(reply, json.dumps(answer))
+
+    def _notice(self, req: dict[str, Any]) -> dict[str, Any] | None:
+        message, sid = req.get("message"), req.get("id")
+        if not isinstance(message, str) or len(message) > 400 or (sid is not None and not isinstance(sid, str)):
+            return None
+        results: dict[str, str] = {}
+        for target in [sid] if sid is not None else self._registry.ids():
+            shown = self._registry.notify(target, message)
+            results[target] = "not_found" if shown is None else ("delivered" if shown else "unsupported")
+        return {"results": results}
+
+    async def _disconnect(self, req: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            sid, reason, grace = str(req["id"]), str(req["reason"]), float(req["grace"])
+        except (ValueError, KeyError, TypeError):
+            return None
+        if len(sid) > 64 or len(reason) > 400 or not 0 <= grace <= 3600:
+            return None
         result = self._registry.terminate(sid, reason, grace)
         answer: dict[str, Any]
         if result is None:
@@ -283,7 +326,4 @@ class RedisCluster:
             gone = await self._registry.wait_closed(sid, 10.0)
             answer = {"result": "disconnected" if gone else "failed"}
         self._log.info("cluster_disconnect_served", session_id=sid, result=answer["result"])
-        assert self._redis is not None
-        with contextlib.suppress(redis.RedisError, OSError, TimeoutError):
-            async with asyncio.timeout(self.timeout):
-                await self._redis.publish(reply, json.dumps(answer))
+        return answer

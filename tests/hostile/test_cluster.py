@@ -80,7 +80,8 @@ async def sessions_on(gw: Gateway) -> dict[str, Any]:
 
 
 async def test_one_view_and_disconnects_across_nodes(nodes: tuple[Gateway, Gateway]) -> None:
-    """alice's shell on node B shows on node A's list with node-b; node A disconnects it; her ssh prints the notice."""
+    """alice's shell on node B shows on node A's list with node-b; node A's broadcast notice and a notice to her session
+    reach her terminal; node A disconnects it; her ssh prints the notice."""
     a, b = nodes
     proc = await asyncio.create_subprocess_exec(
         *argv(b, "alice+web01", "cat"), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
@@ -96,11 +97,16 @@ async def test_one_view_and_disconnects_across_nodes(nodes: tuple[Gateway, Gatew
         await until(listed)
         body = await sessions_on(a)
         assert set(body["nodes"]) == {"node-a", "node-b"}
+        status, answer = await api(a, "POST", "/v1/notices", {"message": "hello from node A"})
+        assert status == 200 and answer["results"] == {live.id: "delivered"}, answer
+        status, answer = await api(a, "POST", "/v1/notices", {"message": "to you", "ids": [live.id]})
+        assert answer["results"] == {live.id: "delivered"}, answer
         status, answer = await api(a, "POST", "/v1/sessions/disconnect", {"ids": [live.id], "reason": "from node A"})
         assert status == 200 and answer["results"] == {live.id: "disconnected"}, answer
         async with asyncio.timeout(20):
             _, err = await proc.communicate()
-        assert "You have been disconnected. from node A" in err.decode(), err.decode()
+        text = err.decode()
+        assert "hello from node A" in text and "to you" in text and "You have been disconnected. from node A" in text, text
         closed = b.logs.events("session_closed")
         assert closed and closed[0]["reason"] == "terminated_by_operator"
     finally:
