@@ -23,7 +23,7 @@ import functools
 import ipaddress
 import resource
 import socket
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -110,24 +110,9 @@ async def peek_door(sock: socket.socket, deadline: float) -> Door:
     socket's SO_RCVLOWAT is raised past what is there: the kernel wakes us only when more bytes (or a FIN)
     arrive. It is back to 1 before the socket is handed on.
     """
-    loop = asyncio.get_running_loop()
-    fd = sock.fileno()
-    raised = False
     try:
-        async with asyncio.timeout(deadline):
-            while True:
-                ready: asyncio.Future[None] = loop.create_future()
-                loop.add_reader(fd, _wake, ready)
-                try:
-                    await ready
-                finally:
-                    loop.remove_reader(fd)
-                try:
-                    data = sock.recv(_PEEK, socket.MSG_PEEK)
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except OSError:
-                    return Door.UNKNOWN
+        async with asyncio.timeout(deadline), contextlib.aclosing(_peeks(sock, _PEEK)) as peeks:
+            async for data in peeks:
                 if not data:
                     return Door.UNKNOWN
                 door = classify(data)
@@ -135,10 +120,40 @@ async def peek_door(sock: socket.socket, deadline: float) -> Door:
                     return door
                 if len(data) >= _PEEK:
                     return Door.UNKNOWN
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, len(data) + 1)
-                raised = True
     except TimeoutError:
         return Door.SSH
+    except OSError:
+        return Door.UNKNOWN
+    return Door.UNKNOWN
+
+
+async def _peeks(sock: socket.socket, size: int, want: Callable[[bytes], int] | None = None) -> AsyncGenerator[bytes, None]:
+    """What is queued on `sock` (peeked, never consumed), again each time more arrives; b"" once the peer closed.
+
+    Between two looks SO_RCVLOWAT is raised past what was seen (or to `want(data)`, the length the caller needs), so
+    the kernel wakes us only for new bytes or a FIN, not for the same partial prefix every loop turn. It is back to 1
+    when the generator closes (use `contextlib.aclosing`). Raises OSError from recv.
+    """
+    loop = asyncio.get_running_loop()
+    fd = sock.fileno()
+    raised = False
+    try:
+        while True:
+            ready: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(fd, _wake, ready)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(fd)
+            try:
+                data = sock.recv(size, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                continue
+            yield data
+            if not data:
+                return
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, (want(data) if want else 0) or len(data) + 1)
+            raised = True
     finally:
         if raised:
             with contextlib.suppress(OSError):
@@ -160,37 +175,19 @@ async def read_proxy_header(sock: socket.socket, deadline: float) -> ProxyHeader
     next peek sees the client's first byte. Like `peek_door`, a partial header raises SO_RCVLOWAT past what is there
     instead of re-peeking on a timer. Raises ProxyError (`proxy_timeout`, `proxy_closed` or the parser's reason).
     """
-    loop = asyncio.get_running_loop()
-    fd = sock.fileno()
-    raised = False
     try:
-        async with asyncio.timeout(deadline):
-            while True:
-                ready: asyncio.Future[None] = loop.create_future()
-                loop.add_reader(fd, _wake, ready)
-                try:
-                    await ready
-                finally:
-                    loop.remove_reader(fd)
-                try:
-                    data = sock.recv(MAX_HEADER, socket.MSG_PEEK)
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except OSError as exc:
-                    raise ProxyError(f"connection failed before its PROXY header: {exc.strerror}", reason="proxy_closed") from None
+        async with asyncio.timeout(deadline), contextlib.aclosing(_peeks(sock, MAX_HEADER, lambda d: header_length(d) or 0)) as peeks:
+            async for data in peeks:
                 if not data:
                     raise ProxyError("connection closed before its PROXY header", reason="proxy_closed")
                 n = header_length(data)
                 if n is not None and len(data) >= n:
                     return parse(_recv_exactly(sock, n))
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n if n is not None else len(data) + 1)
-                raised = True
     except TimeoutError:
         raise ProxyError(f"no complete PROXY header within {deadline}s", reason="proxy_timeout") from None
-    finally:
-        if raised:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+    except OSError as exc:
+        raise ProxyError(f"connection failed before its PROXY header: {exc.strerror}", reason="proxy_closed") from None
+    raise ProxyError("connection closed before its PROXY header", reason="proxy_closed")
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:
