@@ -6,37 +6,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import ssl
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from tests.e2e import test_rdp
 from tests.e2e.conftest import OPERATOR_TOKEN, VIEWER_TOKEN, Gateway, GatewayFactory, wait_for
 from tests.e2e.test_rdp import Client
-from tests.support.rdp import XRDP, follow_logs, running_xrdp, wait_for_desktop, xvfb_display
+from tests.support.rdp import XRDP, follow_logs, wait_for_desktop
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="xrdp tests create a login and need root (CI runs as root)")
 
 
-@pytest.fixture(scope="module")
-def xrdp() -> Iterator[XRDP]:
-    d = Path(tempfile.mkdtemp(prefix="bastion-xrdp-"))
-    try:
-        with running_xrdp(d) as server:
-            yield server
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def display() -> Iterator[str]:
-    with xvfb_display() as d:
-        yield d
+# The xrdp VM and the Xvfb display, as tests/e2e/test_rdp.py makes them (pytest finds fixtures by these names).
+xrdp = test_rdp.xrdp
+display = test_rdp.display
 
 
 def with_win_vm(rdp_port: int) -> Any:
