@@ -426,6 +426,7 @@ class App:
             self.metrics.watch_cluster(lambda: cluster.degraded, lambda: cluster.failures)
             cluster.on_lock, cluster.on_unlock = self.access.remote_lock, self.access.remote_unlock
             self.access.publish_lock, self.access.publish_unlock = cluster.publish_lock, cluster.publish_unlock
+            cluster.on_revoke, self.tokens.on_revoke = self.tokens.revoke_id, cluster.publish_revoke
             await cluster.start()  # never waits on Redis: a node without it serves its own users, degraded
         self._ticker = asyncio.create_task(self._tick(), name="session-progress")
         if self.notifier.watchdog_interval is not None:

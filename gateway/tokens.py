@@ -13,7 +13,7 @@ import hmac
 import json
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from gateway.errors import AuthError, StartupError
 from gateway.filemodes import check_private_file
 
 _PREFIX = "v1"
+MAX_REVOKED = 1_000_000  # revoked tokens remembered at once (each only until it would have expired)
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ class TokenService:
         self.lifetime = lifetime
         self._static = dict(static or {})
         self._revoked: dict[str, float] = {}  # token id -> when it expires (then it is dropped)
+        self.on_revoke: Callable[[str, float], None] | None = None
 
     def set_keys(self, key: bytes, previous: bytes | None) -> None:
         """A reload during a key rollover: sign with `key` from now on, still accept what `previous` signed."""
@@ -191,6 +193,15 @@ class TokenService:
         """Void one token until it would have expired anyway (an ended RD Gateway session: no auto-reconnect)."""
         if claims.static:
             return
+        self.revoke_id(claims.token_id, claims.expires_at)
+        if self.on_revoke is not None:  # with [cluster]: every node refuses it too
+            self.on_revoke(claims.token_id, claims.expires_at)
+
+    def revoke_id(self, token_id: str, expires_at: float) -> None:
+        """Void a token by its id (another node revoked it). Bounded: entries go when the token would have expired."""
         now = self._clock.now().timestamp()
-        self._revoked = {t: exp for t, exp in self._revoked.items() if exp > now}  # bounded: every entry expires
-        self._revoked[claims.token_id] = claims.expires_at
+        if expires_at <= now:
+            return
+        self._revoked = {t: exp for t, exp in self._revoked.items() if exp > now}
+        if len(self._revoked) < MAX_REVOKED:
+            self._revoked[token_id[:32]] = expires_at

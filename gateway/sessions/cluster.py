@@ -26,7 +26,8 @@ from gateway.clock import Clock
 from gateway.sessions.model import iso
 from gateway.sessions.registry import SessionRegistry
 
-_LOCKS = "bastion:locks"  # a hash (id -> lock) and a channel of changes
+_LOCKS = "bastion:locks"  # a hash (id -> lock) and the channel of changes (locks and revoked tokens)
+_REVOKED = "bastion:revoked"  # a hash: token id -> when it expires
 _NODE = "bastion:node:"
 _CONTROL = "bastion:control:"
 _REPLY = "bastion:reply:"
@@ -75,6 +76,7 @@ class RedisCluster:
         # Set by the app: a lock another node made or lifted (dicts: this layer knows no Lock).
         self.on_lock: Callable[[dict[str, Any]], None] | None = None
         self.on_unlock: Callable[[str], None] | None = None
+        self.on_revoke: Callable[[str, float], None] | None = None
 
     def __repr__(self) -> str:
         return f"RedisCluster(node={self.node!r}, heartbeat={self.heartbeat:g}s, node_ttl={self.node_ttl:g}s)"
@@ -197,6 +199,20 @@ class RedisCluster:
     def publish_unlock(self, lock_id: str) -> None:
         self._send(self._drop_lock(lock_id))
 
+    def publish_revoke(self, token_id: str, expires_at: float) -> None:
+        """A token revoked here (an RD Gateway session the gateway ended): no node may accept it again."""
+        self._send(self._store_revoke(token_id, expires_at))
+
+    async def _store_revoke(self, token_id: str, expires_at: float) -> None:
+        assert self._redis is not None
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._redis.hset(_REVOKED, token_id, str(expires_at))
+                change = {"op": "revoke", "id": token_id, "expires_at": expires_at, "origin": self.node}
+                await self._redis.publish(_LOCKS, json.dumps(change))
+        except (redis.RedisError, OSError, TimeoutError) as exc:
+            self._down("revoke", exc)
+
     def _send(self, coro: Coroutine[Any, Any, None]) -> None:
         if len(self._sending) >= _MAX_SERVING:
             coro.close()
@@ -232,6 +248,22 @@ class RedisCluster:
             locks = await self._redis.hgetall(_LOCKS)
         for raw in list(locks.values())[:10_000]:
             self._lock_message(raw if isinstance(raw, str) else raw.decode(errors="replace"))
+        async with asyncio.timeout(self.timeout):
+            revoked = await self._redis.hgetall(_REVOKED)
+        now = self._clock.now().timestamp()
+        gone = []
+        for token_id, until in list(revoked.items())[:1_000_000]:
+            try:
+                expires = float(until)
+            except ValueError:
+                continue
+            if expires <= now:
+                gone.append(token_id)
+            elif self.on_revoke is not None:
+                self.on_revoke(str(token_id), expires)
+        if gone:  # the hash is kept small: tokens past their expiry need no revocation
+            async with asyncio.timeout(self.timeout):
+                await self._redis.hdel(_REVOKED, *gone[:10_000])
 
     def _lock_message(self, raw: str) -> None:
         try:
@@ -277,6 +309,10 @@ class RedisCluster:
             self._lock_message(change["lock"])
         elif change.get("op") == "unlock" and change.get("origin") != self.node and self.on_unlock is not None:
             self.on_unlock(str(change.get("id", ""))[:32])
+        elif change.get("op") == "revoke" and change.get("origin") != self.node and self.on_revoke is not None:
+            expires = change.get("expires_at")
+            if isinstance(expires, int | float) and not isinstance(expires, bool):
+                self.on_revoke(str(change.get("id", ""))[:32], float(expires))
 
     async def _handle(self, data: str) -> None:
         try:

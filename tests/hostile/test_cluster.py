@@ -177,3 +177,25 @@ async def test_a_lock_on_one_node_holds_on_the_other(nodes: tuple[Gateway, Gatew
     assert status == 200
     await wait_for(lambda: a.app.locks.match(user="alice") is None, a.logs.changed, timeout=10)
     assert (await a.run(*argv(a, "alice+web01", "true"))).rc == 0
+
+
+async def test_a_token_revoked_on_one_node_is_refused_on_the_other(nodes: tuple[Gateway, Gateway]) -> None:
+    """An RD Gateway kill revokes its token so FreeRDP's auto-reconnect cannot come back; behind a balancer the
+    reconnect may land on another node, so the revocation is shared: node B refuses a token node A revoked."""
+    a, b = nodes
+    token, claims = a.app.tokens.issue("alice")
+
+    async def status_on(gw: Gateway) -> int:
+        ctx = ssl.create_default_context(cafile=str(Path(gw.raw["gateway"]["state_dir"]) / "tls.crt"))
+        url = f"https://127.0.0.1:{gw.port}/v1/tunnel?vm=web01&port=22"
+        async with aiohttp.ClientSession() as http, http.get(url, headers={"Authorization": f"Bearer {token}"}, ssl=ctx) as r:
+            return r.status
+
+    assert await status_on(b) != 401  # the shared key: A's token is good on B
+    await until(lambda: _has_nodes(a, {"node-a", "node-b"}))
+    a.app.tokens.revoke(claims)
+
+    async def refused_on_b() -> bool:
+        return await status_on(b) == 401
+
+    await until(refused_on_b, timeout=10)
