@@ -12,6 +12,7 @@ other sites cannot make a browser send it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -36,9 +37,10 @@ from gateway.sessions.model import SessionEvent, SessionInfo, iso
 from gateway.sessions.registry import SessionRegistry, StreamEnded, SubscriberLimit
 from gateway.text import one_line
 
-MAX_BODY = 16 * 1024
+MAX_BODY = 64 * 1024  # room for a bulk disconnect of MAX_IDS ids with a reason
 MAX_REASON = 400
 MAX_IDS = 1000
+REMOTE_AT_ONCE = 32  # disconnects asked of other nodes at once by one bulk request (each holds a Redis connection)
 MAX_GRACE = 3600.0
 SSE_WRITE_DEADLINE = 30.0  # an event stream whose client has not taken a write for this long is dropped
 BODY_DEADLINE = 10.0  # a body trickled byte by byte must not hold a connection past this
@@ -227,19 +229,36 @@ class ControlAPI:
         op = request[_OPERATOR_KEY]
         self._log.info("operator_action", action=action, operator=op.name, role=op.role, source_ip=request.remote, **fields)
 
-    async def _disconnect(self, sid: str, reason: str, grace: float) -> tuple[str, str | None]:
-        """(result, ends_at): `disconnected` once gone, `pending` with the end in force, `not_found`, `failed`.
+    async def _owners(self, ids: Iterable[str]) -> dict[str, str] | None:
+        """With [cluster]: which node holds each id not on this node (one read of the view for the whole request).
+        None when the view could not be read (those ids are then `node_unreachable`, not `not_found`)."""
+        if self._cluster is None or all(self._registry.get(sid) is not None for sid in ids):
+            return {}
+        view = await self._cluster.view()
+        if view.degraded:
+            return None
+        return {str(r.get("id")): str(r.get("node")) for r in view.sessions}
+
+    async def _disconnect(
+        self, sid: str, reason: str, grace: float, owners: dict[str, str] | None = None, remote: asyncio.Semaphore | None = None
+    ) -> tuple[str, str | None]:
+        """(result, ends_at): `disconnected` once gone, `pending` with the end in force, `not_found`, `failed`, or
+        with [cluster] `node_unreachable`. `owners` is `_owners()`'s answer for this request.
 
         A request ending a session sooner than a pending one replaces it (reason included);
         one ending it later leaves the pending one, and the answer says when that is.
         """
         result = self._registry.terminate(sid, reason, grace)
         if result is None:
-            if self._cluster is not None:  # another node's? It is that node's registry that ends it.
-                owner = next((r.get("node") for r in (await self._cluster.view()).sessions if r.get("id") == sid), None)
-                if isinstance(owner, str):
-                    return await self._cluster.disconnect(owner, sid, reason, grace)
-            return "not_found", None
+            if self._cluster is None:
+                return "not_found", None
+            if owners is None:
+                return "node_unreachable", None
+            owner = owners.get(sid)
+            if owner is None:
+                return "not_found", None
+            async with remote or contextlib.nullcontext():  # a bulk request asks the other nodes a few at a time
+                return await self._cluster.disconnect(owner, sid, reason, grace)
         left = result.pending.ends_mono - self._clock.monotonic()
         if left > 0:
             return "pending", iso(result.pending.ends_at)
@@ -314,7 +333,7 @@ class ControlAPI:
         sid = request.match_info["id"]
         body = await self._body(request, required=False)
         reason, grace = self._reason(body), self._grace(body)
-        result, ends_at = await self._disconnect(sid, reason, grace)
+        result, ends_at = await self._disconnect(sid, reason, grace, await self._owners([sid]))
         self._audit(request, "disconnect", session_ids=[sid], reason=reason, grace_s=grace, results={sid: result})
         if result == "not_found":
             raise ApiError(404, "not_found", "no such session")
@@ -330,7 +349,9 @@ class ControlAPI:
             raise ApiError(400, "bad_request", f"ids must be a non-empty list of up to {MAX_IDS} session id strings")
         reason, grace = self._reason(body), self._grace(body)
         unique = list(dict.fromkeys(ids))
-        outcomes = await asyncio.gather(*(self._disconnect(sid, reason, grace) for sid in unique))
+        owners = await self._owners(unique)
+        remote = asyncio.Semaphore(REMOTE_AT_ONCE)
+        outcomes = await asyncio.gather(*(self._disconnect(sid, reason, grace, owners, remote) for sid in unique))
         results = {sid: result for sid, (result, _) in zip(unique, outcomes, strict=True)}
         ends = {sid: ends_at for sid, (_, ends_at) in zip(unique, outcomes, strict=True) if ends_at is not None}
         self._audit(request, "disconnect", session_ids=unique, reason=reason, grace_s=grace, results=results)

@@ -257,7 +257,7 @@ async def test_bad_requests_get_400_naming_the_problem(api: Api, method: str, pa
 
 async def test_large_bodies_get_413(api: Api) -> None:
     """Bodies over the small limit are refused with 413 and a JSON error."""
-    status, body = await api.call("POST", "/v1/notices", data=b'{"message": "' + b"x" * 40000 + b'"}')
+    status, body = await api.call("POST", "/v1/notices", data=b'{"message": "' + b"x" * 100_000 + b'"}')
     assert status == 413
     check("Error", body)
 
