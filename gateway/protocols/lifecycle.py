@@ -302,6 +302,13 @@ def _still_granted(deps: Deps, handler: ProtocolHandler[R_contra, U, S], request
     return None
 
 
+def end_if_crashed(session: Session, task: asyncio.Task[None]) -> None:
+    """A relay's pump task that died of a bug still ends its session (the registry logs the reason); it never
+    lingers. Attach with `task.add_done_callback(partial(end_if_crashed, session))`."""
+    if not task.cancelled() and task.exception() is not None:
+        session.end(Reason.INTERNAL_ERROR)
+
+
 def _reason_of(exc: GatewayError) -> Reason:
     try:
         return Reason(exc.reason)

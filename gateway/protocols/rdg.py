@@ -30,7 +30,7 @@ from gateway.errors import BadRequest, GatewayError, PolicyDenied, TargetRefused
 from gateway.kinds import Reason
 from gateway.net.upstream import dial, reset
 from gateway.policy import Grant, Policy, Principal
-from gateway.protocols.lifecycle import ended_reason
+from gateway.protocols.lifecycle import end_if_crashed, ended_reason
 from gateway.sessions.registry import Session
 from gateway.tokens import TokenClaims, TokenService
 
@@ -228,12 +228,6 @@ class _RdgRelay:
         reset(self._writer.transport)
 
 
-def _pump_done(session: Session, task: asyncio.Task[None]) -> None:
-    """A pump that died of a bug still ends its session; it never lingers."""
-    if not task.cancelled() and task.exception() is not None:
-        session.end(Reason.INTERNAL_ERROR)
-
-
 class RdgHandler:
     """Relays one RD Gateway channel to one dialled VM RDP port."""
 
@@ -273,7 +267,7 @@ class RdgHandler:
             loop.create_task(self._keepalives(client, session, last_heard), name=f"rdg-keepalive:{session.id}"),
         ]
         for task in tasks:
-            task.add_done_callback(partial(_pump_done, session))
+            task.add_done_callback(partial(end_if_crashed, session))
         return _RdgRelay(client, writer, session, tasks)
 
     async def _user_to_vm(self, side: RdgSide, writer: asyncio.StreamWriter, session: Session, last_heard: list[float]) -> None:

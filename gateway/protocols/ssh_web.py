@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 from dataclasses import dataclass
+from functools import partial
 
 import asyncssh
 from aiohttp import WSMsgType, web
@@ -22,7 +23,7 @@ from aiohttp import WSMsgType, web
 from gateway.errors import GatewayError
 from gateway.kinds import Reason
 from gateway.policy import Grant, Policy, Principal
-from gateway.protocols.lifecycle import ended_reason
+from gateway.protocols.lifecycle import end_if_crashed, ended_reason
 from gateway.protocols.upstream_ssh import Credentials, HostKeys, connect_vm
 from gateway.sessions.registry import Session
 
@@ -197,7 +198,7 @@ class SSHWebHandler:
             loop.create_task(self._vm_to_browser(client.ws, shell, queue, session), name=f"web-down:{session.id}"),
         ]
         for task in tasks:
-            task.add_done_callback(lambda t: session.end(Reason.INTERNAL_ERROR) if not t.cancelled() and t.exception() else None)
+            task.add_done_callback(partial(end_if_crashed, session))
         return _WebRelay(upstream, tasks, client, session)
 
     async def _browser_to_vm(self, ws: web.WebSocketResponse, chan: asyncssh.SSHClientChannel[bytes], session: Session) -> None:

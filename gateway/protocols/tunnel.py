@@ -33,7 +33,7 @@ from gateway.errors import BadRequest, GatewayError, UpstreamError
 from gateway.kinds import Reason
 from gateway.net.upstream import dial, reset
 from gateway.policy import Grant, Policy, Principal
-from gateway.protocols.lifecycle import ended_reason
+from gateway.protocols.lifecycle import end_if_crashed, ended_reason
 from gateway.sessions.registry import Session
 
 CLOSE_OPERATOR = 4001
@@ -164,12 +164,6 @@ class _TunnelRelay:
         reset(self._writer.transport)
 
 
-def _pump_done(session: Session, task: asyncio.Task[None]) -> None:
-    """A pump that died of a bug still ends its session (the registry logs the reason); it never lingers."""
-    if not task.cancelled() and task.exception() is not None:
-        session.end(Reason.INTERNAL_ERROR)
-
-
 class TunnelHandler:
     """Relays one WebSocket to one dialled VM socket."""
 
@@ -209,7 +203,7 @@ class TunnelHandler:
             loop.create_task(self._vm_to_user(client.ws, reader, session), name=f"tunnel-down:{session.id}"),
         ]
         for task in tasks:
-            task.add_done_callback(partial(_pump_done, session))
+            task.add_done_callback(partial(end_if_crashed, session))
         return _TunnelRelay(client, writer, session, tasks)
 
     async def _user_to_vm(self, ws: web.WebSocketResponse, writer: asyncio.StreamWriter, session: Session) -> None:
