@@ -48,6 +48,8 @@ check_all() {
     # haproxy in TCP mode with send-proxy-v2 in front of the gateway (tests/hostile/test_proxy_protocol.py).
     need haproxy /usr/sbin/haproxy
     need redis-server /usr/bin/redis-server   # the cluster tests run their own on loopback
+    # The browser terminal test runs vi on the VM (the test sshd is this machine): vim-tiny provides it if missing.
+    need vim-tiny vi
 }
 
 check_all
