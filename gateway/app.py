@@ -361,6 +361,7 @@ class App:
             oidc=self._oidc, pending=PendingLogins(self.clock) if self._oidc else None,
             redirect_base=cfg.oidc.redirect_base if cfg.oidc else None,
             cli=CliLogins(self.clock), user_ca=self.user_ca, identities=self.identities,
+            claim_once=self._cluster.claim_once if self._cluster is not None else None,
         )  # fmt: skip
         public = PublicApp(
             cfg.gateway.node,
@@ -423,7 +424,7 @@ class App:
         self._control.start()
         if self._cluster is not None:
             cluster = self._cluster
-            self.metrics.watch_cluster(lambda: cluster.degraded, lambda: cluster.failures)
+            self.metrics.watch_cluster(cluster)
             cluster.on_lock, cluster.on_unlock = self.access.remote_lock, self.access.remote_unlock
             self.access.publish_lock, self.access.publish_unlock = cluster.publish_lock, cluster.publish_unlock
             cluster.on_revoke, self.tokens.on_revoke = self.tokens.revoke_id, cluster.publish_revoke

@@ -11,6 +11,7 @@ from __future__ import annotations
 import platform
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
+from typing import Protocol as TypingProtocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -53,6 +54,19 @@ class _RegistryCollector(Collector):
 
     def set_vms(self, vms: tuple[str, ...]) -> None:
         self._vms = vms
+
+
+class ClusterStats(TypingProtocol):
+    """What the metrics read of the cluster (gateway.sessions.cluster.RedisCluster)."""
+
+    degraded: bool
+    failures: int
+    cluster_nodes: int
+    cluster_sessions: int
+    nodes_lost: int
+    sessions_lost: int
+
+    def heartbeat_age(self) -> float | None: ...
 
 
 class _CounterFn(Collector):
@@ -148,12 +162,26 @@ class Metrics:
         for door in ("ssh", "websocket"):
             gauge.labels(door).set_function(partial(_count_of, counts, door))
 
-    def watch_cluster(self, degraded: Callable[[], bool], errors: Callable[[], int]) -> None:
-        """With [cluster]: whether Redis is unreachable now (1) and how many Redis calls failed so far."""
+    def watch_cluster(self, cluster: ClusterStats) -> None:
+        """With [cluster]: Redis reachable or not, the cluster's size as this node last saw it, lost nodes. No node label:
+        the per-node detail is in the control API's /v1/cluster, and each node exports its own series."""
+        r = self.registry
+        Gauge("bastion_cluster_degraded", "1 while Redis is unreachable: this node shows only its own sessions.", registry=r).set_function(
+            lambda: 1.0 if cluster.degraded else 0.0
+        )
+        r.register(_CounterFn("bastion_cluster_redis_errors", "Redis calls that failed or timed out.", lambda: cluster.failures))
+        Gauge("bastion_cluster_nodes", "Nodes with a live heartbeat, this one included (at the last heartbeat).", registry=r).set_function(
+            lambda: cluster.cluster_nodes
+        )
+        Gauge("bastion_cluster_sessions", "Sessions on every node (at the last heartbeat).", registry=r).set_function(
+            lambda: cluster.cluster_sessions
+        )
+        lost_nodes, lost_sessions = "Nodes whose heartbeat expired without a clean stop.", "Sessions of lost nodes, closed as node_lost."
+        r.register(_CounterFn("bastion_cluster_nodes_lost", lost_nodes, lambda: cluster.nodes_lost))
+        r.register(_CounterFn("bastion_cluster_sessions_lost", lost_sessions, lambda: cluster.sessions_lost))
         Gauge(
-            "bastion_cluster_degraded", "1 while Redis is unreachable: this node shows only its own sessions.", registry=self.registry
-        ).set_function(lambda: 1.0 if degraded() else 0.0)
-        self.registry.register(_CounterFn("bastion_cluster_redis_errors", "Redis calls that failed or timed out.", errors))
+            "bastion_cluster_heartbeat_age_seconds", "Seconds since Redis last took this node's heartbeat (-1: never).", registry=r
+        ).set_function(partial(_age_or_never, cluster))
 
     def set_vms(self, vms: Iterable[str]) -> None:
         """A reload: VM labels follow the inventory (labels of VMs gone stay until the restart, as counters must)."""
@@ -201,3 +229,8 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _age_or_never(cluster: ClusterStats) -> float:
+    age = cluster.heartbeat_age()
+    return -1.0 if age is None else age

@@ -153,6 +153,7 @@ class ControlAPI:
         add(app, "POST", "/v1/sessions/disconnect", self.disconnect_many, "operator")
         add(app, "POST", "/v1/notices", self.notices, "operator")
         add(app, "GET", "/v1/events", self.events, "viewer")
+        add(app, "GET", "/v1/cluster", self.cluster_summary, "viewer")
         if self._access_control is not None:
             add(app, "GET", "/v1/connections", self.list_connections, "viewer")
             add(app, "DELETE", "/v1/connections/{id}", self.end_connection, "operator")
@@ -476,7 +477,7 @@ class ControlAPI:
 
         try:
             await resp.prepare(request)
-            await send(self._snapshot())
+            await send(await self._snapshot())
             while True:
                 try:
                     async with asyncio.timeout(15):
@@ -485,11 +486,11 @@ class ControlAPI:
                     await send(b": keep-alive\n\n")
                     continue
                 if ev is None:  # fell behind: the whole state again
-                    await send(self._snapshot(resync=True))
+                    await send(await self._snapshot(resync=True))
                     continue
-                chunk = [_event_bytes(self._view, ev)]
+                chunk = [self._event_bytes(ev)]
                 for more in sub.drain():  # what else is queued goes out in one write
-                    chunk.append(_event_bytes(self._view, more))
+                    chunk.append(self._event_bytes(more))
                 await send(b"".join(chunk))
         except StreamEnded:
             self._log.info("event_stream_closed", source_ip=request.remote, reason="gateway_stopping")
@@ -504,8 +505,37 @@ class ControlAPI:
             self._registry.unsubscribe(sub)
         return resp
 
-    def _snapshot(self, *, resync: bool = False) -> bytes:
-        return _sse("snapshot", {"sessions": [self._view(s) for s in self._registry.list()], "resync": resync})
+    async def _snapshot(self, *, resync: bool = False) -> bytes:
+        rows = [self._view(s) for s in self._registry.list()]
+        extra: dict[str, Any] = {}
+        if self._cluster is not None:  # every node's sessions, as the list shows them
+            view = await self._cluster.view()
+            rows.extend(self._remote(r) for r in view.sessions)
+            extra = {"degraded": view.degraded, "nodes": view.nodes}
+        return _sse("snapshot", {"sessions": rows, "resync": resync, **extra})
+
+    def _event_bytes(self, ev: SessionEvent) -> bytes:
+        if ev.remote is not None:  # another node's event: its session as that node shows it, the duration from here
+            data = ev.remote
+            row = data.get("session")
+            if isinstance(row, dict):
+                data = {**data, "session": self._remote(row)}
+            return _sse(ev.kind, data)
+        if ev.kind == "progress":
+            return _sse("progress", {"sessions": [{"id": p.id, "bytes_up": p.bytes_up, "bytes_down": p.bytes_down} for p in ev.progress]})
+        assert ev.session is not None
+        out: dict[str, Any] = {"session": self._view(ev.session)}
+        if ev.reason is not None:
+            out["reason"] = str(ev.reason)
+        return _sse(ev.kind, out)
+
+    async def cluster_summary(self, request: web.Request) -> web.Response:
+        """Nodes, sessions per node, last heartbeats, lost nodes. One node without [cluster] is a cluster of one."""
+        if self._cluster is not None:
+            return web.json_response(await self._cluster.summary())
+        count = self._registry.totals().active
+        me = {"node": self._node, "self": True, "sessions": count, "last_heartbeat": iso(self._clock.now()), "age_s": 0.0}
+        return web.json_response({"node": self._node, "clustered": False, "degraded": False, "nodes": [me], "sessions": count, "lost": []})
 
     async def page(self, request: web.Request) -> web.Response:
         return web.Response(body=_static("index.html"), content_type="text/html", headers=_PAGE_HEADERS)
@@ -532,13 +562,3 @@ def _static(name: str) -> bytes:
 
 def _sse(kind: str, data: dict[str, Any]) -> bytes:
     return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
-
-
-def _event_bytes(view: Callable[[SessionInfo], dict[str, Any]], ev: SessionEvent) -> bytes:
-    if ev.kind == "progress":
-        return _sse("progress", {"sessions": [{"id": p.id, "bytes_up": p.bytes_up, "bytes_down": p.bytes_down} for p in ev.progress]})
-    assert ev.session is not None
-    out: dict[str, Any] = {"session": view(ev.session)}
-    if ev.reason is not None:
-        out["reason"] = str(ev.reason)
-    return _sse(ev.kind, out)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import secrets
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, Protocol
@@ -122,7 +122,9 @@ class WebDoor:
         cli: CliLogins | None = None,
         user_ca: UserCA | None = None,
         identities: Identities | None = None,
+        claim_once: Callable[[str, float], Awaitable[bool | None]] | None = None,
     ) -> None:
+        self._claim_once = claim_once  # with [cluster]: a link spent on one node is spent on every node, at once
         self.cli = cli
         self._ca = user_ca
         self._identities = identities
@@ -250,6 +252,11 @@ class WebDoor:
             self._log.info("web_sign_in_refused", reason="token_wrong_purpose" if user else "unknown_user", method="link")
             return self._refusal_page(401, "This sign-in link is not valid: run `ssh USER@GATEWAY web` again.")
         self._tokens.revoke(claims)  # one use
+        if self._claim_once is not None and await self._claim_once(claims.token_id, claims.expires_at) is False:
+            # Behind a balancer the same link may reach two nodes; only the first use counts (Redis unreachable:
+            # None, and this node's own memory still stops a second use here).
+            self._log.info("web_sign_in_refused", reason="token_revoked", method="link", user=user.name, source_ip=request.remote)
+            return self._refusal_page(401, "This sign-in link was already used (it works once): run `ssh USER@GATEWAY web` again.")
         if self._locks is not None and (lock := self._locks.match(user=user.name, source=request.remote or "")) is not None:
             self._log.info("web_sign_in_refused", reason="locked", method="link", user=user.name, lock_id=lock.id)
             return self._refusal_page(403, lock.refusal())

@@ -3,10 +3,14 @@
 Each node's registry stays the source of truth for its own sessions. Every `heartbeat` the node writes its
 whole session list to `bastion:node:<node>` with a TTL of `node_ttl`, so a node that dies (SIGKILL, a cut
 cable) drops out of every other node's view within `node_ttl`, and a list from any node is complete within one
-heartbeat. A disconnect for a session on another node is published on `bastion:control:<node>`; the owner ends
-it with its own registry (the user reads the notice as usual) and answers on a reply channel. Every Redis call
-has a deadline (`timeout`): when Redis is unreachable the node goes on serving its users, answers from local
-state and says `degraded`; it converges by itself when Redis is back.
+heartbeat. Its registry's events (opened, updated, closed, progress) go out as they happen on `bastion:events`,
+so every node's event stream carries every node's sessions. Each heartbeat a node also reads the others' keys: a
+node whose key expired without saying it left (SIGKILL) is reported lost, and each of its sessions is closed in
+every event stream with reason `node_lost`, logged and counted. A disconnect for a session on another node is
+published on `bastion:control:<node>`; the owner ends it with its own registry (the user reads the notice as
+usual) and answers on a reply channel. Every Redis call has a deadline (`timeout`): when Redis is unreachable the
+node goes on serving its users, answers from local state and says `degraded`; it converges by itself when Redis
+is back.
 """
 
 from __future__ import annotations
@@ -15,22 +19,29 @@ import asyncio
 import contextlib
 import json
 import secrets
+from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import Any, Literal, cast
 
 import redis.asyncio as redis
 from structlog.typing import FilteringBoundLogger
 
 from gateway.clock import Clock
 from gateway.sessions.model import iso
-from gateway.sessions.registry import SessionRegistry
+from gateway.sessions.registry import SessionRegistry, StreamEnded, Subscription
 
 _LOCKS = "bastion:locks"  # a hash (id -> lock) and the channel of changes (locks and revoked tokens)
 _REVOKED = "bastion:revoked"  # a hash: token id -> when it expires
 _NODE = "bastion:node:"
 _CONTROL = "bastion:control:"
 _REPLY = "bastion:reply:"
+_EVENTS = "bastion:events"  # every node's registry events, batched: {"origin", "events": [...]} | {"origin", "resync"|"left"}
+_SPENT = "bastion:spent:"  # one-time tokens (browser sign-in links) spent on some node
+_EVENT_KINDS = ("opened", "updated", "closed", "progress")
+_MAX_BATCH = 500  # events in one published message
+MAX_LOST = 50  # lost nodes remembered for the summary
 _MAX_SERVING = 1000  # disconnects served at once; beyond, requests are dropped and the asker sees node_unreachable
 MAX_REMOTE = 100_000  # sessions read from other nodes at once (beyond: the list is cut and says so)
 
@@ -77,6 +88,17 @@ class RedisCluster:
         self.on_lock: Callable[[dict[str, Any]], None] | None = None
         self.on_unlock: Callable[[str], None] | None = None
         self.on_revoke: Callable[[str, float], None] | None = None
+        self._events: Subscription | None = None  # this node's registry events, forwarded to the others
+        self._resync_due = False  # an event could not be published: the others start over from a snapshot
+        self._known: dict[str, tuple[str, list[dict[str, Any]]]] = {}  # node -> (last heartbeat, sessions), last watch
+        self._left: set[str] = set()  # nodes that said they stopped (not lost)
+        self._lost_nodes: set[str] = set()
+        self.lost: deque[dict[str, Any]] = deque(maxlen=MAX_LOST)  # newest last: {node, detected_at, last_heartbeat, sessions}
+        self.nodes_lost = 0
+        self.sessions_lost = 0
+        self.last_beat_mono: float | None = None  # this node's last heartbeat that Redis took
+        self.cluster_sessions = 0  # sessions of every node, at the last watch
+        self.cluster_nodes = 0
 
     def __repr__(self) -> str:
         return f"RedisCluster(node={self.node!r}, heartbeat={self.heartbeat:g}s, node_ttl={self.node_ttl:g}s)"
@@ -85,22 +107,35 @@ class RedisCluster:
         self._redis = redis.from_url(
             self._url, password=self._password, socket_timeout=self.timeout, socket_connect_timeout=self.timeout, decode_responses=True
         )
+        self._events = self._registry.subscribe(local_only=True)
         self._tasks = [
             asyncio.create_task(self._beat(), name="cluster-heartbeat"),
             asyncio.create_task(self._serve_control(), name="cluster-control"),
+            asyncio.create_task(self._forward(), name="cluster-events"),
         ]
 
     async def stop(self) -> None:
         if self._sending:  # lock changes made just before the stop still reach the cluster (bounded)
             await asyncio.wait(list(self._sending), timeout=self.timeout)
+        if self._events is not None:  # the drain's closed events still reach the others
+            self._events.end()
+            await asyncio.wait([self._tasks[2]], timeout=self.timeout)
+            self._registry.unsubscribe(self._events)
         for t in [*self._tasks, *self._serving, *self._sending]:
             t.cancel()
         await asyncio.gather(*self._tasks, *self._serving, *self._sending, return_exceptions=True)
         if self._redis is not None:
             with contextlib.suppress(redis.RedisError, OSError, TimeoutError):
                 async with asyncio.timeout(self.timeout):
+                    await self._redis.publish(_EVENTS, json.dumps({"origin": self.node, "left": True}))
                     await self._redis.delete(_NODE + self.node)  # a clean stop leaves at once, not after node_ttl
-            await self._redis.aclose()
+            with contextlib.suppress(redis.RedisError, OSError, TimeoutError):
+                async with asyncio.timeout(self.timeout):
+                    await self._redis.aclose()
+
+    def heartbeat_age(self) -> float | None:
+        """Seconds since Redis last took this node's heartbeat; None before the first."""
+        return None if self.last_beat_mono is None else max(0.0, self._clock.monotonic() - self.last_beat_mono)
 
     def _down(self, what: str, exc: BaseException) -> None:
         self.failures += 1
@@ -120,28 +155,25 @@ class RedisCluster:
                 {"node": self.node, "at": iso(self._clock.now()), "sessions": [s.as_dict() for s in self._registry.list()]},
                 separators=(",", ":"),
             )
+            was_degraded = self.degraded
             try:
                 async with asyncio.timeout(self.timeout):
                     await self._redis.set(_NODE + self.node, payload, px=int(self.node_ttl * 1000))
             except (redis.RedisError, OSError, TimeoutError) as exc:
                 self._down("heartbeat", exc)
             else:
+                self.last_beat_mono = self._clock.monotonic()
                 self._up()
+                await self._watch(resync=was_degraded)
             await self._clock.sleep(self.heartbeat)
 
-    async def view(self) -> RemoteView:
-        """The other nodes' sessions (within one heartbeat), or a degraded view of none. Bounded by `timeout`."""
-        if self._redis is None:
-            return RemoteView([], {}, True)
-        try:
-            async with asyncio.timeout(self.timeout):
-                keys = [k async for k in self._redis.scan_iter(match=_NODE + "*", count=500)]
-                values = await self._redis.mget(keys) if keys else []
-        except (redis.RedisError, OSError, TimeoutError) as exc:
-            self._down("view", exc)
-            return RemoteView([], {self.node: iso(self._clock.now())}, True)
-        sessions: list[dict[str, Any]] = []
-        nodes: dict[str, str] = {}
+    async def _read(self) -> dict[str, tuple[str, list[dict[str, Any]]]]:
+        """Every node's last heartbeat and sessions, this one's included. Raises on Redis errors (bounded by `timeout`)."""
+        assert self._redis is not None
+        async with asyncio.timeout(self.timeout):
+            keys = [k async for k in self._redis.scan_iter(match=_NODE + "*", count=500)]
+            values = await self._redis.mget(keys) if keys else []
+        out: dict[str, tuple[str, list[dict[str, Any]]]] = {}
         for raw in values:
             if raw is None:
                 continue  # expired between SCAN and MGET
@@ -150,10 +182,161 @@ class RedisCluster:
                 node, at, rows = str(doc["node"]), str(doc["at"]), list(doc["sessions"])
             except (ValueError, KeyError, TypeError):
                 continue
-            nodes[node] = at
-            if node != self.node:
-                sessions.extend(r for r in rows if isinstance(r, dict))
-        return RemoteView(sessions[:MAX_REMOTE], nodes, self.degraded)
+            out[node] = (at, [r for r in rows if isinstance(r, dict)])
+        return out
+
+    async def view(self) -> RemoteView:
+        """The other nodes' sessions (within one heartbeat), or a degraded view of none. Bounded by `timeout`."""
+        if self._redis is None:
+            return RemoteView([], {}, True)
+        try:
+            read = await self._read()
+        except (redis.RedisError, OSError, TimeoutError) as exc:
+            self._down("view", exc)
+            return RemoteView([], {self.node: iso(self._clock.now())}, True)
+        sessions = [r for node, (_, rows) in read.items() if node != self.node for r in rows]
+        return RemoteView(sessions[:MAX_REMOTE], {node: at for node, (at, _) in read.items()}, self.degraded)
+
+    async def _watch(self, *, resync: bool) -> None:
+        """After each heartbeat: which nodes joined, left, or were lost (their key expired without a word)."""
+        try:
+            read = await self._read()
+        except (redis.RedisError, OSError, TimeoutError) as exc:
+            self._down("watch", exc)
+            return
+        self.cluster_nodes = len(read)
+        self.cluster_sessions = sum(len(rows) for _, rows in read.values())
+        for node in self._known.keys() - read.keys() - {self.node}:
+            at, rows = self._known[node]
+            if node in self._left:
+                self._left.discard(node)
+                self._log.info("cluster_node_left", node=node)
+                continue
+            self._lost(node, at, rows)
+        joined = read.keys() - self._known.keys() - {self.node}
+        for node in joined:
+            if node in self._lost_nodes:
+                self._lost_nodes.discard(node)
+                self._log.warning("cluster_node_returned", node=node, sessions=len(read[node][1]))
+            elif self._known:
+                self._log.info("cluster_node_joined", node=node)
+        self._known = read
+        self._left &= read.keys()  # a node that said it left and is gone needs no remembering; one that came back may leave again
+        if resync or joined:  # events may have been missed: every stream starts over from a snapshot
+            self._registry.resync()
+
+    def _lost(self, node: str, last_heartbeat: str, rows: list[dict[str, Any]]) -> None:
+        ids = [str(r.get("id")) for r in rows]
+        self.nodes_lost += 1
+        self.sessions_lost += len(ids)
+        self._lost_nodes.add(node)
+        record = {"node": node, "detected_at": iso(self._clock.now()), "last_heartbeat": last_heartbeat, "sessions": len(ids)}
+        self.lost.append(record)
+        self._log.warning("cluster_node_lost", node=node, last_heartbeat=last_heartbeat, sessions=len(ids), session_ids=ids[:100])
+        for row in rows[:MAX_REMOTE]:
+            self._registry.relay("closed", {"session": row, "reason": "node_lost"})
+
+    async def summary(self) -> dict[str, Any]:
+        """Nodes, sessions per node, last heartbeats and recently lost nodes (bounded by `timeout`)."""
+        now = self._clock.now()
+        nodes: list[dict[str, Any]] = []
+        degraded = self.degraded
+        read: dict[str, tuple[str, list[dict[str, Any]]]] = {}
+        if self._redis is not None:
+            try:
+                read = await self._read()
+            except (redis.RedisError, OSError, TimeoutError) as exc:
+                self._down("summary", exc)
+                degraded = True
+        for node, (at, rows) in sorted(read.items()):
+            nodes.append({"node": node, "self": node == self.node, "sessions": len(rows), "last_heartbeat": at, "age_s": _age(now, at)})
+        if self.node not in read:  # degraded, or before the first heartbeat: this node from its own state
+            nodes.insert(0, {"node": self.node, "self": True, "sessions": len(self._registry.ids()), "last_heartbeat": None, "age_s": None})
+        return {
+            "node": self.node,
+            "clustered": True,
+            "degraded": degraded,
+            "heartbeat_s": self.heartbeat,
+            "node_ttl_s": self.node_ttl,
+            "nodes": nodes,
+            "sessions": sum(n["sessions"] for n in nodes),
+            "lost": list(self.lost),
+        }
+
+    async def claim_once(self, token_id: str, expires_at: float) -> bool | None:
+        """Spend a one-time token cluster-wide: True if this is its first use anywhere, False if some node spent it,
+        None if Redis could not say (the caller falls back to this node's own memory)."""
+        if self._redis is None:
+            return None
+        ttl_ms = max(1000, int((expires_at - self._clock.now().timestamp()) * 1000) + 1000)
+        try:
+            async with asyncio.timeout(self.timeout):
+                took = await self._redis.set(_SPENT + token_id[:64], self.node, nx=True, px=ttl_ms)
+        except (redis.RedisError, OSError, TimeoutError) as exc:
+            self._down("claim", exc)
+            return None
+        return bool(took)
+
+    async def _forward(self) -> None:
+        """This node's registry events to the others, in batches, as they happen."""
+        assert self._events is not None and self._redis is not None
+        while True:
+            try:
+                first = await self._events.get()
+            except StreamEnded:
+                return
+            batch: list[dict[str, Any]] = []
+            resync = first is None
+            for ev in [first, *self._events.drain()]:
+                if ev is None:
+                    continue
+                if ev.kind == "progress":
+                    batch.append({"kind": "progress", "data": {"sessions": [
+                        {"id": p.id, "bytes_up": p.bytes_up, "bytes_down": p.bytes_down} for p in ev.progress
+                    ]}})  # fmt: skip
+                elif ev.session is not None:
+                    data: dict[str, Any] = {"session": ev.session.as_dict()}
+                    if ev.reason is not None:
+                        data["reason"] = str(ev.reason)
+                    batch.append({"kind": ev.kind, "data": data})
+            messages: list[dict[str, Any]] = []
+            if resync or self._resync_due:
+                messages.append({"origin": self.node, "resync": True})
+            messages.extend({"origin": self.node, "events": batch[i : i + _MAX_BATCH]} for i in range(0, len(batch), _MAX_BATCH))
+            if not messages:
+                continue
+            try:
+                async with asyncio.timeout(self.timeout):
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for m in messages:
+                            pipe.publish(_EVENTS, json.dumps(m, separators=(",", ":")))
+                        await pipe.execute()
+            except (redis.RedisError, OSError, TimeoutError) as exc:
+                self._down("events", exc)
+                self._resync_due = True
+            else:
+                self._resync_due = False
+
+    def _event_message(self, data: str) -> None:
+        """Another node's events, to this node's event streams. A message that does not parse is dropped."""
+        try:
+            doc = json.loads(data)
+        except ValueError:
+            return
+        if not isinstance(doc, dict) or doc.get("origin") == self.node:
+            return
+        if doc.get("left") is True:
+            self._left.add(str(doc.get("origin"))[:64])
+            return
+        if doc.get("resync") is True:
+            self._registry.resync()
+            return
+        events = doc.get("events")
+        if not isinstance(events, list):
+            return
+        for ev in events[:_MAX_BATCH]:
+            if isinstance(ev, dict) and ev.get("kind") in _EVENT_KINDS and isinstance(ev.get("data"), dict):
+                self._registry.relay(cast(Literal["opened", "closed", "updated", "progress"], ev["kind"]), ev["data"])
 
     async def disconnect(self, node: str, sid: str, reason: str, grace: float) -> tuple[str, str | None]:
         """Ask `node` to end its session `sid`: (result, ends_at) as that node's registry answered, or node_unreachable."""
@@ -279,14 +462,16 @@ class RedisCluster:
         while True:
             try:
                 pubsub = self._redis.pubsub()
-                await pubsub.subscribe(_CONTROL + self.node, _LOCKS)
+                await pubsub.subscribe(_CONTROL + self.node, _LOCKS, _EVENTS)
                 try:
                     await self._sync_locks()
                     while True:
                         msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                         if msg is None:
                             continue
-                        if msg["channel"] == _LOCKS:
+                        if msg["channel"] == _EVENTS:
+                            self._event_message(msg["data"])
+                        elif msg["channel"] == _LOCKS:
                             self._lock_change(msg["data"])
                         elif len(self._serving) < _MAX_SERVING:
                             task = asyncio.create_task(self._handle(msg["data"]), name="cluster-disconnect")
@@ -363,3 +548,12 @@ class RedisCluster:
             answer = {"result": "disconnected" if gone else "failed"}
         self._log.info("cluster_disconnect_served", session_id=sid, result=answer["result"])
         return answer
+
+
+def _age(now: datetime, at: str) -> float | None:
+    """Seconds since an ISO time written by another node (None if it does not parse)."""
+    try:
+        then = datetime.fromisoformat(at.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return round(max(0.0, (now - then).total_seconds()), 3)

@@ -99,12 +99,14 @@ class SessionEvent:
 
     `opened`, `updated` (state changed) and `closed` carry the session; `progress`
     carries every session whose byte counts moved since the last tick, in one event.
+    With [cluster], another node's event arrives as `remote`: its payload as that node's API shows it.
     """
 
     kind: Literal["opened", "closed", "updated", "progress"]
     session: SessionInfo | None = None
     reason: Reason | None = None
     progress: tuple[Progress, ...] = ()
+    remote: dict[str, Any] | None = None
 
 
 def notice_text(reason: str) -> str:

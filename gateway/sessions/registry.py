@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from structlog.typing import FilteringBoundLogger
 
@@ -222,7 +222,8 @@ class StreamEnded(Exception):
 class Subscription:
     """A bounded event stream. On overflow it is emptied and marked for one resync, never silently gapped."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, *, local_only: bool = False) -> None:
+        self.local_only = local_only  # this node's own events only (the cluster's forwarder)
         self._queue: asyncio.Queue[SessionEvent] = asyncio.Queue(size)
         self.overflowed = False
         self.ended = False
@@ -238,9 +239,14 @@ class Subscription:
         try:
             self._queue.put_nowait(event)
         except asyncio.QueueFull:
-            self.overflowed = True
-            while not self._queue.empty():
-                self._queue.get_nowait()
+            self.overflow()
+        self._signal.set()
+
+    def overflow(self) -> None:
+        """Drop what is queued: the reader's next `get()` returns None (resync from a snapshot)."""
+        self.overflowed = True
+        while not self._queue.empty():
+            self._queue.get_nowait()
         self._signal.set()
 
     async def get(self) -> SessionEvent | None:
@@ -522,16 +528,29 @@ class SessionRegistry:
             out[key] = out.get(key, 0) + 1
         return out
 
-    def subscribe(self) -> Subscription:
-        """A bounded event stream. Raises SubscriberLimit when too many are open."""
+    def subscribe(self, *, local_only: bool = False) -> Subscription:
+        """A bounded event stream (`local_only`: without other nodes' events). Raises SubscriberLimit when too many are open."""
         if len(self._subscribers) >= self._max_subscribers:
             raise SubscriberLimit(f"at most {self._max_subscribers} event streams at once")
-        sub = Subscription(self._queue_size)
+        sub = Subscription(self._queue_size, local_only=local_only)
         self._subscribers.add(sub)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
         self._subscribers.discard(sub)
+
+    def relay(self, kind: Literal["opened", "closed", "updated", "progress"], payload: dict[str, Any]) -> None:
+        """Another node's event (with [cluster]) to every event stream here, as that node's API shows it."""
+        event = SessionEvent(kind, remote=payload)
+        for sub in self._subscribers:
+            if not sub.local_only:
+                sub.put(event)
+
+    def resync(self) -> None:
+        """Every event stream starts over from a snapshot (the cluster's view changed in a way events cannot say)."""
+        for sub in self._subscribers:
+            if not sub.local_only:
+                sub.overflow()
 
     def end_subscriptions(self) -> None:
         """End every event stream (the gateway is stopping): readers get what is queued, then StreamEnded."""

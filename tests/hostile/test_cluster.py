@@ -1,12 +1,15 @@
 """Two gateway nodes sharing one view through a real redis-server: each lists the other's sessions with their node,
 a disconnect sent to one node ends a session on the other (the user's real ssh prints the notice), a node that
 stops heartbeating drops out within node_ttl, and with Redis down each node serves its users, answers from its
-own state as degraded, and converges when Redis is back. (In-process nodes; issue 11's three `bastion serve`
-processes behind haproxy are not built yet.)"""
+own state as degraded, and converges when Redis is back; every node's events reach every node's stream, a node that
+dies has its sessions reported lost, and a one-time link works once across nodes. (In-process nodes; the three
+`bastion serve` processes behind haproxy are in test_cluster_processes.py.)"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -199,3 +202,146 @@ async def test_a_token_revoked_on_one_node_is_refused_on_the_other(nodes: tuple[
         return await status_on(b) == 401
 
     await until(refused_on_b, timeout=10)
+
+
+@contextlib.asynccontextmanager
+async def event_stream(gw: Gateway) -> AsyncIterator[Callable[[Callable[[str, dict[str, Any]], bool]], Awaitable[dict[str, Any]]]]:
+    """Node `gw`'s /v1/events, read as the page reads it; yields `next(match)`: the first event (kind, data) matching."""
+    ctx = ssl.create_default_context(cafile=str(Path(gw.raw["gateway"]["state_dir"]) / "tls.crt"))
+    headers = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+    async with aiohttp.ClientSession() as http, http.get(gw.control_url + "/v1/events", headers=headers, ssl=ctx) as r:
+        assert r.status == 200
+
+        async def next_event(match: Callable[[str, dict[str, Any]], bool]) -> dict[str, Any]:
+            kind = ""
+            async with asyncio.timeout(15):
+                async for raw in r.content:
+                    line = raw.decode().rstrip("\n")
+                    if line.startswith("event: "):
+                        kind = line[7:]
+                    elif line.startswith("data: "):
+                        data = json.loads(line[6:])
+                        if match(kind, data):
+                            return {"kind": kind, **data}
+            raise AssertionError("the event stream ended")
+
+        yield next_event
+
+
+async def open_cat(gw: Gateway) -> asyncio.subprocess.Process:
+    """alice's `cat` on web01 through node `gw`: a session that stays open until its stdin closes."""
+    return await asyncio.create_subprocess_exec(
+        *argv(gw, "alice+web01", "cat"), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+
+
+async def test_every_node_s_events_reach_every_node_s_stream(nodes: tuple[Gateway, Gateway]) -> None:
+    """An operator watching node A's event stream sees alice's session on node B open (with node-b) and close with
+    its true reason when node B's operator ends it; the snapshot after a resync lists both nodes' sessions."""
+    a, b = nodes
+    await until(lambda: _has_nodes(a, {"node-a", "node-b"}))
+    async with event_stream(a) as next_event:
+        await next_event(lambda kind, _: kind == "snapshot")
+        proc = await open_cat(b)
+        try:
+            opened = await next_event(lambda kind, d: kind == "opened" and d["session"]["node"] == "node-b")
+            sid = opened["session"]["id"]
+            assert opened["session"]["user"] == "alice" and opened["session"]["vm"] == "web01"
+            assert opened["session"]["duration_s"] >= 0
+            status, _ = await api(b, "DELETE", f"/v1/sessions/{sid}", {"reason": "seen from A"})
+            assert status == 200
+            closed = await next_event(lambda kind, d: kind == "closed" and d["session"]["id"] == sid)
+            assert closed["reason"] == "terminated_by_operator" and closed["session"]["node"] == "node-b"
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+
+
+async def test_a_node_that_dies_has_its_sessions_reported_lost(nodes: tuple[Gateway, Gateway]) -> None:
+    """Node B dies with alice's session open (its heartbeat and Redis link stop, as under SIGKILL): within node_ttl
+    node A's stream closes that session with reason node_lost, A's /v1/cluster lists node-b as lost with one session,
+    the metrics count it, and the log says so once, with the session id."""
+    a, b = nodes
+    await until(lambda: _has_nodes(a, {"node-a", "node-b"}))
+    proc = await open_cat(b)
+    try:
+
+        async def listed_on_a() -> bool:
+            return any(r["node"] == "node-b" for r in (await sessions_on(a))["sessions"])
+
+        await until(listed_on_a)
+        sid = next(r["id"] for r in (await sessions_on(a))["sessions"] if r["node"] == "node-b")
+        status, summary = await api(a, "GET", "/v1/cluster")
+        assert status == 200 and summary["clustered"] is True and summary["lost"] == []
+        assert {n["node"]: n["sessions"] for n in summary["nodes"]} == {"node-a": 0, "node-b": 1}
+        async with event_stream(a) as next_event:
+            await next_event(lambda kind, _: kind == "snapshot")
+            cluster = b.app._cluster
+            assert cluster is not None
+            for t in cluster._tasks:  # what SIGKILL does to its heartbeat and its Redis link, without killing the test
+                t.cancel()
+            lost = await next_event(lambda kind, d: kind == "closed" and d["session"]["id"] == sid)
+            assert lost["reason"] == "node_lost" and lost["session"]["node"] == "node-b"
+        status, summary = await api(a, "GET", "/v1/cluster")
+        assert [n["node"] for n in summary["nodes"]] == ["node-a"]
+        assert [(x["node"], x["sessions"]) for x in summary["lost"]] == [("node-b", 1)]
+        metrics = a.app.metrics.render().decode()
+        assert "bastion_cluster_sessions_lost_total 1.0" in metrics and "bastion_cluster_nodes_lost_total 1.0" in metrics
+        assert "bastion_cluster_nodes 1.0" in metrics
+        [line] = a.logs.events("cluster_node_lost")
+        assert line["node"] == "node-b" and line["session_ids"] == [sid]
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+async def test_a_node_that_stops_cleanly_is_not_reported_lost(
+    nodes: tuple[Gateway, Gateway], make_gateway: GatewayFactory, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A third node that joins and then stops cleanly (its sessions drained) leaves every view at once, and node A logs
+    it as left, not lost."""
+    a, _ = nodes
+    await until(lambda: _has_nodes(a, {"node-a", "node-b"}))
+
+    def logged(event: str) -> Callable[[], Awaitable[bool]]:
+        async def check() -> bool:  # A's heartbeat notices joins and departures
+            return any(e["node"] == "node-c" for e in a.logs.events(event))
+
+        return check
+
+    async with make_gateway(node(tmp_path, "node-c", redis_server, tmp_path / "token.key")):
+        await until(lambda: _has_nodes(a, {"node-a", "node-b", "node-c"}))
+        await until(logged("cluster_node_joined"))
+    await until(lambda: _has_nodes(a, {"node-a", "node-b"}))  # at once: its key is gone, not waiting out node_ttl
+    await until(logged("cluster_node_left"))
+    _, summary = await api(a, "GET", "/v1/cluster")
+    assert summary["lost"] == [] and not a.logs.events("cluster_node_lost")
+
+
+async def test_a_one_time_link_works_once_across_nodes(nodes: tuple[Gateway, Gateway]) -> None:
+    """Behind a balancer the same browser sign-in link can reach two nodes: the first use signs in, the second (on
+    the other node, before any revocation could travel) is refused as already used."""
+    a, b = nodes
+    await until(lambda: _has_nodes(a, {"node-a", "node-b"}))
+    a.app.tokens.on_revoke = b.app.tokens.on_revoke = None  # only the cluster-wide claim may stop the second use
+    token, _ = a.app.tokens.issue("alice", use="web", lifetime=60)
+
+    async def use_on(gw: Gateway) -> tuple[int, str]:
+        ctx = ssl.create_default_context(cafile=str(Path(gw.raw["gateway"]["state_dir"]) / "tls.crt"))
+        url = f"https://127.0.0.1:{gw.port}/login/link?t={token}"
+        async with aiohttp.ClientSession() as http, http.get(url, ssl=ctx, allow_redirects=False) as r:
+            return r.status, await r.text()
+
+    assert (await use_on(a))[0] == 303
+    status, text = await use_on(b)
+    assert status == 401 and "already used" in text
+
+
+async def test_one_node_without_a_cluster_is_a_cluster_of_one(make_gateway: GatewayFactory) -> None:
+    """Without [cluster], /v1/cluster describes this node alone (and no Redis is touched)."""
+    async with make_gateway() as gw:
+        status, summary = await api(gw, "GET", "/v1/cluster")
+        assert status == 200 and summary["clustered"] is False and summary["lost"] == []
+        assert [(n["node"], n["sessions"], n["self"]) for n in summary["nodes"]] == [(summary["node"], 0, True)]
