@@ -32,21 +32,27 @@ def _run(coro_factory: Callable[[asyncio.Event], Coroutine[Any, Any, int]]) -> i
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from gateway.app import preflight
     from gateway.config import load_config
 
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
-        for path, msg in exc.problems:
-            print(f"{args.config}: {path}: {msg}", file=sys.stderr)
-        print(f"{len(exc.problems)} problem(s) found", file=sys.stderr)
+        problems = [f"{path}: {msg}" for path, msg in exc.problems]
+    else:
+        problems = [] if args.no_files else preflight(cfg)
+    for problem in problems:
+        print(f"{args.config}: {problem}", file=sys.stderr)
+    if problems:
+        print(f"{len(problems)} problem(s) found", file=sys.stderr)
         return 1
-    print(f"OK: {len(cfg.vms)} VMs, {len(cfg.users)} users, {len(cfg.rules)} rules")
+    files = "files not checked" if args.no_files else "every file it names checked"
+    print(f"OK: {len(cfg.vms)} VMs, {len(cfg.users)} users, {len(cfg.rules)} rules; {files}")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from gateway.app import App
+    from gateway.app import App, preflight
     from gateway.config import load_config
     from gateway.logs import loop_exception_handler, make_logger, quiet_libraries, route_stdlib_logging
     from gateway.sdnotify import Notifier
@@ -60,14 +66,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     route_stdlib_logging(fmt=args.log_format)
     quiet_libraries()
     log = make_logger(fmt=args.log_format, node=cfg.gateway.node)
+    problems = preflight(cfg)  # the checks `check-config` makes, all of them, before anything binds
+    if problems:
+        for problem in problems:
+            print(f"bastion: cannot start: {problem}", file=sys.stderr)
+        log.error("gateway_start_failed", reason=StartupError.reason, problems=problems)
+        return 1
 
     async def serve(stop: asyncio.Event) -> int:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(loop_exception_handler(log))
-        app = App(cfg, log, notifier=Notifier.from_env(os.environ), reload_config=lambda: load_config(args.config))
-        # SIGHUP (systemctl reload) re-reads the config; without a handler it would kill the process.
-        loop.add_signal_handler(signal.SIGHUP, app.request_reload)
         try:
+            app = App(cfg, log, notifier=Notifier.from_env(os.environ), reload_config=lambda: load_config(args.config))
+            # SIGHUP (systemctl reload) re-reads the config; without a handler it would kill the process.
+            loop.add_signal_handler(signal.SIGHUP, app.request_reload)
             await app.run_until(stop)
         except StartupError as exc:
             print(f"bastion: cannot start: {exc.message}", file=sys.stderr)
@@ -467,8 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     s.set_defaults(func=cmd_serve)
 
-    c = sub.add_parser("check-config", help="validate a config file and print every problem")
+    c = sub.add_parser("check-config", help="validate a config file and the files it names; print every problem `serve` would refuse")
     c.add_argument("config")
+    c.add_argument("--no-files", action="store_true", help="check the config file only, not the files it names (e.g. on a build machine)")
     c.set_defaults(func=cmd_check_config)
 
     d = sub.add_parser("demo", help="run a self-contained demo on loopback (no config, no root)")

@@ -167,9 +167,10 @@ async def test_daemon_serves_ssh_and_logs_one_session_closed_line(tmp_path: Path
 
 
 async def test_example_config_is_valid() -> None:
-    """The documented example config passes check-config, so the docs cannot drift from the code."""
+    """The documented example config passes check-config, so the docs cannot drift from the code (its key and
+    certificate paths are a real host's, so only the file itself is checked here)."""
     example = Path(__file__).resolve().parents[2] / "config" / "example.toml"
-    rc, out, err = await run(*BASTION, "check-config", str(example))
+    rc, out, err = await run(*BASTION, "check-config", "--no-files", str(example))
     assert rc == 0, err
     assert out.startswith("OK:")
 
