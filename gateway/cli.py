@@ -239,7 +239,10 @@ def cmd_sessions(args: argparse.Namespace) -> int:
             return 0
         while True:
             warning = _no_vm_match(args, rows)
-            print(clear + render_sessions(rows) + (f"\n({warning})" if warning else ""), end="\n\n" if not clear else "\n", flush=True)
+            if args.json:  # one JSON array a line, for `| jq` and the like
+                print(json.dumps(rows), flush=True)
+            else:
+                print(clear + render_sessions(rows) + (f"\n({warning})" if warning else ""), end="\n" if clear else "\n\n", flush=True)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(args.interval):
                     await stop.wait()
@@ -587,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("sessions", help="list live sessions from the control port")
     _control_flags(ls)
-    ls.add_argument("--json", action="store_true", help="print JSON")
+    ls.add_argument("--json", action="store_true", help="print JSON (with --watch: one array a line)")
     ls.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
     ls.add_argument(
         "--interval", type=_seconds(MIN_INTERVAL), default=2.0, help=f"seconds between refreshes with --watch (at least {MIN_INTERVAL:g})"
