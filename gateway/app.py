@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import socket
 import ssl
@@ -33,7 +34,7 @@ from gateway.doors.rdg import RdgDoor
 from gateway.doors.ssh import SSHDoor
 from gateway.doors.web import WebDoor
 from gateway.errors import ConfigError, GatewayError, StartupError
-from gateway.filemodes import check_private_file, check_state_dir
+from gateway.filemodes import check_private_file, check_state_dir, read_private_key
 from gateway.kinds import Reason
 from gateway.locks import LockStore
 from gateway.metrics import CONTENT_TYPE, Metrics
@@ -50,7 +51,7 @@ from gateway.protocols.ssh_jump import SSHJumpHandler
 from gateway.protocols.ssh_terminate import SSHTerminateHandler
 from gateway.protocols.ssh_web import SSHWebHandler
 from gateway.protocols.tunnel import TunnelHandler
-from gateway.protocols.upstream_ssh import Credentials, HostKeys
+from gateway.protocols.upstream_ssh import Credentials, HostKeys, login_key_path
 from gateway.sdnotify import Notifier, ServiceNotifier
 from gateway.sessions.cluster import RedisCluster
 from gateway.sessions.connections import ConnectionRegistry
@@ -75,20 +76,10 @@ def ensure_state_dir(path: Path) -> Path:
 
 def load_host_keys(config: Config, state_dir: Path, log: FilteringBoundLogger) -> list[asyncssh.SSHKey]:
     """The gateway's own SSH host keys; an ed25519 key is generated in state_dir when none are configured."""
-    keys = []
-    for i, p in enumerate(config.ssh.host_keys):
-        check_private_file(p, f"ssh.host_keys[{i}]", "SSH host key")
-        try:
-            keys.append(asyncssh.read_private_key(p))
-        except FileNotFoundError:
-            raise StartupError(f"ssh.host_keys[{i}]: file not found: {str(p)!r}") from None
-        except PermissionError:
-            raise StartupError(f"ssh.host_keys[{i}]: file not readable: {str(p)!r}") from None
-        except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError, ValueError, OSError) as exc:
-            raise StartupError(f"ssh.host_keys[{i}]: not a usable private key ({exc}): {str(p)!r}") from None
+    keys = [read_private_key(p, f"ssh.host_keys[{i}]", "SSH host key") for i, p in enumerate(config.ssh.host_keys)]
     if keys:
         return keys
-    path = state_dir / "ssh_host_ed25519_key"
+    path = state_dir / GENERATED_HOST_KEY
     if not path.exists():
         key = asyncssh.generate_private_key("ssh-ed25519")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -96,11 +87,7 @@ def load_host_keys(config: Config, state_dir: Path, log: FilteringBoundLogger) -
             f.write(key.export_private_key())
         (state_dir / "ssh_host_ed25519_key.pub").write_bytes(key.export_public_key())
         log.info("host_key_generated", path=str(path), fingerprint=key.get_fingerprint())
-    check_private_file(path, "gateway.state_dir", "generated SSH host key")
-    try:
-        return [asyncssh.read_private_key(path)]
-    except (OSError, asyncssh.KeyImportError, ValueError) as exc:
-        raise StartupError(f"cannot read generated host key {str(path)!r}: {exc}") from None
+    return [read_private_key(path, "gateway.state_dir", "generated SSH host key")]
 
 
 def load_tls(config: Config, state_dir: Path, log: FilteringBoundLogger) -> ssl.SSLContext:
@@ -114,8 +101,98 @@ def load_tls(config: Config, state_dir: Path, log: FilteringBoundLogger) -> ssl.
         )
         tls.write_self_signed(cert, key, names)
         log.warning("tls_self_signed_generated", cert=str(cert), hint="set public.tls_cert and public.tls_key for production")
+    return _generated_tls(state_dir)
+
+
+GENERATED_HOST_KEY = "ssh_host_ed25519_key"
+
+
+def _generated_tls(state_dir: Path) -> ssl.SSLContext:
+    key = state_dir / "tls.key"
     check_private_file(key, "gateway.state_dir", "generated TLS key")
-    return tls.server_context(cert, key)
+    return tls.server_context(state_dir / "tls.crt", key)
+
+
+def _state_dir_creatable(path: Path) -> None:
+    """What `ensure_state_dir` checks, without creating anything. Raises StartupError."""
+    if path.exists() or path.is_symlink():
+        check_state_dir(path)
+        if not os.access(path, os.W_OK):
+            raise StartupError(f"gateway.state_dir: not writable: {str(path)!r}")
+        return
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise StartupError(f"gateway.state_dir: cannot create {str(path)!r}: {str(parent)!r} is not a writable directory")
+
+
+def _readable_text(path: Path, key: str) -> None:
+    try:
+        path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StartupError(f"{key}: cannot read {str(path)!r}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def _client_secret(path: Path) -> str:
+    """The OIDC client secret, checked as `start` checks it. Raises StartupError."""
+    check_private_file(path, "oidc.client_secret_file", "client secret file")
+    return read_client_secret(path)
+
+
+def preflight(cfg: Config) -> list[str]:
+    """Every check `serve` makes before it binds, each problem found (not only the first), as one line each.
+
+    The state dir; every file the config names (exists, readable, the gateway's own and closed to others where
+    it is a secret, parses as what it must be): TLS certificates and keys, SSH host keys, VM login keys, token
+    signing keys, the user CA key, the OIDC client secret, the Redis password; and what the gateway keeps in
+    its state dir when it is there already (generated keys, locks, identities, learned host keys). Creates and
+    changes nothing: a file the gateway generates on first start is checked only when it exists.
+    `bastion check-config` prints the list and `bastion serve` refuses to start on it, so the two cannot drift.
+    Binding the ports is not part of it.
+    """
+    problems: list[str] = []
+
+    def check(fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except StartupError as exc:
+            problems.extend(exc.problems)
+
+    state = cfg.gateway.state_dir
+    check(lambda: _state_dir_creatable(state))
+    clock = SystemClock()
+    for label, section in (("public", cfg.public), ("control", cfg.control)):
+        cert, key = section.tls_cert, section.tls_key
+        if cert is not None and key is not None:
+            check(functools.partial(tls.server_context, cert, key, label=label))
+    if (cfg.public.tls_cert is None or cfg.public.tls_key is None) and (state / "tls.crt").exists() and (state / "tls.key").exists():
+        check(lambda: _generated_tls(state))
+    for i, p in enumerate(cfg.ssh.host_keys):
+        check(functools.partial(read_private_key, p, f"ssh.host_keys[{i}]", "SSH host key"))
+    if not cfg.ssh.host_keys and (state / GENERATED_HOST_KEY).exists():
+        check(functools.partial(read_private_key, state / GENERATED_HOST_KEY, "gateway.state_dir", "generated SSH host key"))
+    for vm in cfg.vms.values():
+        for login in vm.logins.values():
+            check(functools.partial(read_private_key, login.key, login_key_path(vm, login.name), "VM login key"))
+    if cfg.tunnel.token_key_file is not None:
+        check(functools.partial(load_key, cfg.tunnel.token_key_file, "tunnel.token_key_file"))
+    elif (state / "token.key").exists():
+        check(functools.partial(load_or_create_key, state / "token.key"))  # exists: only read and checked
+    if cfg.tunnel.previous_token_key_file is not None:
+        check(functools.partial(load_key, cfg.tunnel.previous_token_key_file, "tunnel.previous_token_key_file"))
+    ca_key = cfg.ca.key or state / "user_ca_ed25519"
+    if ca_key.exists():  # a missing one is generated, as `serve` does
+        check(functools.partial(UserCA.load_or_create, ca_key, clock, cfg.ca.certificate_lifetime))
+    check(LockStore(state / "locks.json", clock).load)
+    check(Identities(state / "identities.json", clock).load)
+    if (state / "known_hosts_tofu").exists():
+        check(functools.partial(_readable_text, state / "known_hosts_tofu", "gateway.state_dir"))
+    if cfg.oidc is not None:
+        check(functools.partial(_client_secret, cfg.oidc.client_secret_file))
+    if cfg.cluster is not None and cfg.cluster.password_file is not None:
+        check(functools.partial(read_secret_file, cfg.cluster.password_file, "cluster.password_file"))
+    return problems
 
 
 WEB_SESSION_LIFETIME = 8 * 3600.0  # a browser sign-in lasts this long (the cookie's Max-Age too)
@@ -351,8 +428,7 @@ class App:
         self.web_sessions = WebSessions(self.clock, cfg.oidc.session_lifetime if cfg.oidc else WEB_SESSION_LIFETIME)
         self.access.web_sessions = self.web_sessions
         if cfg.oidc is not None:
-            check_private_file(cfg.oidc.client_secret_file, "oidc.client_secret_file", "client secret file")
-            self._oidc = OIDCClient(cfg.oidc, self.clock, read_client_secret(cfg.oidc.client_secret_file))
+            self._oidc = OIDCClient(cfg.oidc, self.clock, _client_secret(cfg.oidc.client_secret_file))
             self._oidc_discovery = asyncio.create_task(self._discover(self._oidc), name="oidc-discovery")
         self._web = WebDoor(
             deps=deps, handler=handlers.ssh_web, sessions=self.web_sessions, tokens=self.tokens, log=self.log,

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import json
+import math
 import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from gateway import __version__
 from gateway.errors import ConfigError, StartupError
@@ -32,21 +34,27 @@ def _run(coro_factory: Callable[[asyncio.Event], Coroutine[Any, Any, int]]) -> i
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from gateway.app import preflight
     from gateway.config import load_config
 
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
-        for path, msg in exc.problems:
-            print(f"{args.config}: {path}: {msg}", file=sys.stderr)
-        print(f"{len(exc.problems)} problem(s) found", file=sys.stderr)
+        problems = [f"{path}: {msg}" for path, msg in exc.problems]
+    else:
+        problems = [] if args.no_files else preflight(cfg)
+    for problem in problems:
+        print(f"{args.config}: {problem}", file=sys.stderr)
+    if problems:
+        print(f"{len(problems)} problem(s) found", file=sys.stderr)
         return 1
-    print(f"OK: {len(cfg.vms)} VMs, {len(cfg.users)} users, {len(cfg.rules)} rules")
+    files = "files not checked" if args.no_files else "every file it names checked"
+    print(f"OK: {len(cfg.vms)} VMs, {len(cfg.users)} users, {len(cfg.rules)} rules; {files}")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from gateway.app import App
+    from gateway.app import App, preflight
     from gateway.config import load_config
     from gateway.logs import loop_exception_handler, make_logger, quiet_libraries, route_stdlib_logging
     from gateway.sdnotify import Notifier
@@ -60,14 +68,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     route_stdlib_logging(fmt=args.log_format)
     quiet_libraries()
     log = make_logger(fmt=args.log_format, node=cfg.gateway.node)
+    problems = preflight(cfg)  # the checks `check-config` makes, all of them, before anything binds
+    if problems:
+        for problem in problems:
+            print(f"bastion: cannot start: {problem}", file=sys.stderr)
+        log.error("gateway_start_failed", reason=StartupError.reason, problems=problems)
+        return 1
 
     async def serve(stop: asyncio.Event) -> int:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(loop_exception_handler(log))
-        app = App(cfg, log, notifier=Notifier.from_env(os.environ), reload_config=lambda: load_config(args.config))
-        # SIGHUP (systemctl reload) re-reads the config; without a handler it would kill the process.
-        loop.add_signal_handler(signal.SIGHUP, app.request_reload)
         try:
+            app = App(cfg, log, notifier=Notifier.from_env(os.environ), reload_config=lambda: load_config(args.config))
+            # SIGHUP (systemctl reload) re-reads the config; without a handler it would kill the process.
+            loop.add_signal_handler(signal.SIGHUP, app.request_reload)
             await app.run_until(stop)
         except StartupError as exc:
             print(f"bastion: cannot start: {exc.message}", file=sys.stderr)
@@ -98,13 +112,49 @@ def cmd_hash_token(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from gateway.client.api import ControlClient
+    """The control API client from the flags, else BASTION_CONTROL_URL, BASTION_TOKEN and BASTION_CA_FILE.
+    Raises ControlError for a missing or malformed URL or token or an unusable CA file (before any request)."""
+    from gateway.client.api import ControlClient, ControlError
 
     url = args.url or os.environ.get("BASTION_CONTROL_URL")
     token = args.token or os.environ.get("BASTION_TOKEN")
     if not url or not token:
-        raise SystemExit("bastion: set --url/BASTION_CONTROL_URL and --token/BASTION_TOKEN")
-    return ControlClient(url=url, token=token, ca_file=args.ca_file, insecure=args.insecure)
+        raise ControlError("set --url/BASTION_CONTROL_URL and --token/BASTION_TOKEN")
+    ca_file = args.ca_file or os.environ.get("BASTION_CA_FILE") or None
+    return ControlClient(url=url, token=token, ca_file=ca_file, insecure=args.insecure)
+
+
+def _operator(args: argparse.Namespace, work: Callable[[Any, asyncio.Event], Coroutine[Any, Any, int]], *, interrupted: int = 130) -> int:
+    """Run one operator command against the control API.
+
+    The client is built (and its URL and CA file checked) first. A refused or failed request prints one line and
+    returns 1. Ctrl-C or SIGTERM cancels the work wherever it is and returns `interrupted` (130, the shell's code
+    for SIGINT; 0 for `sessions --watch`, whose normal end it is), with nothing more printed.
+    """
+    from gateway.client.api import ControlError
+
+    client = _client(args)
+
+    async def run(stop: asyncio.Event) -> int:
+        task = asyncio.create_task(work(client, stop), name="operator-command")
+        stopped = asyncio.create_task(stop.wait(), name="operator-stop")
+        try:
+            await asyncio.wait((task, stopped), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (stopped, task):
+                if not t.done():
+                    t.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await t
+        if task.cancelled():
+            return interrupted
+        try:
+            return task.result()
+        except ControlError as exc:
+            print(f"bastion: {exc.message}", file=sys.stderr)
+            return 1
+
+    return _run(run)
 
 
 def _human_bytes(n: int) -> str:
@@ -123,8 +173,26 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{sec:02d}s" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
 
 
-def render_sessions(rows: list[dict[str, Any]]) -> str:
-    """The `bastion sessions` table."""
+def _when(iso: str) -> datetime.datetime | None:
+    with contextlib.suppress(ValueError, TypeError):
+        when = datetime.datetime.fromisoformat(iso.replace("Z", "+00:00"))
+        return when if when.tzinfo else when.replace(tzinfo=datetime.UTC)
+    return None
+
+
+def session_state(row: dict[str, Any], now: datetime.datetime) -> str:
+    """The STATE column: `active`, or `terminating in 12s` for a pending disconnect (`terminating` once it is due)."""
+    state = str(row.get("state") or "active")
+    ends = _when(row["ends_at"]) if row.get("ends_at") else None
+    if ends is None:
+        return state
+    left = (ends - now).total_seconds()
+    return f"terminating in {_duration(math.ceil(left))}" if left >= 1 else "terminating"
+
+
+def render_sessions(rows: list[dict[str, Any]], now: datetime.datetime | None = None) -> str:
+    """The `bastion sessions` table (`now` for the STATE column's countdown; default: this machine's clock)."""
+    now = now or datetime.datetime.now(datetime.UTC)
     header = ("ID", "USER", "VM", "SOURCE IP", "PROTOCOL", "STARTED", "DURATION", "UP", "DOWN", "STATE")
     table = [header] + [
         (
@@ -137,7 +205,7 @@ def render_sessions(rows: list[dict[str, Any]]) -> str:
             _duration(r["duration_s"]),
             _human_bytes(r["bytes_up"]),
             _human_bytes(r["bytes_down"]),
-            f"terminating, ends {r['ends_at'].replace('T', ' ')[:19]}" if r.get("ends_at") else r.get("state", "active"),
+            session_state(r, now),
         )
         for r in rows
     ]
@@ -148,53 +216,46 @@ def render_sessions(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _no_vm_match(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str | None:
+    """The warning for a --vm filter that matched nothing. The CLI cannot see the inventory, so it says only that."""
+    if args.vm and not rows:
+        return f"no session to VM {args.vm!r} (is the name right?)"
+    return None
+
+
 def cmd_sessions(args: argparse.Namespace) -> int:
-    from gateway.client.api import ControlError
+    from urllib.parse import urlencode
 
-    client = _client(args)
     params = {k: v for k, v in (("user", args.user), ("vm", args.vm), ("protocol", args.protocol)) if v}
-    path = "v1/sessions" + ("?" + "&".join(f"{k}={v}" for k, v in params.items()) if params else "")
+    path = "v1/sessions" + ("?" + urlencode(params) if params else "")
+    clear = "\033[H\033[2J" if sys.stdout.isatty() else ""  # a pipe gets tables one after another, no escapes
 
-    async def once() -> list[dict[str, Any]]:
-        data = await client.request("GET", path)
-        rows: list[dict[str, Any]] = data["sessions"]
-        return rows
-
-    async def run(stop: asyncio.Event) -> int:
-        try:
-            rows = await once()
-            if args.json:
-                print(json.dumps(rows, indent=2))
+    async def work(client: Any, stop: asyncio.Event) -> int:
+        rows: list[dict[str, Any]] = (await client.request("GET", path))["sessions"]
+        if not args.watch:
+            print(json.dumps(rows, indent=2) if args.json else render_sessions(rows))
+            if warning := _no_vm_match(args, rows):
+                print(f"bastion: {warning}", file=sys.stderr)
+            return 0
+        while True:
+            warning = _no_vm_match(args, rows)
+            if args.json:  # one JSON array a line, for `| jq` and the like
+                print(json.dumps(rows), flush=True)
+            else:
+                print(clear + render_sessions(rows) + (f"\n({warning})" if warning else ""), end="\n" if clear else "\n\n", flush=True)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(args.interval):
+                    await stop.wait()
+            if stop.is_set():  # Ctrl-C: the normal end of --watch
                 return 0
-            if not args.watch:
-                print(render_sessions(rows))
-                return 0
-            while not stop.is_set():
-                print("\033[H\033[2J" + render_sessions(rows), flush=True)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(args.interval):
-                        await stop.wait()
-                if not stop.is_set():
-                    rows = await once()
-        except ControlError as exc:
-            print(f"bastion: {exc.message}", file=sys.stderr)
-            return 1
-        return 0
+            rows = (await client.request("GET", path))["sessions"]
 
-    return _run(run)
+    return _operator(args, work, interrupted=0 if args.watch else 130)
 
 
 def cmd_disconnect(args: argparse.Namespace) -> int:
-    from gateway.client.api import ControlError
-
-    client = _client(args)
-
-    async def run(stop: asyncio.Event) -> int:
-        try:
-            data = await client.request("POST", "v1/sessions/disconnect", {"ids": args.ids, "reason": args.reason, "grace_s": args.grace})
-        except ControlError as exc:
-            print(f"bastion: {exc.message}", file=sys.stderr)
-            return 1
+    async def work(client: Any, stop: asyncio.Event) -> int:
+        data = await client.request("POST", "v1/sessions/disconnect", {"ids": args.ids, "reason": args.reason, "grace_s": args.grace})
         results: dict[str, str] = data["results"]
         ends: dict[str, str] = data.get("ends_at") or {}
         for sid in args.ids:
@@ -202,24 +263,39 @@ def cmd_disconnect(args: argparse.Namespace) -> int:
             print(f"{sid}: {result} (ends at {ends[sid]})" if sid in ends else f"{sid}: {result}")
         return 0 if all(r in ("disconnected", "pending") for r in results.values()) else 3
 
-    return _run(run)
+    return _operator(args, work)
+
+
+def cmd_notice(args: argparse.Namespace) -> int:
+    """`bastion notice TEXT [--id ID]...`: a line for the users of the given sessions (all without --id)."""
+    message = " ".join(args.message.split())
+    if not message:
+        print("bastion notice: give the text to show", file=sys.stderr)
+        return 2
+    body: dict[str, Any] = {"message": message}
+    if args.ids:
+        body["ids"] = args.ids
+
+    async def work(client: Any, stop: asyncio.Event) -> int:
+        results: dict[str, str] = (await client.request("POST", "v1/notices", body))["results"]
+        for sid in args.ids or sorted(results):
+            print(f"{sid}: {results.get(sid, 'not_found')}")
+        if not results:
+            print("(no sessions)")
+        if not args.ids:  # to everyone: a session that cannot show text (ssh -J) is not a failure
+            return 0
+        return 0 if all(results.get(sid) == "delivered" for sid in args.ids) else 3
+
+    return _operator(args, work)
 
 
 def _call(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None, show: Callable[[Any], int]) -> int:
     """One control API request; prints the error and returns 1 when it is refused or unreachable."""
-    from gateway.client.api import ControlError
 
-    client = _client(args)
+    async def work(client: Any, stop: asyncio.Event) -> int:
+        return show(await client.request(method, path, body))
 
-    async def run(stop: asyncio.Event) -> int:
-        try:
-            data = await client.request(method, path, body)
-        except ControlError as exc:
-            print(f"bastion: {exc.message}", file=sys.stderr)
-            return 1
-        return show(data)
-
-    return _run(run)
+    return _operator(args, work)
 
 
 def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]], empty: str) -> str:
@@ -453,12 +529,42 @@ def _tunnel_flags(p: argparse.ArgumentParser, *, vm_flag: bool = True) -> None:
 def _control_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help="control URL, e.g. https://127.0.0.1:4443 (env BASTION_CONTROL_URL)")
     p.add_argument("--token", help="operator token (env BASTION_TOKEN)")
-    p.add_argument("--ca-file", help="CA or certificate to verify the control port with")
+    p.add_argument("--ca-file", help="CA or certificate to verify the control port with (env BASTION_CA_FILE)")
     p.add_argument("--insecure", action="store_true", help="do not verify the control port's certificate (tests only)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the problem and where to read more, not the whole usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+MIN_INTERVAL = 0.5  # seconds between --watch refreshes: an operator's screen, not a load test of the control port
+MAX_GRACE = 3600.0  # what the control API accepts for grace_s
+
+
+def _seconds(low: float, high: float | None = None) -> Callable[[str], float]:
+    """An argparse type: a finite number of seconds within [low, high]."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        if not math.isfinite(value) or value < low or (high is not None and value > high):
+            if high is None:
+                raise argparse.ArgumentTypeError(f"must be at least {low:g} seconds, got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be from {low:g} to {high:g} seconds, got {text!r}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bastion", description="Reach private VMs through one public port.")
+    from gateway.kinds import Protocol
+
+    p = _Parser(prog="bastion", description="Reach private VMs through one public port.")
     p.add_argument("--version", action="version", version=f"bastion {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -467,8 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     s.set_defaults(func=cmd_serve)
 
-    c = sub.add_parser("check-config", help="validate a config file and print every problem")
+    c = sub.add_parser("check-config", help="validate a config file and the files it names; print every problem `serve` would refuse")
     c.add_argument("config")
+    c.add_argument("--no-files", action="store_true", help="check the config file only, not the files it names (e.g. on a build machine)")
     c.set_defaults(func=cmd_check_config)
 
     d = sub.add_parser("demo", help="run a self-contained demo on loopback (no config, no root)")
@@ -483,20 +590,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("sessions", help="list live sessions from the control port")
     _control_flags(ls)
-    ls.add_argument("--json", action="store_true", help="print JSON")
+    ls.add_argument("--json", action="store_true", help="print JSON (with --watch: one array a line)")
     ls.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
-    ls.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch")
-    ls.add_argument("--user")
-    ls.add_argument("--vm")
-    ls.add_argument("--protocol")
+    ls.add_argument(
+        "--interval", type=_seconds(MIN_INTERVAL), default=2.0, help=f"seconds between refreshes with --watch (at least {MIN_INTERVAL:g})"
+    )
+    ls.add_argument("--user", help="only this user's sessions")
+    ls.add_argument("--vm", help="only sessions to this VM")
+    ls.add_argument("--protocol", choices=[str(k) for k in Protocol], help="only sessions of this protocol")
     ls.set_defaults(func=cmd_sessions)
 
     dc = sub.add_parser("disconnect", help="force sessions to end, with a notice to their users")
     _control_flags(dc)
     dc.add_argument("ids", nargs="+", metavar="ID")
     dc.add_argument("--reason", default="", help="shown to the users")
-    dc.add_argument("--grace", type=float, default=0.0, help="seconds of warning before the disconnect")
+    dc.add_argument(
+        "--grace", type=_seconds(0.0, MAX_GRACE), default=0.0, help=f"seconds of warning before the disconnect (0 to {MAX_GRACE:g})"
+    )
     dc.set_defaults(func=cmd_disconnect)
+
+    nt = sub.add_parser("notice", help="show a line of text to the users of live sessions (all of them without --id)")
+    _control_flags(nt)
+    nt.add_argument("message", metavar="TEXT", help="one line, shown as typed")
+    nt.add_argument("--id", dest="ids", action="append", metavar="ID", help="a session to tell (repeat for several)")
+    nt.set_defaults(func=cmd_notice)
 
     lk = sub.add_parser("lock", help="lock a user, a VM or a source network: live access ends, new access is refused")
     _control_flags(lk)
@@ -571,15 +688,43 @@ def _ensure_std_fds() -> None:
                 os.close(null)
 
 
+def _stdout_gone() -> None:
+    """The reader of stdout went away (`bastion sessions --watch | head`): point fd 1 at /dev/null, so the
+    interpreter's last flush does not fail again with a second BrokenPipeError."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(null, sys.stdout.fileno())
+    os.close(null)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The `bastion` command. Every error is one line on stderr and a non-zero status, never a traceback
+    (BASTION_DEBUG=1 shows one for an unexpected error); a closed stdout ends a command quietly with 0, Ctrl-C
+    with 130. `serve` and `demo` keep a traceback for a bug: it is the report a daemon's journal needs."""
     _ensure_std_fds()
     words = list(sys.argv[1:] if argv is None else argv)
     passthrough: list[str] = []
     if words[:1] == ["rdp"] and "--" in words:
         cut = words.index("--")
         words, passthrough = words[:cut], words[cut + 1 :]
-    args = build_parser().parse_args(words)
-    if passthrough:
-        args.client_args = passthrough
-    func: Callable[[argparse.Namespace], int] = args.func
-    return func(args)
+    try:
+        args = build_parser().parse_args(words)
+        if passthrough:
+            args.client_args = passthrough
+        func: Callable[[argparse.Namespace], int] = args.func
+        return func(args)
+    except KeyboardInterrupt:  # before or after the loop's own SIGINT handler
+        return 130
+    except BrokenPipeError:
+        _stdout_gone()
+        return 0
+    except Exception as exc:
+        from gateway.client.api import ControlError
+
+        if isinstance(exc, ControlError):
+            print(f"bastion: {exc.message}", file=sys.stderr)
+            return 1
+        if words[:1] in (["serve"], ["demo"]) or os.environ.get("BASTION_DEBUG"):
+            raise
+        print(f"bastion: unexpected error: {type(exc).__name__}: {exc} (BASTION_DEBUG=1 shows where)", file=sys.stderr)
+        return 1

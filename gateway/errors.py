@@ -34,9 +34,16 @@ class ConfigError(GatewayError):
 
 
 class StartupError(GatewayError):
-    """The daemon cannot start: a port in use, a missing certificate, an unreadable key."""
+    """The daemon cannot start: a port in use, a missing certificate, an unreadable key.
+
+    `problems` lists each problem on its own (one, unless a check found several at once); the message joins them.
+    """
 
     reason = "startup_failed"
+
+    def __init__(self, message: str, *, reason: str | None = None, problems: list[str] | None = None) -> None:
+        super().__init__(message, reason=reason)
+        self.problems = list(problems) if problems else [message]
 
 
 class AuthError(GatewayError):

@@ -19,6 +19,8 @@ import shlex
 import stat
 from pathlib import Path
 
+import asyncssh
+
 from gateway.errors import StartupError
 
 _OTHERS = 0o077  # group and other bits, as OpenSSH's sshkey_perm_ok checks them
@@ -81,3 +83,19 @@ def check_private_file(path: Path, key: str, what: str = "private key file") -> 
             f"{key}: UNPROTECTED PRIVATE KEY FILE: {what} {str(path)!r} has mode {mode:04o}, so group or others may "
             f"{_access(st.st_mode)} it: run `chmod 600 {shlex.quote(str(path))}`"
         )
+
+
+def read_private_key(path: Path, key: str, what: str = "private key file") -> asyncssh.SSHKey:
+    """An SSH private key the config names (or the gateway generated): `check_private_file`, then parsed.
+
+    Raises StartupError naming `key` and the file: missing, unreadable, open to others, or not a usable key.
+    """
+    check_private_file(path, key, what)
+    try:
+        return asyncssh.read_private_key(path)
+    except FileNotFoundError:
+        raise StartupError(f"{key}: file not found: {str(path)!r}") from None
+    except PermissionError:
+        raise StartupError(f"{key}: file not readable: {str(path)!r}") from None
+    except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError, ValueError, OSError) as exc:
+        raise StartupError(f"{key}: not a usable private key ({exc}): {str(path)!r}") from None

@@ -20,11 +20,14 @@ from gateway.filemodes import check_private_file
 def server_context(cert: Path, key: Path, label: str = "public") -> ssl.SSLContext:
     """A TLS 1.2+ server context. Raises StartupError naming the config key and file at fault (also for a key
     that is not the gateway's own or that group or others may access)."""
+    missing = []  # both files at once, so an operator missing both fixes both in one go
     for key_name, path in ((f"{label}.tls_cert", cert), (f"{label}.tls_key", key)):
         if not path.is_file():
-            raise StartupError(f"{key_name}: file not found: {str(path)!r}")
-        if not os.access(path, os.R_OK):
-            raise StartupError(f"{key_name}: file not readable: {str(path)!r}")
+            missing.append(f"{key_name}: file not found: {str(path)!r}")
+        elif not os.access(path, os.R_OK):
+            missing.append(f"{key_name}: file not readable: {str(path)!r}")
+    if missing:
+        raise StartupError("; ".join(missing), problems=missing)
     check_private_file(key, f"{label}.tls_key", "TLS key")  # the certificate is public; the key is not
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2

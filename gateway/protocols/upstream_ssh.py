@@ -13,14 +13,18 @@ from structlog.typing import FilteringBoundLogger
 
 from gateway.config import VM
 from gateway.errors import (
-    StartupError,
     UpstreamAuthFailed,
     UpstreamError,
     UpstreamHostKeyMismatch,
     UpstreamTimeout,
 )
-from gateway.filemodes import check_private_file
+from gateway.filemodes import read_private_key
 from gateway.net.upstream import dial
+
+
+def login_key_path(vm: VM, login: str) -> str:
+    """The config key path of a VM login's private key, as every problem with it is named."""
+    return f"vms[{vm.name}].logins.{login}.key"
 
 
 class Credentials:
@@ -39,16 +43,7 @@ class Credentials:
         keys: dict[tuple[str, str], asyncssh.SSHKey] = {}
         for vm in vms.values():
             for login in vm.logins.values():
-                where = f"vms[{vm.name}].logins.{login.name}.key"
-                check_private_file(login.key, where, "VM login key")
-                try:
-                    keys[(vm.name, login.name)] = asyncssh.read_private_key(login.key)
-                except FileNotFoundError:
-                    raise StartupError(f"{where}: file not found: {str(login.key)!r}") from None
-                except PermissionError:
-                    raise StartupError(f"{where}: file not readable: {str(login.key)!r}") from None
-                except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError, ValueError, OSError) as exc:
-                    raise StartupError(f"{where}: not a usable private key ({exc}): {str(login.key)!r}") from None
+                keys[(vm.name, login.name)] = read_private_key(login.key, login_key_path(vm, login.name), "VM login key")
         return cls(keys)
 
     def get(self, vm: str, login: str) -> asyncssh.SSHKey | None:

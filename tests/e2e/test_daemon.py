@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import tomli_w
 
 from tests.e2e.conftest import OPERATOR_TOKEN, Echo, Keys, base_config
@@ -117,6 +118,135 @@ async def test_unusable_vm_key_is_a_clear_startup_error(tmp_path: Path, keys: Ke
     assert "Traceback" not in err
 
 
+# -- check-config and serve make the same file checks (gateway.app.preflight) ------------------------------------
+
+
+def _missing_tls(tmp: Path, data: dict[str, Any]) -> None:
+    data["public"] |= {"tls_cert": str(tmp / "missing.crt"), "tls_key": str(tmp / "missing.key")}
+
+
+def _missing_keys(tmp: Path, data: dict[str, Any]) -> None:
+    data["ssh"]["host_keys"] = [str(tmp / "missing_host_key")]
+    data["vms"][0]["logins"][data["vms"][0]["default_login"]]["key"] = str(tmp / "missing_vm_key")
+
+
+def _unprotected_vm_key(tmp: Path, data: dict[str, Any]) -> None:
+    key = tmp / "open_vm_key"
+    shutil.copy(data["vms"][1]["logins"][data["vms"][1]["default_login"]]["key"], key)
+    key.chmod(0o644)
+    data["vms"][1]["logins"][data["vms"][1]["default_login"]]["key"] = str(key)
+
+
+def _junk_control_key_and_short_token_key(tmp: Path, data: dict[str, Any]) -> None:
+    junk = tmp / "control.key"
+    junk.write_text("not a key\n")
+    junk.chmod(0o600)
+    cert = tmp / "control.crt"
+    cert.write_text("not a certificate\n")
+    short = tmp / "token.key"
+    short.write_bytes(b"0123456789")
+    short.chmod(0o600)
+    data["control"] |= {"tls_cert": str(cert), "tls_key": str(junk)}
+    data["tunnel"] = {"token_key_file": str(short)}
+
+
+def _open_state_dir_and_bad_locks(tmp: Path, data: dict[str, Any]) -> None:
+    state = Path(data["gateway"]["state_dir"])
+    state.mkdir(mode=0o700)
+    state.chmod(0o755)
+    (state / "locks.json").write_text("{not json")
+
+
+def _missing_redis_password(tmp: Path, data: dict[str, Any]) -> None:
+    data["cluster"] = {"redis_url": "redis://127.0.0.1:1/0", "password_file": str(tmp / "missing_redis_password")}
+
+
+BROKEN: dict[str, Callable[[Path, dict[str, Any]], None]] = {
+    "missing TLS certificate and key": _missing_tls,
+    "missing host and VM login keys": _missing_keys,
+    "VM login key others may read": _unprotected_vm_key,
+    "junk control TLS files and a short token key": _junk_control_key_and_short_token_key,
+    "state dir open to others and an unreadable locks file": _open_state_dir_and_bad_locks,
+    "missing Redis password file": _missing_redis_password,
+}
+
+
+async def run_killed_after(timeout: float, *argv: str) -> tuple[int, str, str]:
+    """Run a command that should exit by itself; if it does not within `timeout`, kill it and fail."""
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(f"{argv[3]} did not exit: it accepted a broken config") from None
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def check_and_serve(tmp: Path, data: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The problems `check-config` lists and those `serve` refuses to start on, each without its prefix."""
+    data["public"]["listen"] = [f"127.0.0.1:{free_port()}"]
+    cfg = write_config(tmp, data)
+    rc, _, check_err = await run_killed_after(60, *BASTION, "check-config", str(cfg))
+    assert rc == 1 and "Traceback" not in check_err, check_err
+    checked = [line.removeprefix(f"{cfg}: ") for line in check_err.splitlines() if line.startswith(f"{cfg}: ")]
+    assert check_err.splitlines()[-1] == f"{len(checked)} problem(s) found"
+    rc, _, serve_err = await run_killed_after(60, *BASTION, "serve", "--config", str(cfg), "--log-format", "json")
+    assert rc == 1 and "Traceback" not in serve_err, serve_err
+    refused = [
+        line.removeprefix("bastion: cannot start: ") for line in serve_err.splitlines() if line.startswith("bastion: cannot start: ")
+    ]
+    return checked, refused
+
+
+@pytest.mark.parametrize("case", BROKEN)
+async def test_check_config_reports_every_problem_serve_refuses(tmp_path: Path, keys: Keys, vm: SSHD, case: str) -> None:
+    """For a config naming broken files, `serve` refuses to start and `check-config` (which used to say OK) names
+    every problem `serve` names."""
+    data = base_config(tmp_path, keys, vm)
+    BROKEN[case](tmp_path, data)
+    checked, refused = await check_and_serve(tmp_path, data)
+    assert refused, "serve named no problem"
+    assert set(refused) <= set(checked)
+
+
+async def test_check_config_lists_every_file_problem_at_once(tmp_path: Path, keys: Keys, vm: SSHD) -> None:
+    """With every breakage at once, check-config lists each of them in one run (and serve names them all, not only
+    the first), without creating the state dir it checks."""
+    data = base_config(tmp_path, keys, vm)
+    for name, brk in BROKEN.items():
+        if name != "state dir open to others and an unreadable locks file":  # it creates the state dir
+            brk(tmp_path, data)
+    checked, refused = await check_and_serve(tmp_path, data)
+    assert not (tmp_path / "state").exists()
+    login = data["vms"][0]["default_login"]
+    expected = [
+        f"public.tls_cert: file not found: '{tmp_path / 'missing.crt'}'",
+        f"public.tls_key: file not found: '{tmp_path / 'missing.key'}'",
+        f"ssh.host_keys[0]: file not found: '{tmp_path / 'missing_host_key'}'",
+        f"vms[web01].logins.{login}.key: file not found: '{tmp_path / 'missing_vm_key'}'",
+        f"vms[web02].logins.{data['vms'][1]['default_login']}.key: UNPROTECTED PRIVATE KEY FILE",
+        f"cannot load TLS certificate '{tmp_path / 'control.crt'}'",
+        f"tunnel.token_key_file: '{tmp_path / 'token.key'}' is shorter than 32 bytes",
+        f"cluster.password_file: file not found: '{tmp_path / 'missing_redis_password'}'",
+    ]
+    for fragment in expected:
+        assert [p for p in checked if p.startswith(fragment)], (fragment, checked)
+    assert len(checked) == len(expected)
+    assert refused == checked
+
+
+async def test_check_config_checks_the_state_dir_serve_would_use(tmp_path: Path, keys: Keys, vm: SSHD) -> None:
+    """A state dir others may list and a locks file that does not parse are both named by check-config."""
+    data = base_config(tmp_path, keys, vm)
+    _open_state_dir_and_bad_locks(tmp_path, data)
+    checked, _ = await check_and_serve(tmp_path, data)
+    assert [p for p in checked if p.startswith("gateway.state_dir: state directory") and "mode 0755" in p], checked
+    assert [p for p in checked if p.startswith("locks file") and "locks.json" in p], checked
+
+
 async def test_daemon_serves_ssh_and_logs_one_session_closed_line(tmp_path: Path, keys: Keys, vm: SSHD) -> None:
     """The real daemon relays `ssh alice+web01@gw` and, after SIGTERM, its JSON log has one
     session_closed line with everything an auditor needs."""
@@ -167,9 +297,10 @@ async def test_daemon_serves_ssh_and_logs_one_session_closed_line(tmp_path: Path
 
 
 async def test_example_config_is_valid() -> None:
-    """The documented example config passes check-config, so the docs cannot drift from the code."""
+    """The documented example config passes check-config, so the docs cannot drift from the code (its key and
+    certificate paths are a real host's, so only the file itself is checked here)."""
     example = Path(__file__).resolve().parents[2] / "config" / "example.toml"
-    rc, out, err = await run(*BASTION, "check-config", str(example))
+    rc, out, err = await run(*BASTION, "check-config", "--no-files", str(example))
     assert rc == 0, err
     assert out.startswith("OK:")
 
