@@ -199,7 +199,7 @@ async def test_operator_disconnect_shows_a_banner_that_stays(chromium: Browser, 
         await expect(banner).to_have_attribute("data-kind", "ended")
         await expect(page.locator("#term-state")).to_have_text("Disconnected")  # the socket's close event came
         await expect(banner).to_be_visible()
-        await expect(page.locator("#banner-text")).to_have_text("You have been disconnected. kernel update")
+        await expect(page.locator("#banner-text")).to_have_text("[bastion] You have been disconnected. kernel update")
         await expect(banner.get_by_role("button", name="Back to the VM list")).to_be_visible()
         # Also written into the terminal, where it stays in the scrollback under the banner.
         assert "You have been disconnected. kernel update" in await page.evaluate("window.bastionTerminalText()")

@@ -188,7 +188,7 @@ async def test_a_kill_shows_the_notice_closes_the_channel_and_revokes_the_token(
         assert status == 200 and body["result"] == "disconnected", body
         async with asyncio.timeout(10):
             await tunnel.wait_closed()
-        assert tunnel.service_messages == ["You have been disconnected. patch night"]
+        assert tunnel.service_messages == ["[bastion] You have been disconnected. patch night"]
         assert tunnel.close_status == 0
         await wait_for(lambda: bool(gw.logs.events("session_closed")), gw.logs.changed, timeout=10)
         [closed] = gw.logs.events("session_closed")
