@@ -233,7 +233,7 @@ async def test_a_notice_shows_as_text_while_the_terminal_keeps_working(chromium:
             assert (await r.json())["results"] == {live.id: "delivered"}
         banner = page.locator("#banner")
         await expect(banner).to_have_attribute("data-kind", "notice")
-        await expect(page.locator("#banner-text")).to_have_text("<b>bold</b> maintenance at noon")
+        await expect(page.locator("#banner-text")).to_have_text("[bastion] <b>bold</b> maintenance at noon")
         await expect(page.locator("#banner b")).to_have_count(0)
         await run(page, "typing-$((3*4))")
         await screen_match(page, r"^(still-typing-12)$")
