@@ -216,8 +216,8 @@ async def test_notices_and_grace_warnings_are_service_messages(make_gateway: Gat
 
         async with asyncio.timeout(10):
             await both()
-        assert tunnel.service_messages[0] == "backup at noon"
-        assert tunnel.service_messages[1].startswith("You will be disconnected in 30 seconds: soon")
+        assert tunnel.service_messages[0] == "[bastion] backup at noon"
+        assert tunnel.service_messages[1].startswith("[bastion] You will be disconnected in 30 seconds: soon")
         await tunnel.close()
 
 
