@@ -17,7 +17,7 @@ from structlog.typing import FilteringBoundLogger
 from gateway.kinds import Reason
 from gateway.locks import Lock, LockError, LockKind, LockStore, lock_from_dict
 from gateway.sessions.connections import ConnectionRegistry
-from gateway.sessions.model import notice_text
+from gateway.sessions.model import notice_text, prefixed
 from gateway.sessions.registry import SessionRegistry
 from gateway.websessions import WebSessions
 
@@ -33,8 +33,17 @@ def _sentence(text: str) -> str:
 
 
 class AccessControl:
-    def __init__(self, registry: SessionRegistry, connections: ConnectionRegistry, locks: LockStore, log: FilteringBoundLogger) -> None:
+    def __init__(
+        self,
+        registry: SessionRegistry,
+        connections: ConnectionRegistry,
+        locks: LockStore,
+        log: FilteringBoundLogger,
+        *,
+        notice_prefix: str = "",
+    ) -> None:
         self.registry = registry
+        self._prefix = notice_prefix
         self.connections = connections
         self.locks = locks
         self._log = log
@@ -42,6 +51,10 @@ class AccessControl:
         # With [cluster]: tell the other nodes (fire and forget; a node that misses it syncs when it reconnects).
         self.publish_lock: Callable[[dict[str, Any]], None] | None = None
         self.publish_unlock: Callable[[str], None] | None = None
+
+    def _notice(self, text: str) -> str:
+        """What the user of a connection this ends reads: the notice, after the configured prefix."""
+        return prefixed(self._prefix, notice_text(text))
 
     def lock(self, kind: LockKind, target: str, reason: str, expires_at: float | None, by: str) -> tuple[Lock, Ended]:
         """Add a lock, then end every live session and connection it covers. Raises LockError, OSError (not saved)."""
@@ -74,7 +87,7 @@ class AccessControl:
                 sessions += 1
         connections = 0
         for conn in self.connections.all():
-            if lock.kind != "vm" and lock.applies(conn.user, None, conn.source_ip) and conn.end(notice_text(text)):
+            if lock.kind != "vm" and lock.applies(conn.user, None, conn.source_ip) and conn.end(self._notice(text)):
                 connections += 1
         if lock.kind == "user" and self.web_sessions is not None:
             connections += len(self.web_sessions.end_user(lock.target))  # browser sign-ins of a locked user end too
@@ -101,7 +114,7 @@ class AccessControl:
         for info in self.registry.list():
             if info.connection_id == cid and self.registry.terminate(info.id, text, 0.0, reason):
                 sessions += 1
-        ended = conn.end(notice_text(text))
+        ended = conn.end(self._notice(text))
         return Ended(sessions, int(ended))
 
     def revoke(self, still_a_user: Callable[[str], bool]) -> Ended:
@@ -116,6 +129,6 @@ class AccessControl:
                 sessions += 1
         connections = 0
         for conn in self.connections.all():
-            if not still_a_user(conn.user) and conn.end(notice_text("Your account was removed from the gateway's configuration.")):
+            if not still_a_user(conn.user) and conn.end(self._notice("Your account was removed from the gateway's configuration.")):
                 connections += 1
         return Ended(sessions, connections)

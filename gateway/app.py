@@ -237,13 +237,14 @@ def load_files(cfg: Config, state_dir: Path, log: FilteringBoundLogger) -> Files
 
 
 # What a reload cannot change: the sockets are bound and the state dir is open. A change is logged and waits for a restart.
-RESTART_ONLY = ("gateway.node", "gateway.state_dir", "public.listen", "control.listen", "oidc", "ca")
+RESTART_ONLY = ("gateway.node", "gateway.state_dir", "gateway.notice_prefix", "public.listen", "control.listen", "oidc", "ca")
 
 
 def _restart_only_changes(old: Config, new: Config) -> list[str]:
     pairs = {
         "gateway.node": (old.gateway.node, new.gateway.node),
         "gateway.state_dir": (old.gateway.state_dir, new.gateway.state_dir),
+        "gateway.notice_prefix": (old.gateway.notice_prefix, new.gateway.notice_prefix),
         "public.listen": (old.public.listen, new.public.listen),
         "control.listen": (old.control.listen, new.control.listen),
         "oidc": (old.oidc, new.oidc),
@@ -377,7 +378,7 @@ class App:
         self.user_ca = UserCA.load_or_create(cfg.ca.key or state_dir / "user_ca_ed25519", self.clock, cfg.ca.certificate_lifetime)
         self.identities = Identities(state_dir / "identities.json", self.clock)
         self.identities.load()
-        self.access = AccessControl(self.registry, self.connections, self.locks, self.log)
+        self.access = AccessControl(self.registry, self.connections, self.locks, self.log, notice_prefix=cfg.gateway.notice_prefix)
         sockets: list[socket.socket] = []
         control_sockets: list[socket.socket] = []
         try:
@@ -389,7 +390,7 @@ class App:
             for s in sockets + control_sockets:
                 s.close()
             raise
-        deps = Deps(self.registry, self.policy, self.log, self.metrics, locks=self.locks)
+        deps = Deps(self.registry, self.policy, self.log, self.metrics, locks=self.locks, notice_prefix=cfg.gateway.notice_prefix)
         handlers = build_handlers(cfg, credentials, host_keys, self.clock)
         first = cfg.public.listen[0] if cfg.public.listen else None
         hint = first.host if first and first.host not in ("0.0.0.0", "::") else "GATEWAY"
@@ -561,7 +562,9 @@ class App:
             self.log.warning("config_reload_needs_restart", keys=restart, hint="these keys keep their running values until a restart")
             new = dataclasses.replace(
                 new,
-                gateway=dataclasses.replace(new.gateway, node=old.gateway.node, state_dir=old.gateway.state_dir),
+                gateway=dataclasses.replace(
+                    new.gateway, node=old.gateway.node, state_dir=old.gateway.state_dir, notice_prefix=old.gateway.notice_prefix
+                ),
                 public=dataclasses.replace(new.public, listen=old.public.listen),
                 control=dataclasses.replace(new.control, listen=old.control.listen),
                 oidc=old.oidc,

@@ -423,23 +423,48 @@ def cmd_logout(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gateway_of(args: argparse.Namespace) -> str:
+    """--gateway (or BASTION_GATEWAY); else where `ssh -G` says the --ssh-host alias goes (one port for SSH and HTTPS)."""
+    import subprocess
+
+    gateway = args.gateway or os.environ.get("BASTION_GATEWAY")
+    if not gateway and args.ssh_host:
+        argv = ["ssh", *(["-F", args.ssh_config] if args.ssh_config else []), "-G", args.ssh_host]
+        got = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=False)  # noqa: S603 - argv, no shell
+        seen = dict(line.split(" ", 1) for line in got.stdout.decode(errors="replace").splitlines() if " " in line)
+        if got.returncode != 0 or "hostname" not in seen or "port" not in seen:
+            raise SystemExit(f"bastion: cannot read host {args.ssh_host!r} with `ssh -G`: {got.stderr.decode(errors='replace').strip()}")
+        host = seen["hostname"]
+        gateway = f"[{host}]:{seen['port']}" if ":" in host else f"{host}:{seen['port']}"
+    if not gateway:
+        raise SystemExit("bastion: set --gateway HOST:PORT (or BASTION_GATEWAY), or --ssh-host with an alias of your ssh config")
+    host, _, gw_port = gateway.rpartition(":")
+    if not host or not gw_port.isdigit():
+        raise SystemExit(f"bastion: --gateway must be HOST:PORT, got {gateway!r}")
+    return gateway
+
+
+def _ssh_to_gateway(args: argparse.Namespace, gateway: str, *command: str) -> list[str]:
+    """The ssh command that runs a gateway command (`token`, `rdp VM`): to the --ssh-host alias, so its HostName,
+    Port, User and known_hosts apply; else to the --gateway host and port as $USER (or --user)."""
+    argv = ["ssh", *(["-F", args.ssh_config] if args.ssh_config else []), *_identity_args(args)]
+    if args.ssh_host:
+        return [*argv, f"{args.user}@{args.ssh_host}" if args.user else args.ssh_host, *command]
+    host, _, gw_port = gateway.rpartition(":")
+    return [*argv, "-p", gw_port, f"{args.user or os.environ.get('USER', '')}@{host.strip('[]')}", *command]
+
+
 def _tunnel_from_args(args: argparse.Namespace) -> tuple[Any, tuple[str, int]]:
     from gateway.client.tunnel import TokenSource, Tunnel
     from gateway.config import parse_listen
 
-    gateway = args.gateway or os.environ.get("BASTION_GATEWAY")
-    if not gateway:
-        raise SystemExit("bastion: set --gateway HOST:PORT (or BASTION_GATEWAY)")
-    host, _, gw_port = gateway.rpartition(":")
-    if not host or not gw_port.isdigit():
-        raise SystemExit(f"bastion: --gateway must be HOST:PORT, got {gateway!r}")
+    gateway = _gateway_of(args)
     try:
         local = parse_listen(args.local)
     except ValueError as exc:
         raise SystemExit(f"bastion: --local: {exc}") from None
     token = args.token or os.environ.get("BASTION_TUNNEL_TOKEN")
-    ssh_argv = ["ssh", *(["-F", args.ssh_config] if args.ssh_config else []), *_identity_args(args)]
-    ssh_argv += ["-p", gw_port, f"{args.user or os.environ.get('USER', '')}@{host.strip('[]')}", "token"]
+    ssh_argv = _ssh_to_gateway(args, gateway, "token")
     tunnel = Tunnel(gateway, args.vm, args.port, TokenSource(fixed=token, ssh_argv=ssh_argv), ca_file=args.ca_file, insecure=args.insecure)
     return tunnel, (local.host, local.port)
 
@@ -468,14 +493,7 @@ def _native_rdp(args: argparse.Namespace, client: str) -> int:
     import subprocess
     import tempfile
 
-    gateway = args.gateway or os.environ.get("BASTION_GATEWAY")
-    if not gateway:
-        raise SystemExit("bastion: set --gateway HOST:PORT (or BASTION_GATEWAY)")
-    host, _, gw_port = gateway.rpartition(":")
-    if not host or not gw_port.isdigit():
-        raise SystemExit(f"bastion: --gateway must be HOST:PORT, got {gateway!r}")
-    ssh = ["ssh", *(["-F", args.ssh_config] if args.ssh_config else []), *_identity_args(args)]
-    ssh += ["-p", gw_port, f"{args.user or os.environ.get('USER', '')}@{host.strip('[]')}", "rdp", args.vm]
+    ssh = _ssh_to_gateway(args, _gateway_of(args), "rdp", args.vm)
     got = subprocess.run(ssh, stdin=subprocess.DEVNULL, capture_output=True, timeout=60, check=False)  # noqa: S603 - argv, no shell
     if got.returncode != 0 or b"gatewayaccesstoken:s:" not in got.stdout:
         print(f"bastion rdp: could not get an .rdp file: {got.stderr.decode(errors='replace').strip() or got.returncode}", file=sys.stderr)
@@ -492,7 +510,7 @@ def _native_rdp(args: argparse.Namespace, client: str) -> int:
 def cmd_rdp(args: argparse.Namespace) -> int:
     import shutil
 
-    from gateway.client.tunnel import run_tunnel
+    from gateway.client.tunnel import TunnelError, run_tunnel
 
     client = shutil.which("xfreerdp") or shutil.which("mstsc")
     if client is None:
@@ -506,6 +524,12 @@ def cmd_rdp(args: argparse.Namespace) -> int:
 
     async def launch(host: str, port: int) -> None:
         nonlocal result
+        try:  # the token and the grant first: the RDP client starts only for a tunnel the gateway will open
+            await tunnel.check()
+        except TunnelError as exc:
+            tunnel.say(str(exc))
+            result = 1
+            return
         argv = [client, f"/v:{host}:{port}", *args.client_args] if "xfreerdp" in client else [client, f"/v:{host}:{port}"]
         proc = await asyncio.create_subprocess_exec(*argv)
         result = await proc.wait()
@@ -522,6 +546,11 @@ def _tunnel_flags(p: argparse.ArgumentParser, *, vm_flag: bool = True) -> None:
     p.add_argument("--user", help="your gateway user name for fetching a token (default: $USER)")
     p.add_argument("--identity", help="SSH private key for fetching a token (default: your ssh config and agent)")
     p.add_argument("--ssh-config", help="ssh config file for fetching a token")
+    p.add_argument(
+        "--ssh-host",
+        help="the ssh destination for fetching a token: a Host alias (e.g. of --ssh-config) whose HostName, Port, User and"
+        " known_hosts apply; also the gateway's HOST:PORT when --gateway is not given",
+    )
     p.add_argument("--ca-file", help="CA or certificate to verify the gateway with")
     p.add_argument("--insecure", action="store_true", help="do not verify the gateway's certificate (tests only)")
 

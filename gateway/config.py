@@ -75,6 +75,7 @@ class GatewaySection:
     connect_timeout: float = 10.0
     shutdown_grace: float = 30.0
     shutdown_notice: str = "The gateway is restarting: please reconnect in a minute."
+    notice_prefix: str = "[bastion]"  # before every notice a user reads, so it stands out from program output; "" for none
 
 
 @dataclass(frozen=True)
@@ -493,7 +494,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
     r.table(data, "", sections)
 
     g = r.get(data, "", "gateway", dict, {})
-    r.table(g, "gateway", {"node", "state_dir", "connect_timeout", "shutdown_grace", "shutdown_notice"})
+    r.table(g, "gateway", {"node", "state_dir", "connect_timeout", "shutdown_grace", "shutdown_notice", "notice_prefix"})
     node = r.get(g, "gateway", "node", str, socket.gethostname())
     if not NAME_RE.fullmatch(node):
         r.problem("gateway.node", f"not a valid name: {node!r}")
@@ -503,6 +504,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         connect_timeout=r.duration(g, "gateway", "connect_timeout", 10.0),
         shutdown_grace=r.duration(g, "gateway", "shutdown_grace", 30.0),
         shutdown_notice=_notice(r, g),
+        notice_prefix=_notice_prefix(r, g),
     )
     if gateway.shutdown_grace > 600:
         r.problem("gateway.shutdown_grace", f"must be at most 10m (systemd's stop timeout exceeds it), got {g['shutdown_grace']!r}")
@@ -850,6 +852,15 @@ def _notice(r: _Reader, g: Mapping[str, Any]) -> str:
     if not clean or len(clean) > 300:
         r.problem("gateway.shutdown_notice", f"must be 1 to 300 characters of text, got {text!r}")
         return GatewaySection.shutdown_notice
+    return clean
+
+
+def _notice_prefix(r: _Reader, g: Mapping[str, Any]) -> str:
+    text = r.get(g, "gateway", "notice_prefix", str, GatewaySection.notice_prefix)
+    clean = one_line(str(text))
+    if len(clean) > 40 or clean != str(text).strip():
+        r.problem("gateway.notice_prefix", f'must be at most 40 characters on one line ("" for none), got {text!r}')
+        return GatewaySection.notice_prefix
     return clean
 
 

@@ -2,7 +2,8 @@
 
 Default deny: only what a rule grants is allowed. Names are compared exactly
 (no case folding, no trailing dots). A refusal never says whether the VM
-exists, so users cannot probe the inventory.
+exists, so users cannot probe the inventory: only a user whom some rule lets
+reach the VM learns which protocol is missing.
 """
 
 from __future__ import annotations
@@ -80,6 +81,15 @@ class Policy:
                 out.append(rule)
         return out
 
+    def _not_granted(self, principal: Principal, vm: VM, protocol: Protocol) -> PolicyDenied:
+        """The refusal when no rule grants `protocol` on `vm`: which protocol is missing, for a user who may reach
+        the VM by another one (she knows it exists); else the same words as for a VM that does not exist."""
+        others = [str(p) for p in Protocol if p != protocol and self._rules_for(principal, vm, p)]
+        if others:
+            text = f"VM {vm.name!r} does not grant you '{protocol}' (you may use: {', '.join(others)})"
+            return PolicyDenied(text, reason="protocol_denied")
+        return PolicyDenied(not_found_message(vm.name))
+
     def check_ssh(self, principal: Principal, vm_name: str, login: str | None) -> Grant:
         """May `principal` open an SSH session on `vm_name` as `login` (None: the default)?
 
@@ -90,7 +100,7 @@ class Policy:
             raise PolicyDenied(not_found_message(vm_name), reason="unknown_vm")
         rules = self._rules_for(principal, vm, Protocol.SSH)
         if not rules:
-            raise PolicyDenied(not_found_message(vm_name))
+            raise self._not_granted(principal, vm, Protocol.SSH)
         chosen = login if login is not None else vm.default_login
         if chosen is None:
             raise PolicyDenied(f"VM {vm_name!r} has no default login; name one as USER+VM+LOGIN", reason="login_required")
@@ -126,7 +136,7 @@ class Policy:
         if is_rdp:
             candidates.append((Protocol.RDP, self._rules_for(principal, vm, Protocol.RDP)))
         if not any(rules for _, rules in candidates):
-            raise PolicyDenied(not_found_message(host))
+            raise self._not_granted(principal, vm, protocol)
         granting = [
             rule
             for proto, rules in candidates
@@ -152,7 +162,7 @@ class Policy:
         if not rules:
             if self._rules_for(principal, vm, Protocol.RDP if protocol == Protocol.TCP else Protocol.TCP):
                 raise PolicyDenied(f"port {port} on VM {vm_name!r} is not granted to you", reason="port_denied")
-            raise PolicyDenied(not_found_message(vm_name))
+            raise self._not_granted(principal, vm, protocol)
         granting = [rule for rule in rules if port in (rule.ports if rule.ports is not None else _default_ports(vm, protocol, ()))]
         if granting:
             return Grant(vm=vm, protocol=protocol, port=port, login=None, env=(), limits=_limits(granting))
@@ -182,12 +192,23 @@ class Policy:
         return tuple(dict.fromkeys(out))
 
     def granted_ports(self, principal: Principal, vm: VM) -> tuple[int, ...]:
-        """The VM ports this principal may reach by jump mode or tunnels (for listings)."""
+        """The ports of `vm` this principal may reach by jump mode or tunnels (for listings).
+
+        A rule's `ports` apply to each of its VMs, but a port that is another VM's SSH or RDP port at the same
+        address is that VM's service, not this one's (demo VMs on one host): it is listed under its own VM only.
+        """
+        own = {vm.ssh_port, vm.rdp_port}
+        theirs = {
+            p
+            for other in self._vms.values()
+            if other.name != vm.name and other.address == vm.address
+            for p in (other.ssh_port, other.rdp_port)
+        }
         ports: set[int] = set()
         for proto in (Protocol.SSH_JUMP, Protocol.RDP, Protocol.TCP):
             for rule in self._rules_for(principal, vm, proto):
                 if rule.ports is not None:
-                    ports.update(rule.ports)
+                    ports.update(p for p in rule.ports if p in own or p not in theirs)
                 elif proto == Protocol.SSH_JUMP:
                     ports.add(vm.ssh_port)
                 elif proto == Protocol.RDP and vm.rdp_port is not None:

@@ -8,7 +8,8 @@ A local connection that resets is passed on: the WebSocket closes with 4499, so 
 gateway ends the session at once instead of waiting on the VM. Notices the gateway
 sends (`{"type": "notice"}`: a warning before a limit or a disconnect) are printed; a
 close with code 4001 is a disconnect (by an operator, a limit or a restart): its
-reason is printed.
+reason is printed. `check()` asks the gateway, before anything is relayed, whether it grants
+the tunnel at all (`bastion rdp` does, before it starts the RDP client).
 """
 
 from __future__ import annotations
@@ -69,7 +70,10 @@ class TokenSource:
             raise TunnelError(f"`{shlex.join(self.ssh_argv)}` did not answer within 60 s") from None
         token = out.decode().strip()
         if proc.returncode != 0 or not token:
-            raise TunnelError(f"could not get a token with `{shlex.join(self.ssh_argv)}`: {err.decode().strip() or proc.returncode}")
+            why = err.decode(errors="replace").strip() or f"exit status {proc.returncode}"
+            if "Host key verification failed" in why and "-F" in self.ssh_argv:
+                why += " (name the config's Host alias for the gateway with --ssh-host)"
+            raise TunnelError(f"could not get a token with `{shlex.join(self.ssh_argv)}`: {why}")
         self._cached, self._fetched_at = token, time.monotonic()
         return token
 
@@ -104,8 +108,42 @@ class Tunnel:
     def say(self, text: str) -> None:
         print(f"bastion tunnel: {text}", file=self._out, flush=True)
 
+    def _session(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=15, sock_connect=15))
+        return self._http
+
+    async def check(self) -> None:
+        """Whether the gateway would open this tunnel, asked without opening one (nothing is dialled).
+
+        Gets a token as the tunnel would (fresh once if the cached one is refused as expired), then sends the
+        tunnel request without the upgrade: every check comes before the upgrade, so the gateway answers
+        `400 upgrade_required` exactly when it grants the tunnel. Raises TunnelError with the gateway's reason.
+        """
+        url = "https://" + self.url.removeprefix("wss://")
+        for attempt in (1, 2):
+            token = await self._tokens.get(fresh=attempt == 2)
+            try:
+                async with (
+                    asyncio.timeout(30),
+                    self._session().get(url, headers={"Authorization": f"Bearer {token}"}, ssl=self._ssl) as resp,
+                ):
+                    body = await resp.json(content_type=None)
+                    status = resp.status
+            except aiohttp.ClientConnectorCertificateError as exc:
+                raise TunnelError(f"cannot verify the gateway's certificate ({exc.certificate_error}); pass --ca-file") from None
+            except (aiohttp.ClientError, ValueError, TimeoutError) as exc:
+                raise TunnelError(f"cannot ask the gateway at {url.split('/v1/')[0]}: {exc or type(exc).__name__}") from None
+            error = body.get("error") if isinstance(body, dict) else None
+            if status == 400 and error == "upgrade_required":
+                return
+            if status == 401 and attempt == 1 and not self._tokens.fixed:
+                continue
+            message = body.get("message") if isinstance(body, dict) else None
+            raise TunnelError(f"the gateway refused the tunnel ({status}): {message or error or 'no reason given'}")
+
     async def start(self, host: str, port: int) -> tuple[str, int]:
-        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=15, sock_connect=15))
+        self._session()
         self._server = await asyncio.start_server(self._accept, host, port, limit=_READ)
         addr = self._server.sockets[0].getsockname()
         return str(addr[0]), int(addr[1])

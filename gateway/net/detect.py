@@ -8,11 +8,13 @@ import enum
 class Door(enum.Enum):
     SSH = "ssh"
     TLS = "tls"
+    HTTP = "http"  # a plain-HTTP request line: answered with a hint, never served
     UNKNOWN = "unknown"
     NEED_MORE = "need_more"
 
 
 _SSH = b"SSH-"
+_HTTP_METHODS = (b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE ")
 
 
 def classify(first: bytes) -> Door:
@@ -21,7 +23,8 @@ def classify(first: bytes) -> Door:
     SSH clients send `SSH-` (RFC 4253 4.2). A TLS ClientHello starts with the
     handshake record type 0x16 and a record version 0x0300-0x0304.
     Empty input means "nothing yet", which the listener turns into SSH on a
-    deadline since SSH servers may speak first.
+    deadline since SSH servers may speak first. A plain-HTTP method and a space
+    (`GET `, `POST `, ...) is HTTP: someone typed http:// for an https:// port.
     """
     if not first:
         return Door.NEED_MORE
@@ -32,4 +35,8 @@ def classify(first: bytes) -> Door:
     n = min(len(first), len(_SSH))
     if first[:n] == _SSH[:n]:
         return Door.SSH if n == len(_SSH) else Door.NEED_MORE
+    for method in _HTTP_METHODS:
+        n = min(len(first), len(method))
+        if first[:n] == method[:n]:
+            return Door.HTTP if n == len(method) else Door.NEED_MORE
     return Door.UNKNOWN

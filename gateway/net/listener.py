@@ -40,6 +40,14 @@ from gateway.net.startups import source_key
 DoorHandler = Callable[[socket.socket, tuple[str, int]], Awaitable[None]]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _PEEK = 8
+# What a plain-HTTP request gets on a port that speaks SSH and TLS only, before the close.
+PLAIN_HTTP_TEXT = "This port speaks SSH and HTTPS (TLS); use https:// or ssh."
+_PLAIN_HTTP_ANSWER = (
+    "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    f"Content-Length: {len(PLAIN_HTTP_TEXT) + 1}\r\nConnection: close\r\n\r\n{PLAIN_HTTP_TEXT}\n"
+).encode()
+_PLAIN_HTTP_DEADLINE = 2.0  # seconds to send the answer and read what the client still sends
+_PLAIN_HTTP_READ = 64 * 1024  # read (and drop) at most this much, so the close is not a reset over unread bytes
 
 
 class ConnectionObserver(Protocol):
@@ -204,6 +212,24 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     return bytes(out)
 
 
+async def answer_plain_http(sock: socket.socket) -> None:
+    """Tell a plain-HTTP client in one line that this port wants TLS or SSH, then let it see the close.
+
+    The request is read and dropped first, and after the answer until the client closes (bounded in time and
+    bytes): closing with unread bytes would send a reset, which can destroy the answer before the client reads it.
+    The caller closes the socket.
+    """
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(OSError, TimeoutError):
+        async with asyncio.timeout(_PLAIN_HTTP_DEADLINE):
+            await loop.sock_recv(sock, _PLAIN_HTTP_READ)
+            await loop.sock_sendall(sock, _PLAIN_HTTP_ANSWER)
+            sock.shutdown(socket.SHUT_WR)
+            left = _PLAIN_HTTP_READ
+            while left > 0 and (data := await loop.sock_recv(sock, min(left, 16384))):
+                left -= len(data)
+
+
 def _wake(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
@@ -355,6 +381,10 @@ class Listener:
                 held_as = key
             door = await peek_door(conn, self._detect_timeout)
             handler = self._doors.get(door)
+            if handler is None and door is Door.HTTP:
+                self._refusal_log.info(self._log, "connection_refused", "plain_http", listener=self.name, source_ip=peer[0])
+                await answer_plain_http(conn)
+                return
             if handler is None:
                 if _peek_proxy(conn):
                     # A client's own PROXY header (to us directly, or inside a balancer's stream): never trusted.

@@ -95,7 +95,8 @@ class GatewayShellSession(asyncssh.SSHServerSession[bytes]):
             lines.append(f"  {vm.name:<20} {', '.join(protos)}")
         if not reachable:
             lines.append("  (none)")
-        lines.append(f"Open a shell on one with: ssh -p PORT {name}+VM@{self._door.public_hint}")
+        port = self._door.public_port
+        lines.append(f"Open a shell on one with: ssh {'' if port == 22 else f'-p {port} '}{name}+VM@{self._door.public_hint}")
         self._chan.write((nl.join(lines) + nl).encode())
 
     def _listing(self) -> list[str]:

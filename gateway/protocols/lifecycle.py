@@ -37,7 +37,7 @@ from gateway.errors import BadRequest, GatewayError, PolicyDenied, TargetRefused
 from gateway.kinds import Protocol as SessionProtocol
 from gateway.kinds import Reason
 from gateway.policy import Grant, Policy, Principal
-from gateway.sessions.model import SessionSpec, notice_text, seconds_text, warning_text
+from gateway.sessions.model import SessionSpec, notice_text, prefixed, seconds_text, warning_text
 from gateway.sessions.registry import Session, SessionRegistry
 
 # How long showing a notice and closing a relay may take before they are cut short.
@@ -154,6 +154,24 @@ class Deps:
     log: FilteringBoundLogger
     observer: UpstreamObserver = field(default_factory=NullObserver)
     locks: Locks | None = None
+    notice_prefix: str = ""  # `gateway.notice_prefix`: before every notice and end text the user reads
+
+
+@dataclass(frozen=True)
+class _Prefixed:
+    """A side whose notices and end texts carry the notice prefix; refusals are errors and keep their text."""
+
+    side: ClientSide
+    prefix: str
+
+    def notice(self, text: str) -> bool:
+        return self.side.notice(prefixed(self.prefix, text))
+
+    async def refuse(self, error: GatewayError) -> None:
+        await self.side.refuse(error)
+
+    async def end(self, text: str) -> None:
+        await self.side.end(prefixed(self.prefix, text))
 
 
 def session_spec(client: Client, grant: Grant) -> SessionSpec:
@@ -255,7 +273,8 @@ async def _dial_and_serve(
     deps.observer.dial_succeeded(vm.name, loop.time() - started)
     spec = session_spec(client, grant)
     recheck = partial(_still_granted, deps, handler, request, client)
-    async with deps.registry.open(spec, limits=grant.limits, notice=side.notice, recheck=recheck) as session:
+    shown_to = _Prefixed(side, deps.notice_prefix)
+    async with deps.registry.open(spec, limits=grant.limits, notice=shown_to.notice, recheck=recheck) as session:
         try:
             relay = await handler.serve(request, grant, upstream, side, session)
         except GatewayError as exc:
@@ -266,11 +285,11 @@ async def _dial_and_serve(
             handler.discard(upstream)
             raise
         try:
-            await watch(session, side, deps.registry.clock)
+            await watch(session, shown_to, deps.registry.clock)
             if session.end_text is not None:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(END_DEADLINE):
-                        await side.end(session.end_text)
+                        await shown_to.end(session.end_text)
         finally:
             try:
                 async with asyncio.timeout(CLOSE_DEADLINE):

@@ -114,6 +114,11 @@ def notice_text(reason: str) -> str:
     return "You have been disconnected." + (f" {reason}" if reason else "")
 
 
+def prefixed(prefix: str, text: str) -> str:
+    """`text` after the configured notice prefix (`gateway.notice_prefix`), once, so it stands out from program output."""
+    return f"{prefix} {text}" if prefix and not text.startswith(prefix) else text
+
+
 def seconds_text(seconds: float) -> str:
     n = max(1, math.ceil(seconds - 0.05))  # 1.5 s left reads "2 seconds"; a few ms of scheduling do not make it "1"
     return f"{n} second" if n == 1 else f"{n} seconds"

@@ -32,7 +32,7 @@ async def test_terminal_user_sees_the_notice_and_ssh_reports_it(gw: Gateway) -> 
             reason = f"maintenance window {i}"
             assert gw.app.registry.terminate(sid, reason, 0.0)
             await term.expect(f"You have been disconnected. {reason}")
-            await term.expect(rf"Received disconnect from 127\.0\.0\.1 port \d+:11: You have been disconnected\. {reason}")
+            await term.expect(rf"Received disconnect from 127\.0\.0\.1 port \d+:11: \[bastion\] You have been disconnected\. {reason}")
             assert await term.wait() == 255
             assert await gw.app.registry.wait_closed(sid, 5)
         finally:
@@ -67,7 +67,7 @@ async def test_command_user_sees_the_notice_on_stderr(gw: Gateway) -> None:
     for i in range(REPEAT):
         rc, text = await disconnect_while_running(gw, [*gw.ssh_argv("alice+web01"), "sleep 60"], f"bye {i}", "ssh")
         assert f"You have been disconnected. bye {i}" in text
-        assert f":11: You have been disconnected. bye {i}" in text
+        assert f":11: [bastion] You have been disconnected. bye {i}" in text
         assert rc == 255
 
 

@@ -23,7 +23,7 @@ from tests.support.terminal import Terminal
 NOTICE = "The gateway is restarting: test upgrade."
 GONE = re.escape(f"You have been disconnected. {NOTICE}")
 # What ssh prints when the gateway's SSH connection ends with the notice as its disconnect message.
-SSH_GONE = r"Received disconnect from 127\.0\.0\.1 port \d+:11: " + GONE
+SSH_GONE = r"Received disconnect from 127\.0\.0\.1 port \d+:11: \[bastion\] " + GONE
 
 
 def draining(grace: str) -> Callable[[dict[str, Any]], None]:

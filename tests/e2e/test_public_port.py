@@ -48,10 +48,30 @@ async def test_silent_client_gets_the_ssh_banner(gw: Gateway) -> None:
         w.close()
 
 
-async def test_plaintext_http_is_refused_and_logged(gw: Gateway) -> None:
-    """Bytes that are neither SSH nor TLS get the connection closed; the gateway keeps serving."""
+async def test_plain_http_on_the_public_port_reads_which_protocols_it_speaks(gw: Gateway) -> None:
+    """`curl http://` to the public port gets a 400 whose one line says to use https:// or ssh, then the close;
+    the refusal is logged and the gateway keeps serving."""
+    r = await gw.run("curl", "-sS", "-i", "--max-time", "10", f"http://127.0.0.1:{gw.port}/healthz", stdin=None)
+    assert r.rc == 0, r.errtext
+    assert r.text.startswith("HTTP/1.1 400 ") and r.text.endswith("\r\n\r\nThis port speaks SSH and HTTPS (TLS); use https:// or ssh.\n"), (
+        r.text
+    )
+    assert [e for e in gw.logs.events("connection_refused") if e["reason"] == "plain_http"]
+    ok = await gw.ssh("alice+web01", "echo still-serving")
+    assert ok.text == "still-serving\n"
+
+
+async def test_plain_http_on_the_control_port_gets_the_same_line(gw: Gateway) -> None:
+    """An operator who types http:// for the control port reads the same one-line hint instead of a reset."""
+    url = gw.control_url.replace("https://", "http://") + "/v1/sessions"
+    r = await gw.run("curl", "-sS", "--max-time", "10", url, stdin=None)
+    assert (r.rc, r.text) == (0, "This port speaks SSH and HTTPS (TLS); use https:// or ssh.\n"), r.errtext
+
+
+async def test_bytes_that_are_no_protocol_get_the_connection_closed(gw: Gateway) -> None:
+    """Bytes that are neither SSH, TLS nor an HTTP request line get the connection closed without an answer."""
     r, w = await asyncio.open_connection("127.0.0.1", gw.port)
-    w.write(b"GET / HTTP/1.0\r\n\r\n")
+    w.write(b"\x00\x01garbage\r\n")
     try:
         async with asyncio.timeout(10):
             with contextlib.suppress(ConnectionResetError):
@@ -59,8 +79,6 @@ async def test_plaintext_http_is_refused_and_logged(gw: Gateway) -> None:
     finally:
         w.close()
     assert [e for e in gw.logs.events("connection_refused") if e["reason"] == "unknown_protocol"]
-    ok = await gw.ssh("alice+web01", "echo still-serving")
-    assert ok.text == "still-serving\n"
 
 
 async def test_https_client_that_never_sends_headers_is_dropped(make_gateway: GatewayFactory) -> None:

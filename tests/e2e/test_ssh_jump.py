@@ -111,10 +111,10 @@ async def test_port_not_granted_is_refused(gw: Gateway) -> None:
 
 
 async def test_user_without_jump_rule_cannot_forward(gw: Gateway) -> None:
-    """bob may open shells on web01 but has no ssh-jump rule."""
+    """bob may open shells on web01 but has no ssh-jump rule: he reads which protocol is missing (he knows web01)."""
     r = await gw.run(*gw.ssh_argv_keys("bob", gw.keys.bob.private, opts=("-W", f"web01:{gw.vm.port}")))
     assert r.rc == 255
-    assert "does not exist or you may not reach it" in r.errtext
+    assert "VM 'web01' does not grant you 'ssh-jump' (you may use: ssh" in r.errtext, r.errtext
 
 
 async def test_local_forward_relays_both_ways_with_half_close(make_gateway: GatewayFactory, echo: Echo) -> None:

@@ -199,7 +199,7 @@ async def test_operator_disconnect_shows_a_banner_that_stays(chromium: Browser, 
         await expect(banner).to_have_attribute("data-kind", "ended")
         await expect(page.locator("#term-state")).to_have_text("Disconnected")  # the socket's close event came
         await expect(banner).to_be_visible()
-        await expect(page.locator("#banner-text")).to_have_text("You have been disconnected. kernel update")
+        await expect(page.locator("#banner-text")).to_have_text("[bastion] You have been disconnected. kernel update")
         await expect(banner.get_by_role("button", name="Back to the VM list")).to_be_visible()
         # Also written into the terminal, where it stays in the scrollback under the banner.
         assert "You have been disconnected. kernel update" in await page.evaluate("window.bastionTerminalText()")
@@ -233,7 +233,7 @@ async def test_a_notice_shows_as_text_while_the_terminal_keeps_working(chromium:
             assert (await r.json())["results"] == {live.id: "delivered"}
         banner = page.locator("#banner")
         await expect(banner).to_have_attribute("data-kind", "notice")
-        await expect(page.locator("#banner-text")).to_have_text("<b>bold</b> maintenance at noon")
+        await expect(page.locator("#banner-text")).to_have_text("[bastion] <b>bold</b> maintenance at noon")
         await expect(page.locator("#banner b")).to_have_count(0)
         await run(page, "typing-$((3*4))")
         await screen_match(page, r"^(still-typing-12)$")

@@ -130,8 +130,8 @@ async def test_an_operator_disconnect_is_shown_in_the_terminal(browser: Browser)
             while (msg := await ws.receive()).type not in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
                 if msg.type == aiohttp.WSMsgType.TEXT:
                     controls.append(json.loads(msg.data))
-        assert {"type": "notice", "message": "lunch"} in controls
-        assert controls[-1]["type"] == "ended" and controls[-1]["message"] == "You have been disconnected. kernel update"
+        assert {"type": "notice", "message": "[bastion] lunch"} in controls
+        assert controls[-1]["type"] == "ended" and controls[-1]["message"] == "[bastion] You have been disconnected. kernel update"
         assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 4001  # the close frame's code
     finally:
         await ws.close()

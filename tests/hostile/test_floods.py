@@ -503,7 +503,9 @@ async def test_control_characters_never_reach_a_terminal(gw: Gateway, caplog: py
             async with http.delete(f"{gw.control_url}/v1/sessions/{sid}", json={"reason": hostile}, headers=headers, ssl=ctx) as resp:
                 assert resp.status == 200
         seen.append(await term.expect(r"You have been disconnected\. " + shown))
-        seen.append(await term.expect(r"Received disconnect from 127\.0\.0\.1 port \d+:11: You have been disconnected\. " + shown))
+        seen.append(
+            await term.expect(r"Received disconnect from 127\.0\.0\.1 port \d+:11: \[bastion\] You have been disconnected\. " + shown)
+        )
         assert await term.wait() == 255
     finally:
         term.close()

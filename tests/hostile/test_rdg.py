@@ -188,7 +188,7 @@ async def test_a_kill_shows_the_notice_closes_the_channel_and_revokes_the_token(
         assert status == 200 and body["result"] == "disconnected", body
         async with asyncio.timeout(10):
             await tunnel.wait_closed()
-        assert tunnel.service_messages == ["You have been disconnected. patch night"]
+        assert tunnel.service_messages == ["[bastion] You have been disconnected. patch night"]
         assert tunnel.close_status == 0
         await wait_for(lambda: bool(gw.logs.events("session_closed")), gw.logs.changed, timeout=10)
         [closed] = gw.logs.events("session_closed")
@@ -216,8 +216,8 @@ async def test_notices_and_grace_warnings_are_service_messages(make_gateway: Gat
 
         async with asyncio.timeout(10):
             await both()
-        assert tunnel.service_messages[0] == "backup at noon"
-        assert tunnel.service_messages[1].startswith("You will be disconnected in 30 seconds: soon")
+        assert tunnel.service_messages[0] == "[bastion] backup at noon"
+        assert tunnel.service_messages[1].startswith("[bastion] You will be disconnected in 30 seconds: soon")
         await tunnel.close()
 
 

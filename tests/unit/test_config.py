@@ -578,6 +578,19 @@ def test_shutdown_grace_and_notice() -> None:
     assert "'2h'" in problem_message(data, "gateway.shutdown_grace")
 
 
+def test_notice_prefix_defaults_to_bastion_and_may_be_empty() -> None:
+    """`gateway.notice_prefix`: "[bastion]" by default, "" turns it off, two lines or 41 characters are named problems."""
+    data = valid_config_data()
+    assert parse_config(data).gateway.notice_prefix == "[bastion]"
+    data["gateway"]["notice_prefix"] = ""
+    assert parse_config(data).gateway.notice_prefix == ""
+    data["gateway"]["notice_prefix"] = "(gw)"
+    assert parse_config(data).gateway.notice_prefix == "(gw)"
+    for bad in ("[a]\n[b]", "x" * 41, 7):
+        data["gateway"]["notice_prefix"] = bad
+        assert problem_paths(data) == ["gateway.notice_prefix"], bad
+
+
 def test_keepalive_count_and_ping_interval() -> None:
     """SSH keepalive count and the tunnel ping interval are validated like every other key."""
     data = valid_config_data()

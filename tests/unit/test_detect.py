@@ -58,9 +58,18 @@ def test_handshake_byte_with_wrong_major_version_is_unknown() -> None:
     assert classify(b"\x16\x02\x01") is Door.UNKNOWN
 
 
-def test_http_request_is_unknown() -> None:
-    """Plain HTTP is neither SSH nor TLS."""
-    assert classify(b"GET / HTTP/1.1\r\nHost: example\r\n\r\n") is Door.UNKNOWN
+@pytest.mark.parametrize("line", [b"GET / HTTP/1.1\r\nHost: example\r\n\r\n", b"POST /v1 HTTP/1.1\r\n", b"OPTIONS * HTTP/1.1"])
+def test_plain_http_request_is_http(line: bytes) -> None:
+    """A plain-HTTP request line is told apart (it gets a one-line hint, not a silent close)."""
+    assert classify(line) is Door.HTTP
+
+
+@pytest.mark.parametrize(
+    ("first", "door"), [(b"GE", Door.NEED_MORE), (b"GET", Door.NEED_MORE), (b"GETX", Door.UNKNOWN), (b"get ", Door.UNKNOWN)]
+)
+def test_http_methods_are_exact_with_a_space(first: bytes, door: Door) -> None:
+    """A method prefix waits for more; another word or a lower-case method is not HTTP."""
+    assert classify(first) is door
 
 
 def test_lowercase_ssh_is_unknown() -> None:

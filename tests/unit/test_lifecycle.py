@@ -6,6 +6,7 @@ No sockets and no real waits: idle, max duration, half-close and grace are jumpe
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 from dataclasses import dataclass, field
@@ -371,3 +372,18 @@ async def test_a_lock_refuses_the_session_before_any_dial() -> None:
     assert await (await start(w, FakeHandler(dial_error=UpstreamRefused("must not be dialled")), side)) is None
     assert [e.reason for e in side.refused] == ["locked"] and "patching" in side.refused[0].message
     assert registry.totals().active == 0
+
+
+async def test_the_notice_prefix_comes_before_warnings_and_end_texts(world: World) -> None:
+    """With `gateway.notice_prefix = "[bastion]"` the warning and the end text start with it; a refusal does not."""
+    world.deps = dataclasses.replace(world.deps, notice_prefix="[bastion]")
+    handler = FakeHandler(limits=Limits(idle_timeout=None, max_duration=None))
+    side = FakeSide()
+    task = await start(world, handler, side)
+    assert handler.session is not None
+    world.registry.terminate(handler.session.id, "patching", 30)
+    await world.clock.settle()
+    assert side.notices == ["[bastion] You will be disconnected in 30 seconds: patching"]
+    await world.clock.advance(30)
+    assert await task == Reason.TERMINATED_BY_OPERATOR
+    assert side.ended_with == ["[bastion] You have been disconnected. patching"]

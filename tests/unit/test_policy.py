@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.config import Rule
+from gateway.config import VM, Rule
 from gateway.errors import PolicyDenied, TargetRefused
-from gateway.policy import LoginTarget, env_allowed, not_found_message, parse_username
+from gateway.policy import LoginTarget, Policy, env_allowed, not_found_message, parse_username
 
-from .helpers import ALICE, BOB, CAROL, make_policy
+from .helpers import ALICE, BOB, CAROL, make_policy, users
 
 SSH_WEB01 = Rule(users=("alice",), vms=("web01",), protocols=("ssh",))
 JUMP_WEB01 = Rule(users=("alice",), vms=("web01",), protocols=("ssh-jump",))
@@ -82,6 +82,27 @@ def test_unknown_and_denied_forward_give_the_same_message() -> None:
     assert denied.message.replace("db01", "NAME") == unknown.message.replace("ghost01", "NAME")
 
 
+def test_a_user_who_reaches_the_vm_reads_which_protocol_is_missing() -> None:
+    """alice may SSH to web01 but holds no tcp rule: the tunnel refusal names 'tcp' and what she may use instead."""
+    with pytest.raises(PolicyDenied) as info:
+        make_policy(SSH_WEB01, JUMP_WEB01).check_tunnel(ALICE, "web01", 8080)
+    assert info.value.message == "VM 'web01' does not grant you 'tcp' (you may use: ssh, ssh-jump)"
+    assert info.value.reason == "protocol_denied"
+
+
+def test_the_missing_protocol_is_named_for_ssh_and_jump_too() -> None:
+    """Only a jump rule: `ssh alice+web01` names 'ssh'; only an ssh rule: `ssh -J` names 'ssh-jump'."""
+    assert _denied_ssh(JUMP_WEB01, "web01").message == "VM 'web01' does not grant you 'ssh' (you may use: ssh-jump)"
+    assert _denied_forward(SSH_WEB01, "web01", 22).message == "VM 'web01' does not grant you 'ssh-jump' (you may use: ssh)"
+
+
+def test_a_user_who_cannot_reach_the_vm_learns_nothing_about_its_protocols() -> None:
+    """bob holds no rule for web01 at all: his tunnel refusal is the unchanged 'does not exist or you may not reach it'."""
+    with pytest.raises(PolicyDenied) as info:
+        make_policy(SSH_WEB01).check_tunnel(BOB, "web01", 8080)
+    assert info.value.message == not_found_message("web01")
+
+
 def test_rule_by_user_grants() -> None:
     """A rule naming the user grants the VM with its default login and SSH port."""
     grant = make_policy(SSH_WEB01).check_ssh(ALICE, "web01", None)
@@ -129,7 +150,7 @@ def test_wildcard_vm_rule_still_refuses_unknown_vm() -> None:
 
 def test_ssh_jump_rule_does_not_grant_ssh() -> None:
     """A rule for ssh-jump only does not allow a terminated SSH session."""
-    assert _denied_ssh(JUMP_WEB01, "web01").reason == "policy_denied"
+    assert _denied_ssh(JUMP_WEB01, "web01").reason == "protocol_denied"
 
 
 def test_vm_name_is_matched_exactly_for_ssh() -> None:
@@ -253,7 +274,7 @@ def test_forward_unlisted_port_denied() -> None:
 
 def test_forward_needs_protocol_in_rule() -> None:
     """A rule for "ssh" does not grant "ssh-jump"."""
-    assert _denied_forward(SSH_WEB01, "web01", 22).reason == "policy_denied"
+    assert _denied_forward(SSH_WEB01, "web01", 22).reason == "protocol_denied"
 
 
 def test_forward_with_explicit_protocol() -> None:
@@ -268,6 +289,20 @@ def test_forward_default_deny() -> None:
 
 
 # --- reachable and env_allowed ----------------------------------------------
+
+
+def test_listed_ports_are_each_vms_own_when_vms_share_an_address() -> None:
+    """One rule lists the SSH ports of two VMs on one host: each VM lists its own port (and other services), not both."""
+    vms = {
+        "web01": VM(name="web01", address="127.0.0.1", ssh_port=10122),
+        "web02": VM(name="web02", address="127.0.0.1", ssh_port=10222),
+        "far01": VM(name="far01", address="10.0.0.9", ssh_port=22),
+    }
+    rule = Rule(users=("alice",), vms=("*",), protocols=("ssh-jump",), ports=(10122, 10222, 5432))
+    policy = Policy(vms, users(), [rule])
+    assert policy.granted_ports(ALICE, vms["web01"]) == (5432, 10122)
+    assert policy.granted_ports(ALICE, vms["web02"]) == (5432, 10222)
+    assert policy.granted_ports(ALICE, vms["far01"]) == (5432, 10122, 10222)  # another host: those are its ports too
 
 
 def test_reachable_lists_granted_vms_and_protocols() -> None:
