@@ -20,8 +20,8 @@ import aiohttp
 import pytest
 from playwright.async_api import Browser, Page, expect
 
-from tests.e2e import test_web_page_static
 from gateway.sessions.model import iso
+from tests.e2e import test_web_page_static
 from tests.e2e.conftest import OPERATOR_TOKEN, VIEWER_TOKEN, Gateway
 
 pytestmark = pytest.mark.timeout(90)
