@@ -123,7 +123,14 @@
   function makeRow(s) {
     const tr = el("tr");
     tr.dataset.id = s.id;
-    const cell = (name, cls = "") => el("td", { className: (name + " " + cls).trim() });
+    tr.setAttribute("role", "row");
+    const cell = (name, cls = "") => {
+      const td = el("td", { className: (name + " " + cls).trim() });
+      td.setAttribute("role", "cell");
+      const head = document.querySelector('th[data-key="' + name + '"]');
+      if (head) td.dataset.label = head.textContent.trim(); // the card layout's field names
+      return td;
+    };
     const c = {
       select: cell("select"), id: cell("id"), user: cell("user"), source: cell("source"), vm: cell("vm"),
       protocol: cell("protocol"), login: cell("login"), started: cell("started"), duration: cell("duration", "num"),
@@ -131,7 +138,7 @@
     };
     const row = { tr, cells: c, box: null };
     c.id.append(el("code", { title: s.id, textContent: shortId(s.id) }), " ",
-      el("button", { type: "button", className: "small copy", textContent: "Copy", onclick: () => copyId(s.id) }));
+      el("button", { type: "button", className: "small copy", textContent: "Copy", title: "Copy the whole session ID", onclick: () => copyId(s.id) }));
     c.id.querySelector("button").setAttribute("aria-label", "Copy session ID " + s.id);
     if (canAct()) {
       row.box = el("input", { type: "checkbox" });
@@ -163,7 +170,8 @@
     c.vm.textContent = s.vm;
     c.protocol.textContent = s.protocol;
     c.login.textContent = s.login || "-";
-    c.started.textContent = fmtDateTime(new Date(s.started_at));
+    const [day, time] = fmtDateTime(new Date(s.started_at)).split(/ (.*)/);
+    c.started.replaceChildren(day + " ", el("span", { className: "sub", textContent: time }));
     c.bytes.replaceChildren(el("span", { textContent: "\u2191 " + fmtBytes(s.bytes_up) }),
       el("span", { className: "sub", textContent: "\u2193 " + fmtBytes(s.bytes_down) }));
     c.bytes.title = s.bytes_up + " bytes up (from the user), " + s.bytes_down + " bytes down";
@@ -187,7 +195,7 @@
     }
     let badge = c.state.firstChild;
     if (!badge) { badge = el("span"); c.state.append(badge); }
-    badge.className = "state " + s.state;
+    badge.className = "badge " + s.state;
     badge.textContent = text;
     c.state.title = title;
   }
@@ -212,7 +220,10 @@
     if (!list.length) {
       const td = el("td", { className: "empty", textContent: sessions.size ? "No session matches the filter." : "No sessions." });
       td.colSpan = 13;
-      body.append(el("tr", { id: "empty-row" }, td));
+      td.setAttribute("role", "cell");
+      const tr = el("tr", { id: "empty-row" }, td);
+      tr.setAttribute("role", "row");
+      body.append(tr);
     }
     const n = sessions.size;
     $("count").textContent = list.length === n ? n + " session" + (n === 1 ? "" : "s") : list.length + " of " + n + " sessions shown";
@@ -318,7 +329,8 @@
       const s = data.session;
       sessions.delete(s.id);
       selected.delete(s.id);
-      setStatus("Session " + shortId(s.id) + " of " + who(s) + " ended" + (data.reason ? " (" + data.reason + ")" : "") + ".");
+      // Any reason slug (node_lost from a cluster too) reads as words.
+      setStatus("Session " + shortId(s.id) + " of " + who(s) + " ended" + (data.reason ? ": " + String(data.reason).replace(/_/g, " ") : "") + ".");
     } else if (kind === "progress") {
       for (const p of data.sessions) {
         const s = sessions.get(p.id);
@@ -463,6 +475,7 @@
     render();
   });
   for (const th of document.querySelectorAll("th[data-key]")) {
+    th.querySelector("button").title = "Sort by " + th.textContent.trim().toLowerCase();
     th.querySelector("button").addEventListener("click", () => setSort(th.dataset.key));
   }
   $("disconnect").addEventListener("click", () => askDisconnect([...selected]));
