@@ -395,7 +395,7 @@
         setStatus("Disconnect of " + ids.length + " sessions: " + parts.join(", ") + ".", !!(count.failed || count.node_unreachable));
       }
       for (const id of ids) selected.delete(id);
-      updateBulk();
+      render();
       if (!$("live").checked) await refresh(true);
     } catch (e) {
       if (e.status === 401) return signOut("The gateway no longer accepts this token. Sign in again.");
