@@ -161,7 +161,7 @@ async def test_copy_puts_the_full_session_id_on_the_clipboard(browser: Browser, 
 
 async def test_a_new_session_appears_and_an_ended_one_leaves_live(browser: Browser, gw: Gateway, shots: Path) -> None:
     """With the page open, a user connects (the row appears without a reload) and then quits (the row leaves and
-    the status line says why)."""
+    the line of live news says why)."""
     async with page_for(browser, gw, shots / "live.png") as page:
         await expect(page.locator("#rows")).to_have_text("No sessions.")
         async with Ssh(gw) as alice:
@@ -170,7 +170,7 @@ async def test_a_new_session_appears_and_an_ended_one_leaves_live(browser: Brows
             alice.proc.stdin.close()
             await alice.finish()
             await expect(row(page, alice.id)).to_have_count(0)
-            await expect(page.locator("#status")).to_have_text(f"Session {alice.id[:8]} of alice on web01 ended: vm closed.")
+            await expect(page.locator("#feed")).to_have_text(f"Session {alice.id[:8]} of alice on web01 ended: vm closed.")
 
 
 async def test_filter_box_narrows_the_rows(browser: Browser, gw: Gateway, shots: Path) -> None:
@@ -217,6 +217,7 @@ async def test_row_disconnect_ends_that_users_ssh_with_the_reason(browser: Brows
         await page.fill("#reason", "patching web01")
         await page.click("#confirm-ok")
         await expect(row(page, alice.id)).to_have_count(0)
+        await expect(page.locator("#status")).to_have_text(f"Disconnected alice on web01 (session {alice.id[:8]}).")
         await expect(row(page, bob.id)).to_be_visible()
         code, err = await alice.finish()
         assert code == 255 and "You have been disconnected. patching web01" in err
@@ -304,7 +305,7 @@ async def test_viewer_sees_no_controls_it_cannot_use(browser: Browser, gw: Gatew
 
 async def test_keyboard_alone_disconnects_a_row(browser: Browser, gw: Gateway, shots: Path) -> None:
     """From the filter box the operator Tabs to alice's Disconnect, presses Enter, types a reason and presses Enter:
-    the session ends with that reason."""
+    the session ends with that reason and the focus goes back to the filter box."""
     async with Ssh(gw) as alice, page_for(browser, gw, shots / "keyboard.png") as page:
         button = row(page, alice.id).locator("button.disconnect")
         await expect(button).to_be_visible()
@@ -320,6 +321,7 @@ async def test_keyboard_alone_disconnects_a_row(browser: Browser, gw: Gateway, s
         await page.keyboard.type("keyboard only")
         await page.keyboard.press("Enter")
         await expect(row(page, alice.id)).to_have_count(0)
+        await expect(page.locator("#filter")).to_be_focused()  # focus is not lost with the row
         code, err = await alice.finish()
         assert code == 255 and "keyboard only" in err
 

@@ -202,12 +202,12 @@
 
   function render() {
     const body = $("rows");
+    const focused = document.activeElement;
     for (const [id, row] of rows) if (!sessions.has(id)) { row.tr.remove(); rows.delete(id); }
     for (const id of [...selected]) if (!sessions.has(id)) selected.delete(id);
     const list = [...sessions.values()].filter(matches).sort(compare);
     const shown = new Set(list.map((s) => s.id));
     for (const [id, row] of rows) if (!shown.has(id) && row.tr.isConnected) row.tr.remove();
-    const focused = document.activeElement;
     let at = body.firstElementChild;
     if (at && at.id === "empty-row") { at.remove(); at = body.firstElementChild; }
     for (const s of list) {
@@ -216,7 +216,10 @@
       if (row.tr !== at) body.insertBefore(row.tr, at); // moves only rows out of place
       else at = at.nextElementSibling;
     }
-    if (focused && focused !== document.activeElement && focused.isConnected) focused.focus();
+    if (focused && focused !== document.activeElement) {
+      if (focused.isConnected) focused.focus();
+      else if (body.contains(focused) || !document.activeElement || document.activeElement === document.body) $("filter").focus();
+    }
     if (!list.length) {
       const td = el("td", { className: "empty", textContent: sessions.size ? "No session matches the filter." : "No sessions." });
       td.colSpan = 13;
@@ -330,7 +333,7 @@
       sessions.delete(s.id);
       selected.delete(s.id);
       // Any reason slug (node_lost from a cluster too) reads as words.
-      setStatus("Session " + shortId(s.id) + " of " + who(s) + " ended" + (data.reason ? ": " + String(data.reason).replace(/_/g, " ") : "") + ".");
+      $("feed").textContent = "Session " + shortId(s.id) + " of " + who(s) + " ended" + (data.reason ? ": " + String(data.reason).replace(/_/g, " ") : "") + ".";
     } else if (kind === "progress") {
       for (const p of data.sessions) {
         const s = sessions.get(p.id);
@@ -351,8 +354,8 @@
   }
 
   let pending = [];
-  const describe = (ids) => ids.length === 1 && sessions.get(ids[0])
-    ? who(sessions.get(ids[0])) + " (session " + shortId(ids[0]) + ")"
+  const describe = (ids) => ids.length === 1
+    ? (sessions.get(ids[0]) ? who(sessions.get(ids[0])) + " (session " + shortId(ids[0]) + ")" : "session " + shortId(ids[0]))
     : ids.length + " sessions";
 
   function askDisconnect(ids) {
@@ -381,12 +384,13 @@
   async function doDisconnect(ids) {
     const grace = Number($("grace").value || 0);
     const reason = $("reason").value;
+    const what = describe(ids); // before the answer: the session may be gone by then
     try {
       if (ids.length === 1) {
         const data = await api("DELETE", "/v1/sessions/" + encodeURIComponent(ids[0]), { reason, grace_s: grace });
         setStatus(data.result === "pending"
-          ? describe(ids) + " will be disconnected " + atTime(data.ends_at) + "."
-          : "Disconnected " + describe(ids) + ".");
+          ? what + " will be disconnected " + atTime(data.ends_at) + "."
+          : "Disconnected " + what + ".");
       } else {
         const data = await api("POST", "/v1/sessions/disconnect", { ids, reason, grace_s: grace });
         const count = {};
@@ -428,7 +432,7 @@
     rows.clear();
     $("rows").replaceChildren();
     $("main").hidden = true; $("signout").hidden = true; $("login").hidden = false;
-    $("whoami").textContent = ""; $("node").textContent = "";
+    $("whoami").textContent = ""; $("node").textContent = ""; $("feed").textContent = "";
     $("token").value = "";
     $("login-error").textContent = message || "";
     $("token").setAttribute("aria-invalid", message ? "true" : "false");
