@@ -270,6 +270,15 @@ async def test_wrong_token_shows_a_visible_error(browser: Browser, gw: Gateway, 
         assert await page.evaluate("sessionStorage.length") == 0
 
 
+async def test_a_token_with_characters_no_header_can_carry_is_explained(browser: Browser, gw: Gateway, shots: Path) -> None:
+    """A token pasted with a character outside printable ASCII gets a one-line explanation, not a network error."""
+    async with page_for(browser, gw, shots / "bad-token-characters.png", token=None) as page:
+        await page.fill("#token", "op-t\u00e9st token")
+        await page.press("#token", "Enter")
+        await expect(page.locator("#login-error")).to_have_text("A token is printable ASCII without spaces; check what was pasted.")
+        await expect(page.locator("#main")).to_be_hidden()
+
+
 async def test_sign_out_forgets_the_token(browser: Browser, gw: Gateway, shots: Path) -> None:
     """Signed in, the token is kept for this tab only; Sign out clears it, the table goes, and a reload of the page
     asks for a token again."""

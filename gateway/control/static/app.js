@@ -441,6 +441,8 @@
 
   async function signIn(t) {
     if (!t) { $("login-error").textContent = "Enter a token."; return; }
+    // A header cannot carry other characters; fetch would fail with a message that blames the network.
+    if (!/^[\x21-\x7e]+$/.test(t)) { $("login-error").textContent = "A token is printable ASCII without spaces; check what was pasted."; return; }
     token = t;
     $("login-error").textContent = "";
     try {
