@@ -125,7 +125,7 @@ async def user_column(page: Page) -> list[str]:
 async def test_columns_show_each_session_field(browser: Browser, gw: Gateway, shots: Path) -> None:
     """An operator in Tokyo signs in while alice has a session: its row shows the short session ID, user, source
     IP and port, VM, protocol, login, the start with date, time and zone (relative on hover), a duration, bytes
-    both ways, node and state."""
+    both ways (6 each once cat echoed a line), node and state."""
     async with Ssh(gw) as alice, page_for(browser, gw, shots / "columns.png", timezone_id="Asia/Tokyo", locale="en-US") as page:
         s = gw.app.registry.get(alice.id)
         assert s is not None
@@ -145,6 +145,12 @@ async def test_columns_show_each_session_field(browser: Browser, gw: Gateway, sh
         await expect(r.locator("td.started")).to_have_attribute("title", ago)
         await expect(r.locator("td.duration")).to_have_text(_DURATION)
         await expect(r.locator("td.bytes")).to_have_text(_BYTES)
+        assert alice.proc is not None and alice.proc.stdin is not None and alice.proc.stdout is not None
+        alice.proc.stdin.write(b"hello\n")  # cat echoes it: bytes both ways, and the page follows the counts
+        async with asyncio.timeout(20):
+            assert await alice.proc.stdout.readexactly(6) == b"hello\n"
+        await expect(r.locator("td.bytes")).to_have_text("\u2191 6 B\u2193 6 B")
+        await expect(r.locator("td.bytes")).to_have_attribute("title", "6 bytes up (from the user), 6 bytes down")
         await expect(r.locator("td.node")).to_have_text("test-node")
         await expect(r.locator("td.state")).to_have_text("active")
         await expect(page.locator("#whoami")).to_have_text("noc (operator)")
