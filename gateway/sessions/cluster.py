@@ -99,6 +99,7 @@ class RedisCluster:
         self.last_beat_mono: float | None = None  # this node's last heartbeat that Redis took
         self.cluster_sessions = 0  # sessions of every node, at the last watch
         self.cluster_nodes = 0
+        self._up_since = 0.0  # when Redis last became reachable (monotonic)
 
     def __repr__(self) -> str:
         return f"RedisCluster(node={self.node!r}, heartbeat={self.heartbeat:g}s, node_ttl={self.node_ttl:g}s)"
@@ -146,6 +147,7 @@ class RedisCluster:
     def _up(self) -> None:
         if self.degraded:
             self._log.info("cluster_connected", node=self.node)
+            self._up_since = self._clock.monotonic()
         self.degraded = False
 
     async def _beat(self) -> None:
@@ -206,13 +208,19 @@ class RedisCluster:
             return
         self.cluster_nodes = len(read)
         self.cluster_sessions = sum(len(rows) for _, rows in read.values())
+        # Until this node has been connected for node_ttl, a missing key may only mean Redis was away (or restarted
+        # empty) and the others have not beaten since: those nodes are kept, not reported lost.
+        settled = self._clock.monotonic() - self._up_since >= self.node_ttl
+        waiting: dict[str, tuple[str, list[dict[str, Any]]]] = {}
         for node in self._known.keys() - read.keys() - {self.node}:
             at, rows = self._known[node]
             if node in self._left:
                 self._left.discard(node)
                 self._log.info("cluster_node_left", node=node)
-                continue
-            self._lost(node, at, rows)
+            elif settled:
+                self._lost(node, at, rows)
+            else:
+                waiting[node] = self._known[node]
         joined = read.keys() - self._known.keys() - {self.node}
         for node in joined:
             if node in self._lost_nodes:
@@ -220,7 +228,7 @@ class RedisCluster:
                 self._log.warning("cluster_node_returned", node=node, sessions=len(read[node][1]))
             elif self._known:
                 self._log.info("cluster_node_joined", node=node)
-        self._known = read
+        self._known = {**read, **waiting}
         self._left &= read.keys()  # a node that said it left and is gone needs no remembering; one that came back may leave again
         if resync or joined:  # events may have been missed: every stream starts over from a snapshot
             self._registry.resync()

@@ -1,12 +1,15 @@
 """Three real `bastion serve` processes on one redis-server behind Debian's haproxy (TCP, send-proxy-v2, round robin):
 real OpenSSH sessions land on every node, every node lists all of them with their node and the true source
 address; a disconnect sent to one node reaches the session's own node; SIGKILL of a node drops its sessions from
-the others' lists within node_ttl."""
+the others' lists within node_ttl and reports them lost; every node's events reach every node's stream; a lock made
+on one node refuses logins on every node; a tunnel token minted by one node works on every node (the real
+`bastion tunnel`); with Redis stopped every node serves SSH and answers as degraded, and converges when it is back."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -22,6 +25,7 @@ import aiohttp
 import pytest
 import tomli_w
 
+from gateway.net.tls import write_self_signed
 from tests.e2e.conftest import OPERATOR_TOKEN, Keys, base_config
 from tests.hostile.test_proxy_protocol import haproxy_binary, listening
 from tests.support.peers import SSHD, free_port, make_key
@@ -43,8 +47,13 @@ class Node:
         self.name, self.dir, self.public, self.control = name, dir, public, control
         self.proc: subprocess.Popen[bytes] | None = None
 
+    @property
+    def ca(self) -> str:
+        """The cluster's one certificate (the control port uses the public one, as the balancer's address needs)."""
+        return str(self.dir.parent / "cluster.crt")
+
     async def api(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        ctx = ssl.create_default_context(cafile=str(self.dir / "state" / "tls.crt"))
+        ctx = ssl.create_default_context(cafile=self.ca)
         headers = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
         url = f"https://127.0.0.1:{self.control}{path}"
         async with aiohttp.ClientSession() as http, http.request(method, url, json=body, headers=headers, ssl=ctx) as r:
@@ -53,7 +62,8 @@ class Node:
 
 @contextlib.asynccontextmanager
 async def cluster(tmp: Path, keys: Keys, vm: SSHD, redis: RedisServer) -> AsyncIterator[list[Node]]:
-    host_key = make_key(tmp / "cluster_host_key")  # one host key for the one address the balancer gives
+    host_key = make_key(tmp / "cluster_host_key")  # one host key and one certificate for the one address the balancer gives
+    write_self_signed(tmp / "cluster.crt", tmp / "cluster.key", ["127.0.0.1"])
     token_key = tmp / "token.key"
     token_key.write_bytes(os.urandom(32))
     os.chmod(token_key, 0o600)
@@ -63,7 +73,11 @@ async def cluster(tmp: Path, keys: Keys, vm: SSHD, redis: RedisServer) -> AsyncI
             n.dir.mkdir()
             cfg = base_config(n.dir, keys, vm)
             cfg["gateway"]["node"] = n.name
-            cfg["public"] = {"listen": [f"127.0.0.1:{n.public}"], "proxy_protocol_from": ["127.0.0.1/32"]}
+            cfg["public"] = {
+                "listen": [f"127.0.0.1:{n.public}"], "proxy_protocol_from": ["127.0.0.1/32"],
+                "tls_cert": str(tmp / "cluster.crt"), "tls_key": str(tmp / "cluster.key"),
+            }  # fmt: skip
+            cfg["rules"].append({"groups": ["ops"], "vms": ["web01"], "protocols": ["tcp"], "ports": [vm.port]})
             cfg["control"]["listen"] = [f"127.0.0.1:{n.control}"]
             cfg["ssh"]["host_keys"] = [str(host_key.private)]
             cfg["tunnel"] = {"token_key_file": str(token_key)}
@@ -207,3 +221,150 @@ async def test_three_nodes_behind_haproxy_one_view(tmp_path: Path, keys: Keys, v
                     await u.wait()
         lines = [json.loads(x) for x in (nodes[0].dir / "gateway.log").read_text().splitlines() if x.startswith("{")]
         assert not [e for e in lines if "exception" in e], "a traceback was logged"
+
+
+def ssh_argv(tmp: Path, keys: Keys, port: int, target: str, *command: str) -> list[str]:
+    host_pub = (tmp / "cluster_host_key.pub").read_text().strip()
+    kh = tmp / "known_hosts"
+    kh.write_text(f"[127.0.0.1]:{port} {host_pub}\n")
+    return [
+        "ssh", "-F", "/dev/null", "-p", str(port), "-b", "127.0.0.9", "-o", f"UserKnownHostsFile={kh}",
+        "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-i", str(keys.alice.private),
+        target, *command,
+    ]  # fmt: skip
+
+
+async def run(argv: list[str]) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(30):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@contextlib.asynccontextmanager
+async def events_of(node: Node) -> AsyncIterator[Callable[[Callable[[str, dict[str, Any]], bool]], Awaitable[dict[str, Any]]]]:
+    """`node`'s /v1/events; yields `next(match)`: the first (kind, data) matching, within 20 s."""
+    ctx = ssl.create_default_context(cafile=node.ca)
+    headers = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+    url = f"https://127.0.0.1:{node.control}/v1/events"
+    async with aiohttp.ClientSession() as http, http.get(url, headers=headers, ssl=ctx) as r:
+        assert r.status == 200
+
+        async def next_event(match: Callable[[str, dict[str, Any]], bool]) -> dict[str, Any]:
+            kind = ""
+            async with asyncio.timeout(20):
+                async for raw in r.content:
+                    line = raw.decode().rstrip("\n")
+                    if line.startswith("event: "):
+                        kind = line[7:]
+                    elif line.startswith("data: ") and match(kind, data := json.loads(line[6:])):
+                        return {"kind": kind, **data}
+            raise AssertionError("the event stream ended")
+
+        yield next_event
+
+
+async def test_three_nodes_share_locks_tokens_events_and_survive_redis(
+    tmp_path: Path, keys: Keys, vm: SSHD, redis_server: RedisServer
+) -> None:
+    async with cluster(tmp_path, keys, vm, redis_server) as nodes, balancer(nodes) as port:
+        argv = functools.partial(ssh_argv, tmp_path, keys, port)
+
+        async def all_see(n_nodes: int) -> bool:
+            for n in nodes:
+                _, body = await n.api("GET", "/v1/sessions")
+                if len(body["nodes"]) != n_nodes or body["degraded"]:
+                    return False
+            return True
+
+        await until(lambda: all_see(NODES), timeout=30)
+
+        # Events: node-1's stream shows the sessions of every node as they open (three logins, round robin).
+        async with events_of(nodes[0]) as next_event:
+            await next_event(lambda kind, _: kind == "snapshot")
+            for _ in range(NODES):
+                rc, out, err = await run(argv("alice+web01@127.0.0.1", "echo", "hello"))
+                assert rc == 0 and out.strip() == "hello", err
+            seen: set[str] = set()
+            while len(seen) < NODES:
+                ev = await next_event(lambda kind, d: kind == "opened")
+                seen.add(ev["session"]["node"])
+            assert seen == {n.name for n in nodes}
+
+        # A lock made on node-2 refuses alice on every node (three logins: one lands on each).
+        status, answer = await nodes[1].api("POST", "/v1/locks", {"user": "alice", "reason": "incident 7"})
+        assert status == 201, answer
+
+        async def locked_everywhere() -> bool:
+            return all([any(lk["target"] == "alice" for lk in (await n.api("GET", "/v1/locks"))[1]["locks"]) for n in nodes])
+
+        await until(locked_everywhere, timeout=15)
+        for _ in range(NODES):
+            rc, _, err = await run(argv("alice+web01@127.0.0.1", "echo", "hello"))
+            assert rc != 0 and "incident 7" in err, err
+        status, _ = await nodes[2].api("DELETE", f"/v1/locks/{answer['lock']['id']}")
+        assert status == 200
+
+        async def unlocked_everywhere() -> bool:
+            return all([not (await n.api("GET", "/v1/locks"))[1]["locks"] for n in nodes])
+
+        await until(unlocked_everywhere, timeout=15)
+
+        # A token from whichever node answered `token` opens tunnels on every node (the real `bastion tunnel`).
+        rc, out, err = await run(argv("alice@127.0.0.1", "token"))
+        assert rc == 0, err
+        local = free_port()
+        helper = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "tunnel", "--gateway", f"127.0.0.1:{port}", "--vm", "web01", "--port", str(vm.port),
+            "--local", f"127.0.0.1:{local}", "--ca-file", str(tmp_path / "cluster.crt"), "--token", out.strip(),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            assert helper.stderr is not None
+            async with asyncio.timeout(20):
+                while b"listening on" not in await helper.stderr.readline():
+                    assert helper.returncode is None
+            conns = []
+            for _ in range(NODES):  # each connection is its own WebSocket, so each lands on the next node
+                reader, writer = await asyncio.open_connection("127.0.0.1", local)
+                async with asyncio.timeout(15):
+                    assert (await reader.readline()).startswith(b"SSH-2.0-"), "no VM banner through the tunnel"
+                conns.append(writer)
+
+            async def tunnels_on_every_node() -> bool:
+                _, body = await nodes[0].api("GET", "/v1/sessions")
+                return {r["node"] for r in body["sessions"] if r["protocol"] == "tcp"} == {n.name for n in nodes}
+
+            await until(tunnels_on_every_node, timeout=15)
+            for w in conns:
+                w.close()
+        finally:
+            if helper.returncode is None:
+                helper.send_signal(signal.SIGINT)
+                try:
+                    async with asyncio.timeout(10):
+                        await helper.wait()
+                except TimeoutError:
+                    helper.kill()
+                    await helper.wait()
+
+        # Redis stops: every node still serves SSH and says degraded; Redis back: every node sees all three again.
+        redis_server.stop()
+
+        async def all_degraded() -> bool:
+            return all([(await n.api("GET", "/v1/sessions"))[1]["degraded"] for n in nodes])
+
+        await until(all_degraded, timeout=15)
+        for _ in range(NODES):
+            rc, out, err = await run(argv("alice+web01@127.0.0.1", "echo", "still-serving"))
+            assert rc == 0 and out.strip() == "still-serving", err
+        for n in nodes:
+            status, ready = await n.api("GET", "/readyz")
+            assert status == 200 and ready["degraded"] is True
+        redis_server.start()
+        await until(lambda: all_see(NODES), timeout=30)
+        _, summary = await nodes[0].api("GET", "/v1/cluster")
+        assert sorted(x["node"] for x in summary["nodes"]) == [n.name for n in nodes] and summary["lost"] == []
