@@ -357,6 +357,35 @@ def cmd_locks(args: argparse.Namespace) -> int:
     return _call(args, "GET", "v1/locks", None, show)
 
 
+def render_cluster(data: dict[str, Any]) -> str:
+    """The `bastion nodes` table: every node this node sees, then the nodes lost lately."""
+    rows = [
+        (
+            n["node"] + (" *" if n["self"] else ""),
+            str(n["sessions"]),
+            (n["last_heartbeat"] or "-").replace("T", " ")[:19],
+            "-" if n["age_s"] is None else f"{n['age_s']:.1f}s ago",
+        )
+        for n in data["nodes"]
+    ]
+    out = [_table(("NODE", "SESSIONS", "LAST HEARTBEAT", "AGE"), rows, "(no nodes)")]
+    if not data["clustered"]:
+        out.append("(one node, no [cluster])")
+    elif data["degraded"]:
+        out.append("degraded: Redis is unreachable from this node; only its own sessions are shown")
+    for lost in data["lost"]:
+        out.append(f"lost {lost['node']} at {lost['detected_at'][:19].replace('T', ' ')}: {lost['sessions']} session(s) ended as node_lost")
+    return "\n".join(out)
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    def show(data: Any) -> int:
+        print(json.dumps(data, indent=2) if args.json else render_cluster(data))
+        return 0
+
+    return _call(args, "GET", "v1/cluster", None, show)
+
+
 def render_connections(rows: list[dict[str, Any]]) -> str:
     """The `bastion connections` table."""
     table = [
@@ -663,6 +692,11 @@ def build_parser() -> argparse.ArgumentParser:
     _control_flags(lks)
     lks.add_argument("--json", action="store_true", help="print JSON")
     lks.set_defaults(func=cmd_locks)
+
+    nd = sub.add_parser("nodes", help="the cluster's nodes, their sessions and last heartbeats (* marks the node answering)")
+    _control_flags(nd)
+    nd.add_argument("--json", action="store_true", help="print JSON")
+    nd.set_defaults(func=cmd_nodes)
 
     cn = sub.add_parser("connections", help="list authenticated connections (or end one with --end ID)")
     _control_flags(cn)

@@ -38,6 +38,54 @@ _SESSION: dict[str, Any] = {
     },
 }  # fmt: skip
 
+_WHOAMI: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name", "role", "node"],
+    "properties": {"name": {"type": "string"}, "role": {"type": "string", "enum": ["viewer", "operator"]}, "node": {"type": "string"}},
+}
+
+_NODE: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["node", "self", "sessions", "last_heartbeat", "age_s"],
+    "properties": {
+        "node": {"type": "string"},
+        "self": {"type": "boolean", "description": "the node that answered"},
+        "sessions": {"type": "integer", "minimum": 0},
+        "last_heartbeat": {"oneOf": [_TIME, {"type": "null"}]},
+        "age_s": {"type": ["number", "null"], "minimum": 0},
+    },
+}
+
+_LOST: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["node", "detected_at", "last_heartbeat", "sessions"],
+    "properties": {
+        "node": {"type": "string"},
+        "detected_at": _TIME,
+        "last_heartbeat": {"type": "string"},
+        "sessions": {"type": "integer", "minimum": 0, "description": "its sessions, reported closed as node_lost"},
+    },
+}
+
+_CLUSTER: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["node", "clustered", "degraded", "nodes", "sessions", "lost"],
+    "properties": {
+        "node": {"type": "string"},
+        "clustered": {"type": "boolean", "description": "false: one node without [cluster]"},
+        "degraded": {"type": "boolean", "description": "Redis unreachable: only this node is shown"},
+        "heartbeat_s": {"type": "number"},
+        "node_ttl_s": {"type": "number"},
+        "nodes": {"type": "array", "items": _NODE},
+        "sessions": {"type": "integer", "minimum": 0},
+        "lost": {"type": "array", "items": _LOST, "description": "nodes whose heartbeat expired without a clean stop, newest last"},
+    },
+}
+
 _CONNECTION: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
@@ -187,6 +235,29 @@ OPENAPI: dict[str, Any] = {
     },
     "security": [{"bearer": []}],
     "paths": {
+        "/v1/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1"}, **_ERRORS}}},
+        "/v1/whoami": {
+            "get": {
+                "summary": "The operator this token belongs to",
+                "responses": {"200": _json(_WHOAMI, "Name, role and the node answering"), **_ERRORS},
+            }
+        },
+        "/v1/cluster": {
+            "get": {
+                "summary": "Nodes, sessions per node, last heartbeats, recently lost nodes (one node alone: a cluster of one)",
+                "responses": {"200": _json(_CLUSTER, "The cluster as this node sees it"), **_ERRORS},
+            }
+        },
+        "/ui": {
+            "get": {
+                "security": [],
+                "summary": "The sessions page (no data; it asks for a token)",
+                "responses": {"200": {"description": "HTML"}},
+            }
+        },
+        "/ui/app.js": {
+            "get": {"security": [], "summary": "The sessions page's script", "responses": {"200": {"description": "JavaScript"}}}
+        },
         "/healthz": {"get": {"security": [], "responses": {"200": {"description": "Alive"}}}},
         "/readyz": {"get": {"security": [], "responses": {"200": {"description": "Serving"}, "503": {"description": "Starting"}}}},
         "/metrics": {"get": {"responses": {"200": {"description": "Prometheus text exposition"}}}},
@@ -313,7 +384,9 @@ OPENAPI: dict[str, Any] = {
                 "description": (
                     "`snapshot` {sessions, resync} first and again whenever this stream fell behind (never a silent gap); "
                     "`opened`/`updated`/`closed` {session, reason?}; `progress` {sessions: [{id, bytes_up, bytes_down}]} "
-                    "once a tick for every session whose bytes moved."
+                    "once a tick for every session whose bytes moved. With a cluster, every node's sessions (each with its "
+                    "`node`), the snapshot also carries `nodes` and `degraded`, and the sessions of a node that died are "
+                    "`closed` with reason `node_lost`."
                 ),
                 "responses": {
                     "200": {"description": "text/event-stream"},

@@ -254,3 +254,13 @@ async def test_notice_without_ids_tells_every_session(gw: Gateway) -> None:
         assert (rc, out, err) == (0, f"{live.id}: delivered\n", "")
         rc, _, err = await cli(gw, "notice", "hi", "--ca-file", str(gw.ca_file), token=VIEWER_TOKEN)
         assert one_line_error(rc, err).startswith("bastion: 403")
+
+
+async def test_nodes_on_one_node_without_a_cluster(gw: Gateway) -> None:
+    """`bastion nodes` on a gateway without [cluster] shows it alone, with its live session count."""
+    async with Live(gw):
+        rc, out, err = await cli(gw, "nodes", "--ca-file", str(gw.ca_file), token=VIEWER_TOKEN)
+        assert rc == 0, err
+        header, row, note = out.splitlines()
+        assert header.split() == ["NODE", "SESSIONS", "LAST", "HEARTBEAT", "AGE"]
+        assert row.split()[1:3] == ["*", "1"] and note == "(one node, no [cluster])"

@@ -262,11 +262,30 @@ async def test_large_bodies_get_413(api: Api) -> None:
     check("Error", body)
 
 
-async def test_openapi_document_is_served(api: Api) -> None:
-    """The OpenAPI document is served and describes every route the API answers."""
+async def test_openapi_document_is_served(api: Api, gw: Gateway) -> None:
+    """The OpenAPI document is served and describes exactly the routes the API answers, method by method, and
+    marks as public exactly the routes that need no token."""
     status, body = await api.call("GET", "/v1/openapi.json", token=VIEWER_TOKEN)
     assert status == 200 and body["openapi"].startswith("3.")
-    assert {"/v1/sessions", "/v1/sessions/{id}", "/v1/sessions/disconnect", "/v1/notices", "/v1/events", "/metrics"} <= set(body["paths"])
+    assert gw.app._api is not None
+    served = {(m.lower(), path) for (m, path) in gw.app._api._routes}
+    documented = {(m, path) for path, item in body["paths"].items() for m in item if m in {"get", "post", "delete", "put", "patch"}}
+    assert documented == served
+    public = {(m.lower(), path) for (m, path), route in gw.app._api._routes.items() if route.role is None}
+    public_documented = {
+        (m, path) for path, item in body["paths"].items() for m, op in item.items() if isinstance(op, dict) and op.get("security") == []
+    }
+    assert public_documented == public
+
+
+async def test_whoami_and_cluster_answers_match_the_document(api: Api) -> None:
+    """/v1/whoami and /v1/cluster (one node: a cluster of one) answer as the document says."""
+    status, body = await api.call("GET", "/v1/whoami", token=VIEWER_TOKEN)
+    assert status == 200
+    jsonschema.validate(body, OPENAPI["paths"]["/v1/whoami"]["get"]["responses"]["200"]["content"]["application/json"]["schema"])
+    status, body = await api.call("GET", "/v1/cluster", token=VIEWER_TOKEN)
+    assert status == 200 and body["clustered"] is False
+    jsonschema.validate(body, OPENAPI["paths"]["/v1/cluster"]["get"]["responses"]["200"]["content"]["application/json"]["schema"])
 
 
 async def test_events_stream_follows_a_real_session(gw: Gateway, api: Api) -> None:

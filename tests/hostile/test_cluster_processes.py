@@ -368,3 +368,29 @@ async def test_three_nodes_share_locks_tokens_events_and_survive_redis(
         await until(lambda: all_see(NODES), timeout=30)
         _, summary = await nodes[0].api("GET", "/v1/cluster")
         assert sorted(x["node"] for x in summary["nodes"]) == [n.name for n in nodes] and summary["lost"] == []
+
+        # SIGKILL of node-3: node-1 reports it lost, in the API and to the operator's `bastion nodes`.
+        victim = nodes[2]
+        assert victim.proc is not None
+        victim.proc.send_signal(signal.SIGKILL)
+        victim.proc.wait(timeout=10)
+
+        async def reported_lost() -> bool:
+            _, summary = await nodes[0].api("GET", "/v1/cluster")
+            return [x["node"] for x in summary["lost"]] == [victim.name]
+
+        await until(reported_lost, timeout=NODE_TTL + 15)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+        env |= {
+            "BASTION_CONTROL_URL": f"https://127.0.0.1:{nodes[0].control}",
+            "BASTION_TOKEN": OPERATOR_TOKEN,
+            "BASTION_CA_FILE": nodes[0].ca,
+        }
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "nodes", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        out_b, err_b = await cli.communicate()
+        assert cli.returncode == 0, err_b
+        table = out_b.decode().splitlines()
+        assert [line.split()[0] for line in table[1:3]] == ["node-1", "node-2"] and table[1].split()[1] == "*"
+        assert table[-1].startswith(f"lost {victim.name} at ")
