@@ -31,8 +31,9 @@ test: venv deps lint
 test-fast: venv
 	$(BIN)/pytest -q -x tests/unit
 
+# Every benchmark in bench/, one after the other (each prints its own ratios against its baseline).
 bench: venv deps
-	$(BIN)/python bench/ssh_forward.py
+	@set -e; for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -175,7 +175,7 @@ async def mint_token(node: Node, keys: Keys, host_pub: str, tmp: Path) -> str:
 async def open_tunnels(
     http: aiohttp.ClientSession, node: Node, token: str, sink_port: int, count: int, parallel: int
 ) -> list[aiohttp.ClientWebSocketResponse]:
-    ctx = ssl.create_default_context(cafile=str(node.dir / "state" / "tls.crt"))
+    ctx = ssl.create_default_context(cafile=node.ca)
     url = f"wss://{HOST}:{node.public}/v1/tunnel?vm={VM}&port={sink_port}"
     headers = {"Authorization": f"Bearer {token}"}
     sem = asyncio.Semaphore(parallel)
