@@ -31,6 +31,7 @@ from gateway.access import AccessControl
 from gateway.clock import Clock
 from gateway.config import Operator
 from gateway.control.openapi import OPENAPI
+from gateway.kinds import Protocol
 from gateway.locks import KINDS, LockError, clean_reason, parse_expires, parse_target
 from gateway.sessions.cluster import RedisCluster
 from gateway.sessions.model import SessionEvent, SessionInfo, iso
@@ -44,6 +45,7 @@ REMOTE_AT_ONCE = 32  # disconnects asked of other nodes at once by one bulk requ
 MAX_GRACE = 3600.0
 SSE_WRITE_DEADLINE = 30.0  # an event stream whose client has not taken a write for this long is dropped
 BODY_DEADLINE = 10.0  # a body trickled byte by byte must not hold a connection past this
+PROTOCOLS = tuple(p.value for p in Protocol)
 _ROLE_RANK = {"viewer": 1, "operator": 2}
 _OPERATOR_KEY = web.RequestKey("operator", Operator)
 
@@ -299,6 +301,8 @@ class ControlAPI:
         unknown = set(q) - {"user", "vm", "protocol"}
         if unknown:
             raise ApiError(400, "bad_request", f"unknown filter: {sorted(unknown)[0]!r} (allowed: user, vm, protocol)")
+        if q.get("protocol") is not None and q["protocol"] not in PROTOCOLS:
+            raise ApiError(400, "bad_request", f"unknown protocol {q['protocol'][:64]!r} (one of: {', '.join(PROTOCOLS)})")
         rows = [
             self._view(s)
             for s in self._registry.list()

@@ -6,6 +6,7 @@ from typing import Any
 
 from gateway.kinds import Protocol, Reason
 
+_PROTOCOL_PARAM: dict[str, Any] = {"type": "string", "enum": [p.value for p in Protocol]}
 _TIME: dict[str, Any] = {"type": "string", "format": "date-time", "pattern": "Z$"}
 
 _SESSION: dict[str, Any] = {
@@ -265,7 +266,8 @@ OPENAPI: dict[str, Any] = {
             "get": {
                 "summary": "Every live session (fresh on every call)",
                 "parameters": [
-                    {"name": n, "in": "query", "required": False, "schema": {"type": "string"}} for n in ("user", "vm", "protocol")
+                    *({"name": n, "in": "query", "required": False, "schema": {"type": "string"}} for n in ("user", "vm")),
+                    {"name": "protocol", "in": "query", "required": False, "schema": _PROTOCOL_PARAM},
                 ],
                 "responses": {"200": _json(_ref("SessionList"), "Live sessions"), **_ERRORS},
             }

@@ -117,6 +117,8 @@ async def test_list_get_and_filters(gw: Gateway, api: Api) -> None:
         check("Error", missing)
         status, bad = await api.call("GET", "/v1/sessions?colour=red")
         assert status == 400 and "colour" in bad["message"]
+        status, bad = await api.call("GET", "/v1/sessions?protocol=bogus")
+        assert status == 400 and "'bogus'" in bad["message"] and "ssh-jump" in bad["message"]
 
 
 @pytest.mark.parametrize(
