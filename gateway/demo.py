@@ -607,10 +607,12 @@ Try, in another terminal:
                                                           # (self-signed certificate: accept it once)
 {rdp}
 Operators (control port https://127.0.0.1:{ports.control}, operator token in {state / "operator.token"}):
-  export BASTION_CONTROL_URL=https://127.0.0.1:{ports.control} BASTION_TOKEN="$(cat {tok})"
-  {bastion} sessions --ca-file {ca}                 # add --watch to follow live
-  {bastion} connections --ca-file {ca}
-  {bastion} disconnect SESSION_ID --reason "demo over" --ca-file {ca}
+  export BASTION_CONTROL_URL=https://127.0.0.1:{ports.control} BASTION_TOKEN="$(cat {tok})" BASTION_CA_FILE={ca}
+  {bastion} sessions                                 # add --watch to follow live
+  {bastion} connections
+  {bastion} notice "The demo ends in a minute."     # into every live terminal
+  {bastion} disconnect SESSION_ID --reason "demo over"
+  {bastion} nodes                                    # this node (several with [cluster])
   curl --cacert {ca} -H "Authorization: Bearer $BASTION_TOKEN" https://127.0.0.1:{ports.control}/metrics
   Browser: https://127.0.0.1:{ports.control}/ui (self-signed certificate; sign in with the token)
 

@@ -234,8 +234,9 @@ async def test_bastion_rdp_and_the_rdp_file_reach_desk01s_xrdp(demo: Demo) -> No
 
 
 async def test_operator_commands_list_and_end_a_session(demo: Demo) -> None:
-    """With the printed exports: `bastion sessions` and `connections` list a live shell, `bastion disconnect`
-    ends it and its user reads the [bastion] notice; the metrics curl answers."""
+    """With the printed exports (BASTION_CA_FILE too, no --ca-file): `bastion sessions` and `connections` list a
+    live shell, `bastion notice` reaches it, `bastion nodes` shows the demo node, `bastion disconnect` ends it and its
+    user reads both [bastion] texts; the metrics curl answers."""
     user = await asyncio.create_subprocess_exec(
         *demo.bash(demo.line("ssh -F", "alice+web02@bastion-demo").replace("'pwd; exit 3'", "'echo up; sleep 60'")),
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -249,10 +250,15 @@ async def test_operator_commands_list_and_end_a_session(demo: Demo) -> None:
         [row] = [x for x in out.splitlines() if "web02" in x]
         rc, conns, err = await demo.run(demo.line("bastion connections"))
         assert rc == 0 and "alice" in conns, (conns, err)
+        rc, out, err = await demo.run(demo.line("bastion notice"))
+        assert rc == 0 and "delivered" in out, (out, err)
+        rc, out, err = await demo.run(demo.line("bastion nodes"))
+        assert rc == 0 and out.splitlines()[1].startswith("demo *"), (out, err)
         rc, out, err = await demo.run(demo.line("bastion disconnect").replace("SESSION_ID", shlex.quote(row.split()[0])))
         assert rc == 0, (out, err)
         async with asyncio.timeout(30):
             _, user_err = await user.communicate()
+        assert "[bastion] The demo ends in a minute." in user_err.decode(), user_err
         assert "[bastion] You have been disconnected. demo over" in user_err.decode(), user_err
     finally:
         if user.returncode is None:
