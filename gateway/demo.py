@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import errno
 import fcntl
 import getpass
@@ -36,15 +35,12 @@ from typing import Any
 
 import asyncssh
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 
 from gateway.app import App
 from gateway.config import parse_config
 from gateway.errors import ConfigError, StartupError
 from gateway.logs import make_logger, quiet_libraries
+from gateway.net.tls import write_self_signed
 
 # Fixed, documented ports (README "Try it"); a port that is taken falls back to a free one, and the banner says so.
 VM_PORTS = {"web01": 10122, "web02": 10222, "desk01": 10322}
@@ -294,25 +290,8 @@ async def _web_app(name: str, port: int) -> tuple[web.AppRunner, int]:
 
 def _rsa_pair(cert: Path, key: Path, name: str) -> None:
     """A self-signed RSA pair for xrdp (0600 key), made once."""
-    if cert.exists() and key.exists():
-        return
-    pkey = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = dt.datetime.now(dt.UTC)
-    crt = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(pkey.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=365))
-        .sign(pkey, hashes.SHA256())
-    )
-    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pkey.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    cert.write_bytes(crt.public_bytes(serialization.Encoding.PEM))
+    if not (cert.exists() and key.exists()):
+        write_self_signed(cert, key, [name], rsa_key=True)
 
 
 def _ini(text: str, changes: dict[str, str]) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from gateway.errors import StartupError
@@ -40,9 +40,12 @@ def server_context(cert: Path, key: Path, label: str = "public") -> ssl.SSLConte
     return ctx
 
 
-def write_self_signed(cert: Path, key: Path, names: list[str]) -> None:
-    """Write a self-signed ECDSA certificate for `names` (DNS names or IPs). Key file mode 0600."""
-    pkey = ec.generate_private_key(ec.SECP256R1())
+def write_self_signed(cert: Path, key: Path, names: list[str], *, rsa_key: bool = False) -> None:
+    """Write a self-signed ECDSA certificate for `names` (DNS names or IPs). Key file mode 0600.
+    `rsa_key`: RSA 2048 instead (xrdp reads no EC keys)."""
+    pkey: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048) if rsa_key else ec.generate_private_key(ec.SECP256R1())
+    )
     now = dt.datetime.now(dt.UTC)
     alt: list[x509.GeneralName] = []
     for n in names:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -20,7 +19,9 @@ import aiohttp
 import pytest
 
 from tests.e2e.conftest import OPERATOR_TOKEN, Gateway, GatewayFactory, wait_for
+from tests.support import sse
 from tests.support.redis import RedisServer, running_redis
+from tests.support.sse import NextEvent
 
 HEARTBEAT, NODE_TTL = 0.3, 1.2
 
@@ -204,28 +205,9 @@ async def test_a_token_revoked_on_one_node_is_refused_on_the_other(nodes: tuple[
     await until(refused_on_b, timeout=10)
 
 
-@contextlib.asynccontextmanager
-async def event_stream(gw: Gateway) -> AsyncIterator[Callable[[Callable[[str, dict[str, Any]], bool]], Awaitable[dict[str, Any]]]]:
-    """Node `gw`'s /v1/events, read as the page reads it; yields `next(match)`: the first event (kind, data) matching."""
-    ctx = ssl.create_default_context(cafile=str(Path(gw.raw["gateway"]["state_dir"]) / "tls.crt"))
-    headers = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
-    async with aiohttp.ClientSession() as http, http.get(gw.control_url + "/v1/events", headers=headers, ssl=ctx) as r:
-        assert r.status == 200
-
-        async def next_event(match: Callable[[str, dict[str, Any]], bool]) -> dict[str, Any]:
-            kind = ""
-            async with asyncio.timeout(15):
-                async for raw in r.content:
-                    line = raw.decode().rstrip("\n")
-                    if line.startswith("event: "):
-                        kind = line[7:]
-                    elif line.startswith("data: "):
-                        data = json.loads(line[6:])
-                        if match(kind, data):
-                            return {"kind": kind, **data}
-            raise AssertionError("the event stream ended")
-
-        yield next_event
+def event_stream(gw: Gateway) -> contextlib.AbstractAsyncContextManager[NextEvent]:
+    """Node `gw`'s /v1/events, read as the page reads it."""
+    return sse.event_stream(gw.control_url, OPERATOR_TOKEN, str(Path(gw.raw["gateway"]["state_dir"]) / "tls.crt"))
 
 
 async def open_cat(gw: Gateway) -> asyncio.subprocess.Process:

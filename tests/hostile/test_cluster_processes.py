@@ -30,6 +30,7 @@ from tests.e2e.conftest import OPERATOR_TOKEN, Keys, base_config
 from tests.hostile.test_proxy_protocol import haproxy_binary, listening
 from tests.support.peers import SSHD, free_port, make_key
 from tests.support.redis import RedisServer, running_redis
+from tests.support.sse import NextEvent, event_stream
 
 NODES = 3
 HEARTBEAT, NODE_TTL = 0.5, 2.0
@@ -244,27 +245,9 @@ async def run(argv: list[str]) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
-@contextlib.asynccontextmanager
-async def events_of(node: Node) -> AsyncIterator[Callable[[Callable[[str, dict[str, Any]], bool]], Awaitable[dict[str, Any]]]]:
-    """`node`'s /v1/events; yields `next(match)`: the first (kind, data) matching, within 20 s."""
-    ctx = ssl.create_default_context(cafile=node.ca)
-    headers = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
-    url = f"https://127.0.0.1:{node.control}/v1/events"
-    async with aiohttp.ClientSession() as http, http.get(url, headers=headers, ssl=ctx) as r:
-        assert r.status == 200
-
-        async def next_event(match: Callable[[str, dict[str, Any]], bool]) -> dict[str, Any]:
-            kind = ""
-            async with asyncio.timeout(20):
-                async for raw in r.content:
-                    line = raw.decode().rstrip("\n")
-                    if line.startswith("event: "):
-                        kind = line[7:]
-                    elif line.startswith("data: ") and match(kind, data := json.loads(line[6:])):
-                        return {"kind": kind, **data}
-            raise AssertionError("the event stream ended")
-
-        yield next_event
+def events_of(node: Node) -> contextlib.AbstractAsyncContextManager[NextEvent]:
+    """`node`'s /v1/events."""
+    return event_stream(f"https://127.0.0.1:{node.control}", OPERATOR_TOKEN, node.ca)
 
 
 async def test_three_nodes_share_locks_tokens_events_and_survive_redis(
