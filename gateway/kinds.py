@@ -57,6 +57,8 @@ class Refusal(StrEnum):
     VERSION_TIMEOUT = "version_timeout"  # an SSH client sent no identification string within ssh.version_timeout
     PROXY_HEADER = "proxy_header"  # a configured load balancer's connection did not start with a valid PROXY header in time
     PROXY_UNTRUSTED = "proxy_untrusted"  # a PROXY header from an address not in public.proxy_protocol_from (not parsed)
+    PLAIN_HTTP = "plain_http"  # an http:// request: answered with one line saying the port speaks SSH and HTTPS
+    UNKNOWN_PROTOCOL = "unknown_protocol"  # the first bytes are neither SSH, TLS nor HTTP
 
 
 class PenaltyEvent(StrEnum):

@@ -382,7 +382,7 @@ class Listener:
             door = await peek_door(conn, self._detect_timeout)
             handler = self._doors.get(door)
             if handler is None and door is Door.HTTP:
-                self._refusal_log.info(self._log, "connection_refused", "plain_http", listener=self.name, source_ip=peer[0])
+                self._refused(peer, Refusal.PLAIN_HTTP)
                 await answer_plain_http(conn)
                 return
             if handler is None:
@@ -390,7 +390,7 @@ class Listener:
                     # A client's own PROXY header (to us directly, or inside a balancer's stream): never trusted.
                     self._refused(peer, Refusal.PROXY_UNTRUSTED)
                     return
-                self._refusal_log.info(self._log, "connection_refused", "unknown_protocol", listener=self.name, source_ip=peer[0])
+                self._refused(peer, Refusal.UNKNOWN_PROTOCOL)
                 return
             handed = True
             await handler(conn, peer)

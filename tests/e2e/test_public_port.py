@@ -57,6 +57,7 @@ async def test_plain_http_on_the_public_port_reads_which_protocols_it_speaks(gw:
         r.text
     )
     assert [e for e in gw.logs.events("connection_refused") if e["reason"] == "plain_http"]
+    assert 'bastion_connections_refused_total{listener="public",reason="plain_http"} 1.0' in gw.app.metrics.render().decode()
     ok = await gw.ssh("alice+web01", "echo still-serving")
     assert ok.text == "still-serving\n"
 
@@ -79,6 +80,7 @@ async def test_bytes_that_are_no_protocol_get_the_connection_closed(gw: Gateway)
     finally:
         w.close()
     assert [e for e in gw.logs.events("connection_refused") if e["reason"] == "unknown_protocol"]
+    assert 'bastion_connections_refused_total{listener="public",reason="unknown_protocol"} 1.0' in gw.app.metrics.render().decode()
 
 
 async def test_https_client_that_never_sends_headers_is_dropped(make_gateway: GatewayFactory) -> None:
