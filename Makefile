@@ -31,9 +31,12 @@ test: venv deps lint
 test-fast: venv
 	$(BIN)/pytest -q -x tests/unit
 
-# Every benchmark in bench/, one after the other (each prints its own ratios against its baseline).
+# Every benchmark in bench/, one after the other (each prints its own ratios against its baseline), then one table.
 bench: venv deps
-	@set -e; for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b; done
+	@$(BIN)/python bench/summary.py --load-start
+	@set -e; for b in bench/*.py; do [ "$$b" = bench/summary.py ] && continue; echo "== $$b"; $(BIN)/python $$b; done
+	@$(BIN)/python bench/summary.py --load-end
+	@$(BIN)/python bench/summary.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

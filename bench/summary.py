@@ -1,0 +1,147 @@
+"""One table from every benchmark's results (bench/results/*.json): each path against its baseline, from the
+same run of that benchmark, with medians, the spread of the samples and the ratio; and the load average before
+and after the whole `make bench` run (bench/results/load.json, written by the Makefile around it).
+
+Run: .venv/bin/python bench/summary.py [--results DIR] [--load-start] [--load-end]
+
+It only reads what the benchmarks wrote: a benchmark that did not run is named as missing, never guessed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+Row = tuple[str, str, str, str, str]  # path, gateway, baseline (name: value), ratio, when
+
+
+def _spread(samples: list[float]) -> str:
+    return f" ({min(samples):.0f}-{max(samples):.0f})" if len(samples) > 1 else ""
+
+
+def _ssh_forward(d: dict[str, Any]) -> list[Row]:
+    med, s = d["median_mb_per_s"], d["samples_mb_per_s"]
+    return [
+        (
+            "ssh -L bulk, jump mode (MB/s)",
+            f"{med['gateway']:.0f}{_spread(s['gateway'])}",
+            f"sshd {med['sshd']:.0f}{_spread(s['sshd'])}",
+            f"{med['gateway'] / med['sshd']:.2f}",
+            d["timestamp"],
+        )
+    ]
+
+
+def _tunnel(d: dict[str, Any]) -> list[Row]:
+    med, s = d["median_mb_per_s"], d["samples_mb_per_s"]
+    rows = [
+        (
+            "bastion tunnel bulk (MB/s)",
+            f"{med['tunnel']:.0f}{_spread(s['tunnel'])}",
+            f"direct TCP {med['direct']:.0f}{_spread(s['direct'])}",
+            f"{med['tunnel'] / med['direct']:.2f}",
+            d["timestamp"],
+        )
+    ]
+    if "ssh-L" in med:
+        rows.append(("  same", "", f"ssh -L {med['ssh-L']:.0f}{_spread(s['ssh-L'])}", f"{med['tunnel'] / med['ssh-L']:.2f}", ""))
+    return rows
+
+
+def _rdg(d: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    for r in d["table"]:
+        if r["path"] in ("rdg-ws", "rdg-http"):
+            what = f"RD Gateway {r['path'][4:]} {r['direction']} (MB/s)"  # echo: bulk both ways at once
+            rows.append((what, f"{r['median_mb_s']:.0f}", "bastion tunnel", f"{r['x_tunnel']:.2f}", d["timestamp"]))
+    return rows
+
+
+def _cluster(d: dict[str, Any]) -> list[Row]:
+    a, b = d["a"], d["b"]
+    return [
+        (
+            f"GET /v1/sessions, {a['sessions']} sessions (ms)",
+            f"3 nodes {b['list_median_s'] * 1000:.1f}",
+            f"1 node {a['list_median_s'] * 1000:.1f}",
+            f"{b['list_median_s'] / a['list_median_s']:.2f}",
+            d["timestamp"],
+        ),
+        (
+            f"bulk disconnect of {a['sessions']} (s)",
+            f"3 nodes {b['disconnect']['seconds']:.2f}",
+            f"1 node {a['disconnect']['seconds']:.2f}",
+            f"{b['disconnect']['seconds'] / a['disconnect']['seconds']:.2f}",
+            "",
+        ),
+    ]
+
+
+def _generic(d: dict[str, Any]) -> list[Row]:
+    """A benchmark that writes its own `rows`: [{path, gateway, baseline, ratio}]."""
+    return [(str(r["path"]), str(r["gateway"]), str(r["baseline"]), str(r["ratio"]), d.get("timestamp", "")) for r in d.get("rows", [])]
+
+
+EXTRACT: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
+    "ssh_forward": _ssh_forward,
+    "tunnel": _tunnel,
+    "rdg": _rdg,
+    "cluster": _cluster,
+}
+
+
+def _loadavg() -> list[float]:
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+def table(results: Path) -> str:
+    rows: list[Row] = []
+    missing: list[str] = []
+    for bench in sorted(p.stem for p in Path(__file__).resolve().parent.glob("*.py") if p.stem != "summary"):
+        f = results / f"{bench}.json"
+        if not f.exists():
+            missing.append(bench)
+            continue
+        d = json.loads(f.read_text())
+        try:
+            rows.extend(EXTRACT.get(bench, _generic)(d))
+        except (KeyError, TypeError, ZeroDivisionError) as exc:
+            rows.append((f"{bench}: results not in the expected shape ({type(exc).__name__}: {exc})", "", "", "", ""))
+    header: Row = ("path", "gateway", "baseline (same run)", "ratio", "measured at")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in [header, *rows]]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    load = results / "load.json"
+    if load.exists():
+        ld = json.loads(load.read_text())
+        lines.append(f"\nload average (1, 5, 15 min): before {ld.get('start')}, after {ld.get('end')}; {os.cpu_count()} cores")
+    if missing:
+        lines.append(f"not run: {', '.join(missing)}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--load-start", action="store_true", help="record the load average before a run (the Makefile does)")
+    ap.add_argument("--load-end", action="store_true", help="record the load average after a run")
+    args = ap.parse_args()
+    load = args.results / "load.json"
+    if args.load_start or args.load_end:
+        args.results.mkdir(parents=True, exist_ok=True)
+        data = json.loads(load.read_text()) if load.exists() and args.load_end else {}
+        data["start" if args.load_start else "end"] = _loadavg()
+        load.write_text(json.dumps(data) + "\n")
+        return 0
+    print(table(args.results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

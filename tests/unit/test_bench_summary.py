@@ -1,0 +1,42 @@
+"""bench/summary.py: one table from the benchmarks' own results files, naming what did not run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _summary() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_summary", ROOT / "bench" / "summary.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_summary"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_table_reads_each_results_file_and_names_the_missing(tmp_path: Path) -> None:
+    """A results dir with ssh_forward and a generic benchmark gives their rows and ratios; the others are 'not run';
+    a file in another shape is reported as such, not guessed."""
+    (tmp_path / "ssh_forward.json").write_text(
+        json.dumps(
+            {
+                "timestamp": "T1",
+                "median_mb_per_s": {"gateway": 300.0, "sshd": 400.0},
+                "samples_mb_per_s": {"gateway": [250.0, 300.0, 350.0], "sshd": [390.0, 400.0, 410.0]},
+            }
+        )
+    )
+    rows = [{"path": "p", "gateway": "8/8", "baseline": "0/8", "ratio": "-"}]
+    (tmp_path / "floods.json").write_text(json.dumps({"timestamp": "T2", "rows": rows}))
+    (tmp_path / "tunnel.json").write_text(json.dumps({"timestamp": "T3"}))
+    out = _summary().table(tmp_path)
+    assert "| ssh -L bulk, jump mode (MB/s)" in out and "300 (250-350)" in out and "sshd 400 (390-410)" in out and "| 0.75 " in out
+    assert "| p " in out and "8/8" in out
+    assert "tunnel: results not in the expected shape (KeyError" in out
+    assert "not run: " in out and "cluster" in out.split("not run: ")[1]
