@@ -503,6 +503,8 @@ class App:
             cluster = self._cluster
             self.metrics.watch_cluster(cluster)
             cluster.on_lock, cluster.on_unlock = self.access.remote_lock, self.access.remote_unlock
+            locks = self.locks
+            cluster.local_locks = lambda: [lk.to_dict() for lk in locks.list()]
             self.access.publish_lock, self.access.publish_unlock = cluster.publish_lock, cluster.publish_unlock
             cluster.on_revoke, self.tokens.on_revoke = self.tokens.revoke_id, cluster.publish_revoke
             await cluster.start()  # never waits on Redis: a node without it serves its own users, degraded

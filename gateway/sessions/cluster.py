@@ -88,6 +88,7 @@ class RedisCluster:
         self.on_lock: Callable[[dict[str, Any]], None] | None = None
         self.on_unlock: Callable[[str], None] | None = None
         self.on_revoke: Callable[[str, float], None] | None = None
+        self.local_locks: Callable[[], list[dict[str, Any]]] | None = None  # every lock this node holds (to_dict form)
         self._events: Subscription | None = None  # this node's registry events, forwarded to the others
         self._resync_due = False  # an event could not be published: the others start over from a snapshot
         self._known: dict[str, tuple[str, list[dict[str, Any]]]] = {}  # node -> (last heartbeat, sessions), last watch
@@ -437,6 +438,14 @@ class RedisCluster:
         assert self._redis is not None
         async with asyncio.timeout(self.timeout):
             locks = await self._redis.hgetall(_LOCKS)
+        mine = self.local_locks() if self.local_locks is not None else []
+        if not locks and mine:
+            # The cluster's hash is empty although this node holds locks: Redis restarted without its data. Put them
+            # back, so a node that starts later is locked too. (Only when empty: a lock lifted elsewhere while this
+            # node was away is not brought back.)
+            async with asyncio.timeout(self.timeout):
+                await self._redis.hset(_LOCKS, mapping={str(lk["id"]): json.dumps({**lk, "origin": self.node}) for lk in mine[:10_000]})
+            self._log.warning("cluster_locks_restored", locks=len(mine[:10_000]), reason="the cluster had none")
         for raw in list(locks.values())[:10_000]:
             self._lock_message(raw if isinstance(raw, str) else raw.decode(errors="replace"))
         async with asyncio.timeout(self.timeout):

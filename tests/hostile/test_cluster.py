@@ -327,3 +327,34 @@ async def test_one_node_without_a_cluster_is_a_cluster_of_one(make_gateway: Gate
         status, summary = await api(gw, "GET", "/v1/cluster")
         assert status == 200 and summary["clustered"] is False and summary["lost"] == []
         assert [(n["node"], n["sessions"], n["self"]) for n in summary["nodes"]] == [(summary["node"], 0, True)]
+
+
+async def test_locks_survive_a_redis_that_restarts_empty(
+    nodes: tuple[Gateway, Gateway], make_gateway: GatewayFactory, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A lock is made on node A; Redis restarts without its data; the nodes put the lock back, so node C, which
+    starts after, refuses alice too."""
+    a, b = nodes
+    await until(lambda: _has_nodes(a, {"node-a", "node-b"}))
+    status, made = await api(a, "POST", "/v1/locks", {"user": "alice", "reason": "incident 9"})
+    assert status == 201
+
+    async def b_has_it() -> bool:
+        return bool((await api(b, "GET", "/v1/locks"))[1]["locks"])
+
+    await until(b_has_it)
+    redis_server.stop()
+    await until(_degraded(a, True))
+    redis_server.start()
+    await until(_degraded(a, False))
+
+    async def restored() -> bool:
+        return any(e["event"] == "cluster_locks_restored" for gw in (a, b) for e in gw.logs.events())
+
+    await until(restored)
+    async with make_gateway(node(tmp_path, "node-c", redis_server, tmp_path / "token.key")) as c:
+
+        async def c_has_it() -> bool:
+            return [lk["id"] for lk in (await api(c, "GET", "/v1/locks"))[1]["locks"]] == [made["lock"]["id"]]
+
+        await until(c_has_it)
