@@ -20,6 +20,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import asyncssh
@@ -35,7 +36,7 @@ from gateway.doors.ssh import SSHDoor
 from gateway.doors.web import WebDoor
 from gateway.errors import ConfigError, GatewayError, StartupError
 from gateway.filemodes import check_private_file, check_state_dir, read_private_key
-from gateway.kinds import Reason
+from gateway.kinds import PenaltyEvent, Reason
 from gateway.locks import LockStore
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.net import tls
@@ -505,6 +506,10 @@ class App:
             cluster.on_lock, cluster.on_unlock = self.access.remote_lock, self.access.remote_unlock
             locks = self.locks
             cluster.local_locks = lambda: [lk.to_dict() for lk in locks.list()]
+            if self._penalties is not None:
+                penalties = self._penalties
+                penalties.on_record = lambda source, event: cluster.publish_penalty(source, str(event))
+                cluster.on_penalty = partial(_remote_penalty, penalties)
             self.access.publish_lock, self.access.publish_unlock = cluster.publish_lock, cluster.publish_unlock
             cluster.on_revoke, self.tokens.on_revoke = self.tokens.revoke_id, cluster.publish_revoke
             await cluster.start()  # never waits on Redis: a node without it serves its own users, degraded
@@ -716,3 +721,12 @@ class App:
             await stop.wait()
         finally:
             await self.stop()
+
+
+def _remote_penalty(penalties: Penalties, source: str, event: str) -> None:
+    """Another node's penalty event, counted here too (an unknown event name is dropped)."""
+    try:
+        kind = PenaltyEvent(event)
+    except ValueError:
+        return
+    penalties.record_remote(source, kind)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -44,6 +45,8 @@ class Penalties:
         self._observer = observer
         self._by_source: OrderedDict[str, _Entry] = OrderedDict()  # least recently penalized first
         self.evicted = 0
+        # With [cluster]: every event recorded here is shared, so behind a balancer a source's budget is the cluster's.
+        self.on_record: Callable[[str, PenaltyEvent], None] | None = None
 
     def set_policy(self, policy: PenaltyPolicy) -> None:
         """A reload: penalties already earned keep counting down; new events and checks use `policy`."""
@@ -71,10 +74,22 @@ class Penalties:
 
     def record(self, address: str, event: PenaltyEvent) -> None:
         """Add `event`'s penalty to the source of `address` (nothing if disabled, exempt or the duration is 0)."""
+        if self._add(address, event) and self.on_record is not None:
+            self.on_record(address, event)
+
+    def record_remote(self, address: str, event: PenaltyEvent) -> None:
+        """Another node's event for `address` (an IP literal; anything else is ignored): counted here too, not shared again."""
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            return
+        self._add(address, event)
+
+    def _add(self, address: str, event: PenaltyEvent) -> bool:
         p = self._policy
         seconds = self._duration(event)
         if not p.enabled or seconds <= 0 or self._exempt(address):
-            return
+            return False
         now = self._clock.monotonic()
         key = source_key(address)
         entry = self._by_source.pop(key, None)
@@ -87,6 +102,7 @@ class Penalties:
         if self._observer is not None:
             self._observer.penalty_recorded(event)
         self._bound(now)
+        return True
 
     def _bound(self, now: float) -> None:
         while len(self._by_source) > self._policy.max_sources:

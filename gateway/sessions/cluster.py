@@ -38,6 +38,7 @@ _NODE = "bastion:node:"
 _CONTROL = "bastion:control:"
 _REPLY = "bastion:reply:"
 _EVENTS = "bastion:events"  # every node's registry events, batched: {"origin", "events": [...]} | {"origin", "resync"|"left"}
+_PENALTIES = "bastion:penalties"  # per-source penalty events: {"origin", "source", "event"}
 _SPENT = "bastion:spent:"  # one-time tokens (browser sign-in links) spent on some node
 _EVENT_KINDS = ("opened", "updated", "closed", "progress")
 _MAX_BATCH = 500  # events in one published message
@@ -89,6 +90,7 @@ class RedisCluster:
         self.on_unlock: Callable[[str], None] | None = None
         self.on_revoke: Callable[[str, float], None] | None = None
         self.local_locks: Callable[[], list[dict[str, Any]]] | None = None  # every lock this node holds (to_dict form)
+        self.on_penalty: Callable[[str, str], None] | None = None  # another node's penalty event: (source address, event)
         self._events: Subscription | None = None  # this node's registry events, forwarded to the others
         self._resync_due = False  # an event could not be published: the others start over from a snapshot
         self._known: dict[str, tuple[str, list[dict[str, Any]]]] = {}  # node -> (last heartbeat, sessions), last watch
@@ -405,10 +407,32 @@ class RedisCluster:
         except (redis.RedisError, OSError, TimeoutError) as exc:
             self._down("revoke", exc)
 
-    def _send(self, coro: Coroutine[Any, Any, None]) -> None:
+    def publish_penalty(self, source: str, event: str) -> None:
+        """A penalty event recorded here (a failed login, a silent client): every node counts it for that source."""
+        self._send(self._store_penalty(source, event), what="penalty")
+
+    async def _store_penalty(self, source: str, event: str) -> None:
+        assert self._redis is not None
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._redis.publish(_PENALTIES, json.dumps({"origin": self.node, "source": source, "event": event}))
+        except (redis.RedisError, OSError, TimeoutError) as exc:
+            self._down("penalty", exc)
+
+    def _penalty_message(self, data: str) -> None:
+        try:
+            doc = json.loads(data)
+        except ValueError:
+            return
+        if isinstance(doc, dict) and doc.get("origin") != self.node and self.on_penalty is not None:
+            source, event = doc.get("source"), doc.get("event")
+            if isinstance(source, str) and isinstance(event, str) and len(source) <= 64:
+                self.on_penalty(source, event)
+
+    def _send(self, coro: Coroutine[Any, Any, None], what: str = "lock") -> None:
         if len(self._sending) >= _MAX_SERVING:
             coro.close()
-            self._log.warning("cluster_lock_not_shared", reason="too many changes in flight")
+            self._log.warning("cluster_change_not_shared", what=what, reason="too many changes in flight")
             return
         task = asyncio.create_task(coro, name="cluster-lock")
         self._sending.add(task)
@@ -479,7 +503,7 @@ class RedisCluster:
         while True:
             try:
                 pubsub = self._redis.pubsub()
-                await pubsub.subscribe(_CONTROL + self.node, _LOCKS, _EVENTS)
+                await pubsub.subscribe(_CONTROL + self.node, _LOCKS, _EVENTS, _PENALTIES)
                 try:
                     await self._sync_locks()
                     while True:
@@ -488,6 +512,8 @@ class RedisCluster:
                             continue
                         if msg["channel"] == _EVENTS:
                             self._event_message(msg["data"])
+                        elif msg["channel"] == _PENALTIES:
+                            self._penalty_message(msg["data"])
                         elif msg["channel"] == _LOCKS:
                             self._lock_change(msg["data"])
                         elif len(self._serving) < _MAX_SERVING:

@@ -358,3 +358,26 @@ async def test_locks_survive_a_redis_that_restarts_empty(
             return [lk["id"] for lk in (await api(c, "GET", "/v1/locks"))[1]["locks"]] == [made["lock"]["id"]]
 
         await until(c_has_it)
+
+
+async def test_a_sources_penalty_budget_is_the_clusters(nodes: tuple[Gateway, Gateway]) -> None:
+    """Behind a balancer a scanner's logins spread over the nodes: two failed logins from 127.0.0.2 on each node
+    (5 s each; a source is refused past 15 s) are 10 s per node alone, but every node counts every node's events, so
+    127.0.0.2 is refused on both while alice from 127.0.0.1 still logs in."""
+    a, b = nodes
+    await until(lambda: _has_nodes(a, {"node-a", "node-b"}))
+    for gw in (a, b, a, b):
+        r = await gw.run(*gw.ssh_argv_keys("alice+web01", gw.keys.stranger.private, opts=("-b", "127.0.0.2")), "true")
+        assert r.rc == 255 and "Permission denied" in r.errtext, r.errtext
+    for gw in (a, b):
+        penalties = gw.app._penalties
+        assert penalties is not None
+
+        async def refused_here(p: Any = penalties) -> bool:
+            return p.refused("127.0.0.2") is not None
+
+        await until(refused_here)
+        r = await gw.run(*gw.ssh_argv_keys("alice+web01", gw.keys.alice.private, opts=("-b", "127.0.0.2")), "true")
+        assert r.rc == 255 and [e for e in gw.logs.events("connection_refused") if e["reason"] == "penalty"], r.errtext
+        ok = await gw.run(*argv(gw, "alice+web01", "echo", "still-in"))
+        assert ok.rc == 0 and ok.text.strip() == "still-in"

@@ -134,3 +134,18 @@ def test_table_is_bounded_and_evicts_the_least_recently_penalized() -> None:
     for ip in ("198.51.100.1", "198.51.100.2", "198.51.100.3"):
         p.record(ip, NOAUTH)
     assert seen.evicted == 1  # the entries pushed out had expired
+
+
+def test_events_recorded_here_are_shared_and_remote_ones_are_not_shared_again() -> None:
+    """With [cluster], `on_record` hears each event recorded here (not the exempt or disabled ones); another node's
+    event counts the same but is not handed back (no echo), and a source that is not an IP literal is ignored."""
+    p, _, _ = make(exempt=(ipaddress.ip_network("10.0.0.0/8"),))
+    shared: list[tuple[str, PenaltyEvent]] = []
+    p.on_record = lambda source, event: shared.append((source, event))
+    p.record("192.0.2.1", AUTH)
+    p.record("10.1.2.3", AUTH)
+    assert shared == [("192.0.2.1", AUTH)]
+    for _ in range(3):
+        p.record_remote("192.0.2.1", AUTH)
+    p.record_remote("not-an-address", AUTH)
+    assert shared == [("192.0.2.1", AUTH)] and p.refused("192.0.2.1") is not None and p.tracked == 1
