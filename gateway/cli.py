@@ -98,6 +98,45 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _run(lambda stop: run_demo(stop, state_dir=args.state_dir, port=args.port, control_port=args.control_port))
 
 
+def completion_script(parser: argparse.ArgumentParser, shell: str) -> str:
+    """A bash (or zsh, through its bashcompinit) completion for `bastion`: its commands, then each command's
+    options, and the choices of an option that has them. Built from the argument parser, so it never drifts."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    commands = sorted(sub.choices)
+    cases = []
+    for name in commands:
+        cmd = sub.choices[name]
+        opts = sorted(o for a in cmd._actions for o in a.option_strings if o.startswith("--"))
+        choices = [
+            f"{o}) COMPREPLY=($(compgen -W '{' '.join(map(str, a.choices))}' -- \"$cur\")); return;;"
+            for a in cmd._actions
+            if a.choices and a.option_strings
+            for o in a.option_strings
+        ]
+        prev = f'case "$prev" in {" ".join(choices)} esac; ' if choices else ""
+        cases.append(f"        {name}) {prev}COMPREPLY=($(compgen -W '{' '.join(opts)}' -- \"$cur\"));;")
+    body = "\n".join(cases)
+    script = f"""_bastion() {{
+    local cur="${{COMP_WORDS[COMP_CWORD]}}" prev="${{COMP_WORDS[COMP_CWORD-1]}}"
+    if [ "$COMP_CWORD" -eq 1 ]; then
+        COMPREPLY=($(compgen -W '{" ".join(commands)} --help --version' -- "$cur")); return
+    fi
+    case "${{COMP_WORDS[1]}}" in
+{body}
+    esac
+}}
+complete -o default -F _bastion bastion
+"""
+    if shell == "zsh":
+        script = "autoload -U +X bashcompinit && bashcompinit\n" + script
+    return script
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    print(completion_script(build_parser(), args.shell), end="")
+    return 0
+
+
 def cmd_hash_token(args: argparse.Namespace) -> int:
     import hashlib
 
@@ -642,6 +681,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=10443, help="public port on 127.0.0.1 (default 10443)")
     d.add_argument("--control-port", type=int, default=10444, help="control port on 127.0.0.1 (default 10444)")
     d.set_defaults(func=cmd_demo)
+
+    cp = sub.add_parser("completion", help="print a shell completion script: source <(bastion completion bash)")
+    cp.add_argument("shell", choices=["bash", "zsh"])
+    cp.set_defaults(func=cmd_completion)
 
     h = sub.add_parser("hash-token", help="read a token on stdin, print its SHA-256 for [[operators]] token_sha256")
     h.set_defaults(func=cmd_hash_token)

@@ -50,6 +50,9 @@ check_all() {
     need redis-server /usr/bin/redis-server   # the cluster tests run their own on loopback
     # The browser terminal test runs vi on the VM (the test sshd is this machine): vim-tiny provides it if missing.
     need vim-tiny vi
+    # `bastion completion bash|zsh` is tried in both shells (tests/e2e/test_completion.py).
+    need bash bash
+    need zsh zsh
 }
 
 check_all
