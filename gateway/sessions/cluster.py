@@ -169,7 +169,10 @@ class RedisCluster:
             else:
                 self.last_beat_mono = self._clock.monotonic()
                 self._up()
-                await self._watch(resync=was_degraded)
+                try:
+                    await self._watch(resync=was_degraded)
+                except Exception:  # a bug here must not stop the heartbeat: the node would drop out of every view
+                    self._log.exception("cluster_watch_failed")
             await self._clock.sleep(self.heartbeat)
 
     async def _read(self) -> dict[str, tuple[str, list[dict[str, Any]]]]:
