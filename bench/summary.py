@@ -49,8 +49,9 @@ def _tunnel(d: dict[str, Any]) -> list[Row]:
             d["timestamp"],
         )
     ]
-    if "ssh-L" in med:
-        rows.append(("  same", "", f"ssh -L {med['ssh-L']:.0f}{_spread(s['ssh-L'])}", f"{med['tunnel'] / med['ssh-L']:.2f}", ""))
+    for other, label in (("ssh-L", "ssh -L"), ("haproxy", "haproxy TCP"), ("haproxy-tls", "haproxy TLS hop")):
+        if other in med:
+            rows.append(("  same", "", f"{label} {med[other]:.0f}{_spread(s[other])}", f"{med['tunnel'] / med[other]:.2f}", ""))
     return rows
 
 

@@ -3,9 +3,14 @@
 Everything runs on 127.0.0.1 in separate processes, so no two parties share an
 event loop:
 
-    direct: client (this process) ---------------------------------------------------> sink (subprocess)
-    tunnel: client (this process) -> bastion tunnel (subprocess) -> gateway (subprocess) -> sink
-    ssh-L:  client (this process) -> ssh -L (subprocess)         -> gateway (same one)   -> sink
+    direct:      client (this process) ---------------------------------------------------> sink (subprocess)
+    tunnel:      client (this process) -> bastion tunnel (subprocess) -> gateway (subprocess) -> sink
+    ssh-L:       client (this process) -> ssh -L (subprocess)         -> gateway (same one)   -> sink
+    haproxy:     client (this process) -> haproxy, TCP mode (subprocess) ----------------------> sink
+    haproxy-tls: client (this process) -> haproxy (TCP in, TLS out) -> haproxy (TLS in, TCP out) -> sink
+
+haproxy-tls is the tunnel's shape built from haproxy: a local TCP port, one TLS hop on loopback, TCP to the VM,
+in two processes (nbthread 1 each), as the helper and the gateway are two.
 
 The gateway is one `python -m gateway serve` process that grants the sink's port both as
 `tcp` (the WebSocket tunnel, with a static automation token) and as `ssh-jump` (the -L
@@ -22,6 +27,7 @@ Run: .venv/bin/python bench/tunnel.py [--mb 200] [--rounds 5]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import hashlib
 import importlib.metadata
@@ -30,6 +36,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -61,12 +68,70 @@ from bench.ssh_forward import (  # noqa: E402
     transfer,
     versions,
 )
+from gateway.net.tls import write_self_signed  # noqa: E402
 from tests.support.peers import KeyPair, free_port, make_key  # noqa: E402
 
 VM = "sink01"
 RESULTS = REPO / "bench" / "results" / "tunnel.json"
-PATHS = ("direct", "tunnel", "ssh-L")
-WHAT = {"direct": "the sink", "tunnel": "bastion tunnel", "ssh-L": "ssh -L"}  # the process each path needs alive
+PATHS = ("direct", "tunnel", "ssh-L", "haproxy", "haproxy-tls")
+WHAT = {  # the process each path needs alive
+    "direct": "the sink", "tunnel": "bastion tunnel", "ssh-L": "ssh -L", "haproxy": "haproxy", "haproxy-tls": "haproxy (TLS origin)",
+}  # fmt: skip
+HAPROXY = """global
+    maxconn 1000
+    nbthread 1
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+{frontends}
+"""
+
+
+def haproxy_binary() -> str:
+    found = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
+    if not found:
+        raise RuntimeError("haproxy is missing: run scripts/install-test-deps.sh (make bench does)")
+    return found
+
+
+def start_haproxy(workdir: Path, name: str, frontends: str, port: int) -> subprocess.Popen[bytes]:
+    cfg = workdir / f"{name}.cfg"
+    cfg.write_text(HAPROXY.format(frontends=frontends))
+    log = (workdir / f"{name}.log").open("ab")
+    proc = subprocess.Popen([haproxy_binary(), "-db", "-f", str(cfg)], stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"haproxy {name} exited: {tail(workdir / f'{name}.log')}")
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1):
+            return proc
+        time.sleep(0.05)
+    stop_process(proc)
+    raise TimeoutError(f"haproxy {name} did not listen on {port}")
+
+
+def start_haproxies(workdir: Path, sink_port: int) -> tuple[Forward, Forward, subprocess.Popen[bytes]]:
+    """haproxy in TCP mode to the sink; and a TLS hop from two haproxy processes (origin, terminator)."""
+    pem = workdir / "haproxy.pem"
+    write_self_signed(workdir / "haproxy.crt", workdir / "haproxy.key", [HOST])
+    pem.write_bytes((workdir / "haproxy.crt").read_bytes() + (workdir / "haproxy.key").read_bytes())
+    tcp_port, orig_port, term_port = free_port(HOST), free_port(HOST), free_port(HOST)
+    term = start_haproxy(
+        workdir, "haproxy-term", f"listen term\n    bind {HOST}:{term_port} ssl crt {pem}\n    server sink {HOST}:{sink_port}", term_port
+    )
+    origin = start_haproxy(
+        workdir, "haproxy-origin",
+        f"listen tcp\n    bind {HOST}:{tcp_port}\n    server sink {HOST}:{sink_port}\n"
+        f"listen origin\n    bind {HOST}:{orig_port}\n    server term {HOST}:{term_port} ssl verify none",
+        orig_port,
+    )  # fmt: skip
+    return (
+        Forward("haproxy", tcp_port, origin, workdir / "haproxy-origin.log"),
+        Forward("haproxy-tls", orig_port, origin, workdir / "haproxy-origin.log"),
+        term,
+    )
 
 
 # --------------------------------------------------------------------------- gateway
@@ -225,6 +290,8 @@ def run(args: argparse.Namespace) -> int:
     gw: GatewayProc | None = None
     helper: Forward | None = None
     ssh_l: Forward | None = None
+    haproxy: Forward | None = None
+    haproxy_term: subprocess.Popen[bytes] | None = None
     try:
         alice = make_key(tmp / "keys" / "alice")
         sink, sink_port = start_sink(tmp, lifetime=args.timeout + 60)
@@ -244,7 +311,8 @@ def run(args: argparse.Namespace) -> int:
             dest_port=sink_port,
         )
         direct = Forward("direct", sink_port, sink, tmp / "sink.log")  # no forwarder: straight to the sink
-        paths = [direct, helper, ssh_l]
+        haproxy, haproxy_tls, haproxy_term = start_haproxies(tmp, sink_port)
+        paths = [direct, helper, ssh_l, haproxy, haproxy_tls]
         assert tuple(p.name for p in paths) == PATHS
 
         algos = ssh_l.negotiated()
@@ -263,21 +331,24 @@ def run(args: argparse.Namespace) -> int:
 
         print()
         cols = "".join(f"  {p.name + ' MB/s':>12}  {'(s)':>6}" for p in paths)
-        print(f"{'round':>5}{cols}  {'tun/dir':>7}  {'tun/ssh':>7}")
+        print(f"{'round':>5}{cols}  {'tun/dir':>7}  {'tun/ssh':>7}  {'tun/tls':>7}")
         for r in range(1, args.rounds + 1):
             for p in paths:  # direct, tunnel, ssh-L, direct, ...
                 secs, rate = measure(p, nbytes, chunk, overall, per_transfer)
                 p.samples.append(rate)
                 p.seconds.append(secs)
             row = "".join(f"  {p.samples[-1]:>12.1f}  {p.seconds[-1]:>6.3f}" for p in paths)
-            print(f"{r:>5}{row}  {helper.samples[-1] / direct.samples[-1]:>7.2f}  {helper.samples[-1] / ssh_l.samples[-1]:>7.2f}")
+            ratios = [helper.samples[-1] / x.samples[-1] for x in (direct, ssh_l, haproxy_tls)]
+            print(f"{r:>5}{row}" + "".join(f"  {x:>7.2f}" for x in ratios))
 
         med = {p.name: statistics.median(p.samples) for p in paths}
         over_direct = med["tunnel"] / med["direct"]
         over_ssh = med["tunnel"] / med["ssh-L"]
+        over_tls = med["tunnel"] / med["haproxy-tls"]
         headline = (
             f"direct {med['direct']:.0f} MB/s | tunnel {med['tunnel']:.0f} MB/s | ssh-L {med['ssh-L']:.0f} MB/s"
-            f" | tunnel/direct {over_direct:.2f} | tunnel/ssh-L {over_ssh:.2f}"
+            f" | haproxy {med['haproxy']:.0f} | haproxy-tls {med['haproxy-tls']:.0f}"
+            f" | tunnel/direct {over_direct:.2f} | tunnel/ssh-L {over_ssh:.2f} | tunnel/haproxy-tls {over_tls:.2f}"
         )
         print()
         print(headline)
@@ -290,11 +361,13 @@ def run(args: argparse.Namespace) -> int:
             "bytes_per_transfer": nbytes,
             "rounds": args.rounds,
             "warmup_mb": warm // MB,
-            "order": "alternating, direct / tunnel / ssh-L in each round",
+            "order": "alternating, " + " / ".join(PATHS) + " in each round",
             "paths": {
                 "direct": "TCP straight to the sink",
                 "tunnel": "bastion tunnel (own process) -> wss /v1/tunnel -> gateway (own process) -> sink",
                 "ssh-L": "ssh -L -> gateway jump mode (same gateway process) -> sink",
+                "haproxy": "haproxy TCP mode (own process, nbthread 1) -> sink",
+                "haproxy-tls": "haproxy (TCP in, TLS out) -> haproxy (TLS in, TCP out) -> sink: two processes, one TLS hop",
             },
             "cipher_requested": args.cipher,
             "negotiated_ssh_l": algos,
@@ -305,6 +378,7 @@ def run(args: argparse.Namespace) -> int:
             "median_mb_per_s": {k: round(v, 2) for k, v in med.items()},
             "ratio_tunnel_over_direct": round(over_direct, 4),
             "ratio_tunnel_over_ssh_l": round(over_ssh, 4),
+            "ratio_tunnel_over_haproxy_tls": round(over_tls, 4),
             "summary": headline,
         }
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -317,6 +391,8 @@ def run(args: argparse.Namespace) -> int:
                 [
                     ("bastion tunnel", helper.proc if helper else None, 5.0),
                     ("ssh -L", ssh_l.proc if ssh_l else None, 5.0),
+                    ("haproxy", haproxy.proc if haproxy else None, 5.0),
+                    ("haproxy (TLS end)", haproxy_term, 5.0),
                     ("gateway", gw.proc if gw else None, 10.0),
                     ("sink", sink, 5.0),
                 ]
