@@ -52,6 +52,18 @@ def _tunnel(d: dict[str, Any]) -> list[Row]:
     for other, label in (("ssh-L", "ssh -L"), ("haproxy", "haproxy TCP"), ("haproxy-tls", "haproxy TLS hop")):
         if other in med:
             rows.append(("  same", "", f"{label} {med[other]:.0f}{_spread(s[other])}", f"{med['tunnel'] / med[other]:.2f}", ""))
+    conns = d.get("median_conns_per_s") or {}
+    for other, label in (("haproxy", "haproxy TCP"), ("haproxy-tls", "haproxy TLS hop")):
+        if "tunnel" in conns and other in conns:
+            rows.append(
+                (
+                    "bastion tunnel new connections (/s)",
+                    f"{conns['tunnel']:.0f}",
+                    f"{label} {conns[other]:.0f}",
+                    f"{conns['tunnel'] / conns[other]:.2f}",
+                    "",
+                )
+            )
     return rows
 
 

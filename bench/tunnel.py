@@ -151,6 +151,9 @@ def gateway_toml(*, state_dir: Path, port: int, alice: KeyPair, token_sha256: st
         "[control]",
         f"listen = {toml_value([f'{HOST}:0'])}",  # an ephemeral port: never collides with another gateway
         "",
+        "[sessions]",  # the connection-rate rounds open hundreds of sessions a second: a policy limit, not a cost
+        f"rate_per_user = {toml_value('off')}",
+        "",
         "[[vms]]",
         f"name = {toml_value(VM)}",
         f"address = {toml_value(HOST)}",
@@ -341,6 +344,20 @@ def run(args: argparse.Namespace) -> int:
             ratios = [helper.samples[-1] / x.samples[-1] for x in (direct, ssh_l, haproxy_tls)]
             print(f"{r:>5}{row}" + "".join(f"  {x:>7.2f}" for x in ratios))
 
+        # New connections per second: each is connect, one byte, half-close, the sink's reply, close (through the
+        # tunnel: a new WebSocket, TLS handshake and session each). Alternating blocks of --conns per path.
+        conn_rates: dict[str, list[float]] = {p.name: [] for p in paths}
+        if args.conns:
+            print(f"\nnew connections per second ({args.conns} in a row per path and round)")
+            for r in range(1, args.rounds + 1):
+                for p in paths:
+                    t0 = time.perf_counter()
+                    for _ in range(args.conns):
+                        measure(p, 1, chunk, overall, per_transfer)
+                    conn_rates[p.name].append(args.conns / (time.perf_counter() - t0))
+                print(f"{r:>5}" + "".join(f"  {p.name} {conn_rates[p.name][-1]:8.0f}/s" for p in paths))
+        conn_med = {k: statistics.median(v) for k, v in conn_rates.items() if v}
+
         med = {p.name: statistics.median(p.samples) for p in paths}
         over_direct = med["tunnel"] / med["direct"]
         over_ssh = med["tunnel"] / med["ssh-L"]
@@ -350,6 +367,11 @@ def run(args: argparse.Namespace) -> int:
             f" | haproxy {med['haproxy']:.0f} | haproxy-tls {med['haproxy-tls']:.0f}"
             f" | tunnel/direct {over_direct:.2f} | tunnel/ssh-L {over_ssh:.2f} | tunnel/haproxy-tls {over_tls:.2f}"
         )
+        if conn_med:
+            headline += (
+                f" || new conns/s: tunnel {conn_med['tunnel']:.0f}, haproxy {conn_med['haproxy']:.0f},"
+                f" haproxy-tls {conn_med['haproxy-tls']:.0f} | tunnel/haproxy-tls {conn_med['tunnel'] / conn_med['haproxy-tls']:.2f}"
+            )
         print()
         print(headline)
         print(f"medians of {args.rounds} rounds x {args.mb} MB, {ncores['cpu_count']} cores; ssh-L cipher {args.cipher}; higher is better")
@@ -379,6 +401,9 @@ def run(args: argparse.Namespace) -> int:
             "ratio_tunnel_over_direct": round(over_direct, 4),
             "ratio_tunnel_over_ssh_l": round(over_ssh, 4),
             "ratio_tunnel_over_haproxy_tls": round(over_tls, 4),
+            "conns_per_round": args.conns,
+            "conns_per_s": {k: [round(x, 1) for x in v] for k, v in conn_rates.items()},
+            "median_conns_per_s": {k: round(v, 1) for k, v in conn_med.items()},
             "summary": headline,
         }
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -407,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Bulk throughput: direct TCP vs bastion tunnel vs ssh -L through the gateway, alternately.")
     p.add_argument("--mb", type=int, default=200, help="MB (10**6 bytes) per transfer (default 200)")
     p.add_argument("--rounds", type=int, default=5, help="measured transfers per path (default 5)")
+    p.add_argument("--conns", type=int, default=200, help="new connections per path and round for the connection rate (0: skip)")
     p.add_argument("--cipher", default=DEFAULT_CIPHER, help=f"ssh -c CIPHER for the ssh-L path (default {DEFAULT_CIPHER})")
     p.add_argument("--timeout", type=int, default=900, help="hard limit for the whole run in seconds (default 900)")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs, configs) for debugging")
