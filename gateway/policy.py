@@ -192,23 +192,14 @@ class Policy:
         return tuple(dict.fromkeys(out))
 
     def granted_ports(self, principal: Principal, vm: VM) -> tuple[int, ...]:
-        """The ports of `vm` this principal may reach by jump mode or tunnels (for listings).
-
-        A rule's `ports` apply to each of its VMs, but a port that is another VM's SSH or RDP port at the same
-        address is that VM's service, not this one's (demo VMs on one host): it is listed under its own VM only.
-        """
-        own = {vm.ssh_port, vm.rdp_port}
-        theirs = {
-            p
-            for other in self._vms.values()
-            if other.name != vm.name and other.address == vm.address
-            for p in (other.ssh_port, other.rdp_port)
-        }
+        """The ports of `vm` this principal may reach by jump mode or tunnels (for listings): exactly what
+        `check_forward` allows, so a listing never hides a grant. A rule's `ports` apply to each of its VMs; a rule
+        without `ports` grants the VM's own SSH port (jump) or RDP port (rdp)."""
         ports: set[int] = set()
         for proto in (Protocol.SSH_JUMP, Protocol.RDP, Protocol.TCP):
             for rule in self._rules_for(principal, vm, proto):
                 if rule.ports is not None:
-                    ports.update(p for p in rule.ports if p in own or p not in theirs)
+                    ports.update(rule.ports)
                 elif proto == Protocol.SSH_JUMP:
                     ports.add(vm.ssh_port)
                 elif proto == Protocol.RDP and vm.rdp_port is not None:

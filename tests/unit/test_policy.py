@@ -291,18 +291,20 @@ def test_forward_default_deny() -> None:
 # --- reachable and env_allowed ----------------------------------------------
 
 
-def test_listed_ports_are_each_vms_own_when_vms_share_an_address() -> None:
-    """One rule lists the SSH ports of two VMs on one host: each VM lists its own port (and other services), not both."""
+def test_listed_ports_are_each_vms_own_grants() -> None:
+    """`ls` lists per VM what the rules grant for that VM, and exactly what check_forward allows: a rule without
+    ports gives each VM its own SSH port (not the union of the VMs' ports); a rule's explicit ports apply to each of
+    its VMs, and are listed for each, since each may be reached."""
     vms = {
         "web01": VM(name="web01", address="127.0.0.1", ssh_port=10122),
         "web02": VM(name="web02", address="127.0.0.1", ssh_port=10222),
-        "far01": VM(name="far01", address="10.0.0.9", ssh_port=22),
     }
-    rule = Rule(users=("alice",), vms=("*",), protocols=("ssh-jump",), ports=(10122, 10222, 5432))
-    policy = Policy(vms, users(), [rule])
-    assert policy.granted_ports(ALICE, vms["web01"]) == (5432, 10122)
-    assert policy.granted_ports(ALICE, vms["web02"]) == (5432, 10222)
-    assert policy.granted_ports(ALICE, vms["far01"]) == (5432, 10122, 10222)  # another host: those are its ports too
+    own = Policy(vms, users(), [Rule(users=("alice",), vms=("*",), protocols=("ssh-jump",))])
+    assert own.granted_ports(ALICE, vms["web01"]) == (10122,) and own.granted_ports(ALICE, vms["web02"]) == (10222,)
+    explicit = Policy(vms, users(), [Rule(users=("alice",), vms=("*",), protocols=("ssh-jump",), ports=(5432, 10122))])
+    assert explicit.granted_ports(ALICE, vms["web02"]) == (5432, 10122)
+    for port in (5432, 10122):
+        assert explicit.check_forward(ALICE, "web02", port).port == port
 
 
 def test_reachable_lists_granted_vms_and_protocols() -> None:
