@@ -273,11 +273,11 @@ def build_handlers(cfg: Config, credentials: Credentials, host_keys: HostKeys, c
     """The handler table: every way of reaching a VM. A new protocol is a module and a line here."""
     keepalive = (cfg.ssh.keepalive_interval, cfg.ssh.keepalive_count)
     return Handlers(
-        ssh=SSHTerminateHandler(credentials, host_keys, cfg.gateway.connect_timeout, keepalive=keepalive),
+        ssh=SSHTerminateHandler(credentials, host_keys, cfg.gateway.connect_timeout, keepalive=keepalive, ciphers=cfg.ssh.vm_ciphers),
         ssh_jump=SSHJumpHandler(cfg.gateway.connect_timeout),
         tunnel=TunnelHandler(cfg.gateway.connect_timeout),
         rdg=RdgHandler(cfg.gateway.connect_timeout, cfg.tunnel.ping_interval, clock),
-        ssh_web=SSHWebHandler(credentials, host_keys, cfg.gateway.connect_timeout, keepalive=keepalive),
+        ssh_web=SSHWebHandler(credentials, host_keys, cfg.gateway.connect_timeout, keepalive=keepalive, ciphers=cfg.ssh.vm_ciphers),
     )
 
 
