@@ -9,6 +9,7 @@ from asyncio.subprocess import PIPE
 from pathlib import Path
 from typing import Any
 
+from gateway.protocols import asyncssh_fast
 from tests.e2e.conftest import Gateway, GatewayFactory, Keys, wait_for
 from tests.support.peers import free_port, running_sshd
 
@@ -237,3 +238,12 @@ async def test_vm_leg_offers_only_the_configured_ciphers(make_gateway: GatewayFa
             assert r.rc == 255
             assert "reached" not in r.text
 
+
+async def test_bulk_both_ways_through_the_patched_receive_path(gw: Gateway) -> None:
+    """The gateway runs asyncssh's receive path patched (`asyncssh_fast`): 32 MB of random bytes go up to the VM and
+    come back through both asyncssh legs, many packets per read and packets split across reads, unchanged."""
+    assert asyncssh_fast.applied()
+    data = os.urandom(32 * 1024 * 1024)
+    r = await gw.ssh("alice+web01", "cat", stdin=data, timeout=120)
+    assert r.rc == 0, r.errtext
+    assert hashlib.sha256(r.out).digest() == hashlib.sha256(data).digest()

@@ -1,0 +1,89 @@
+"""asyncssh's receive path without a copy of the whole input buffer per packet.
+
+asyncssh 2.24.1 keeps unparsed input in `SSHConnection._inpbuf` (bytes) and consumes it by slicing: the packet
+header (`_recv_pkthdr`: `self._inpbuf = self._inpbuf[blocksize:]`) and the rest of the packet (`_recv_packet`:
+`self._inpbuf = self._inpbuf[rem:]`) each copy everything still unparsed. One read from a fast peer holds up to
+256 KiB, so eight 32 KiB packets copy about 1.1 MB to parse 256 KiB, on the one core that also runs every relay.
+
+`apply()` replaces those three methods on `asyncssh.connection.SSHConnection` (every client and server connection)
+with versions that keep a read offset `_fast_pos` into `_inpbuf` while one `_recv_data()` runs, hand asyncssh's own
+`_recv_pkthdr`/`_recv_packet` exactly the bytes they parse (one copy of the packet, which they would slice anyway),
+and cut the consumed part off once per `_recv_data()`. Outside `_recv_data()` the offset is 0, so every other reader
+of `_inpbuf` (version line, `_finish_recv_packet` after an async handler, `connection_lost`) sees what it saw before.
+Packet parsing, decryption, MAC checks and dispatch stay asyncssh's own code.
+
+The patch leans on private names of exactly one asyncssh version: `apply()` changes nothing on any other (`PINNED`), and
+`tests/unit/test_asyncssh_fast.py` fails when pyproject's pin moves, so a new version is read before the patch is
+carried forward. It is the shape of a change offered upstream (an offset instead of a slice per packet).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import asyncssh
+from asyncssh.connection import SSHConnection
+
+PINNED = "2.24.1"
+_MARK = "_bastion_fast_recv"
+
+
+def applied() -> bool:
+    return bool(getattr(SSHConnection, _MARK, False))
+
+
+def apply(version: str | None = None) -> bool:
+    """Patch `SSHConnection` once per process (idempotent); True when the patch is in place. On any asyncssh but
+    `PINNED` it changes nothing and returns False (asyncssh's own receive path, slower, still correct). Called by
+    the composition root before any connection exists; `version` is for tests."""
+    found = asyncssh.__version__ if version is None else version
+    if found != PINNED:
+        return False
+    if applied():
+        return True
+    cls: Any = SSHConnection
+    orig_pkthdr: Callable[[Any], bool] = cls._recv_pkthdr
+    orig_packet: Callable[[Any], bool] = cls._recv_packet
+
+    def windowed(orig: Callable[[Any], bool], need: Callable[[Any], int]) -> Callable[[Any], bool]:
+        def handler(self: Any) -> bool:
+            full: bytes = self._inpbuf
+            pos: int = self._fast_pos
+            n = need(self)
+            if len(full) - pos < n:
+                return False
+            self._inpbuf = full if pos == 0 and len(full) == n else full[pos : pos + n]
+            try:
+                return orig(self)
+            finally:
+                # A packet can close the connection (DISCONNECT, a MAC or protocol error): it emptied the buffer.
+                if self._transport is not None:
+                    self._inpbuf, self._fast_pos = full, pos + n
+                else:
+                    self._inpbuf, self._fast_pos = b"", 0
+
+        handler.__name__ = orig.__name__
+        return handler
+
+    def recv_data(self: Any) -> None:
+        self._reset_keepalive_timer()
+        try:
+            while len(self._inpbuf) > self._fast_pos and self._recv_handler():
+                pass
+        except asyncssh.DisconnectError as exc:
+            self._send_disconnect(exc.code, exc.reason, exc.lang)
+            self._force_close(exc)
+        except Exception:  # asyncssh's own contract: any parsing error ends the connection
+            self.internal_error()
+        finally:
+            if self._fast_pos:
+                self._inpbuf = self._inpbuf[self._fast_pos :]
+                self._fast_pos = 0
+
+    cls._fast_pos = 0  # class default: connections made before apply() (none, in the gateway) start at 0
+    cls._recv_pkthdr = windowed(orig_pkthdr, lambda self: self._recv_blocksize)
+    cls._recv_packet = windowed(orig_packet, lambda self: 4 + self._pktlen + self._recv_macsize - self._recv_blocksize)
+    cls._recv_data = recv_data
+    setattr(cls, _MARK, True)
+    return True
