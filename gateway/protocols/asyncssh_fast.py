@@ -1,4 +1,4 @@
-"""asyncssh's receive path without a copy of the whole input buffer per packet.
+"""asyncssh's per-packet costs on the relay path: a buffer copy per received packet, an extra packet per sent one.
 
 asyncssh 2.24.1 keeps unparsed input in `SSHConnection._inpbuf` (bytes) and consumes it by slicing: the packet
 header (`_recv_pkthdr`: `self._inpbuf = self._inpbuf[blocksize:]`) and the rest of the packet (`_recv_packet`:
@@ -12,6 +12,12 @@ and cut the consumed part off once per `_recv_data()`. Outside `_recv_data()` th
 of `_inpbuf` (version line, `_finish_recv_packet` after an async handler, `connection_lost`) sees what it saw before.
 Packet parsing, decryption, MAC checks and dispatch stay asyncssh's own code.
 
+On the send side, `send_packet` puts an empty MSG_IGNORE before every packet after key exchange: RFC 4251 9.3.1's
+countermeasure to the chosen-plaintext attack on CBC. It doubles the packets, the encryptions and the transport
+writes (two segments per keystroke with TCP_NODELAY). The gateway never negotiates CBC, and CTR, GCM and
+chacha20-poly1305 need no such packet (OpenSSH sends none), so the patched `send_packet` leaves it out unless the
+connection's send cipher is a CBC one.
+
 The patch leans on private names of exactly one asyncssh version: `apply()` changes nothing on any other (`PINNED`), and
 `tests/unit/test_asyncssh_fast.py` fails when pyproject's pin moves, so a new version is read before the patch is
 carried forward. It is the shape of a change offered upstream (an offset instead of a slice per packet).
@@ -24,6 +30,7 @@ from typing import Any
 
 import asyncssh
 from asyncssh.connection import SSHConnection
+from asyncssh.constants import MSG_IGNORE, MSG_KEX_LAST
 
 PINNED = "2.24.1"
 _MARK = "_bastion_fast_recv"
@@ -81,6 +88,24 @@ def apply(version: str | None = None) -> bool:
                 self._inpbuf = self._inpbuf[self._fast_pos :]
                 self._fast_pos = 0
 
+    orig_send: Callable[..., None] = cls.send_packet
+
+    def send_packet(self: Any, pkttype: int, *args: bytes, handler: Any = None) -> None:
+        if pkttype == MSG_IGNORE and self._fast_skip_ignore:
+            self._fast_skip_ignore = False  # the one asyncssh inserts before the packet being sent: not for CTR/AEAD
+            return
+        if pkttype > MSG_KEX_LAST and self._send_encryption is not None:
+            cipher: bytes = self._enc_alg_cs if self.is_client() else self._enc_alg_sc
+            self._fast_skip_ignore = not cipher.endswith(b"-cbc")
+            try:
+                orig_send(self, pkttype, *args, handler=handler)
+            finally:
+                self._fast_skip_ignore = False
+            return
+        orig_send(self, pkttype, *args, handler=handler)
+
+    cls._fast_skip_ignore = False
+    cls.send_packet = send_packet
     cls._fast_pos = 0  # class default: connections made before apply() (none, in the gateway) start at 0
     cls._recv_pkthdr = windowed(orig_pkthdr, lambda self: self._recv_blocksize)
     cls._recv_packet = windowed(orig_packet, lambda self: 4 + self._pktlen + self._recv_macsize - self._recv_blocksize)

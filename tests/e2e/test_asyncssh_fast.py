@@ -61,3 +61,30 @@ async def test_patched_parser_round_trips_many_packets_exactly() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_no_ignore_packet_before_each_data_packet() -> None:
+    """asyncssh alone sends an empty MSG_IGNORE before every packet (a CBC countermeasure); patched, an AES-GCM
+    connection sends one packet per write: 200 one-byte echoes cost the client about 200 packets, not 400."""
+    assert asyncssh_fast.apply()
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    server = await asyncssh.create_server(_Server, "127.0.0.1", 0, server_host_keys=[key], encoding=None)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with asyncssh.connect(
+            "127.0.0.1", port, known_hosts=None, username="u", client_keys=None, agent_path=None, config=None,
+            encryption_algs=["aes128-gcm@openssh.com"], preferred_auth="none",
+        ) as conn:  # fmt: skip
+            proc = await conn.create_process(encoding=None)
+            before = conn._send_seq
+            async with asyncio.timeout(30):
+                for _ in range(200):
+                    proc.stdin.write(b"x")
+                    assert await proc.stdout.readexactly(1) == b"x"
+            sent = conn._send_seq - before
+            assert 200 <= sent < 300, sent
+            proc.stdin.write_eof()
+            await proc.wait()
+    finally:
+        server.close()
+        await server.wait_closed()
