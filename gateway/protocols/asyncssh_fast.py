@@ -18,6 +18,11 @@ writes (two segments per keystroke with TCP_NODELAY). The gateway never negotiat
 chacha20-poly1305 need no such packet (OpenSSH sends none), so the patched `send_packet` leaves it out unless the
 connection's send cipher is a CBC one.
 
+And every packet was its own `transport.write`, so a syscall each: one read of 256 KiB relayed as eight packets made
+eight sends. While one `_recv_data()` runs, what any connection sends (the relayed data on the other leg, window
+adjusts on this one) is queued per connection and written at its end with one `writelines` (a writev on uvloop), in
+order; a connection that closes in between writes its queue first, so a DISCONNECT still goes out before the drop.
+
 The patch leans on private names of exactly one asyncssh version: `apply()` changes nothing on any other (`PINNED`), and
 `tests/unit/test_asyncssh_fast.py` fails when pyproject's pin moves, so a new version is read before the patch is
 carried forward. It is the shape of a change offered upstream (an offset instead of a slice per packet).
@@ -25,6 +30,7 @@ carried forward. It is the shape of a change offered upstream (an offset instead
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -73,7 +79,40 @@ def apply(version: str | None = None) -> bool:
         handler.__name__ = orig.__name__
         return handler
 
+    batch = threading.local()  # per event-loop thread: the connections written to during the current read
+
+    def flush(conn: Any) -> None:
+        out: list[bytes] | None = conn._fast_out
+        if out:
+            conn._fast_out = None
+            if conn._transport is not None:
+                try:
+                    if len(out) == 1:
+                        conn._transport.write(out[0])
+                    else:
+                        conn._transport.writelines(out)  # uvloop: one writev
+                except ConnectionError:  # as asyncssh's own _send
+                    pass
+
+    def send(self: Any, data: bytes) -> None:
+        dirty: list[Any] | None = getattr(batch, "dirty", None)
+        if dirty is None or self._transport is None:
+            orig_raw_send(self, data)
+            return
+        if self._fast_out is None:
+            self._fast_out = [data]
+            dirty.append(self)
+        else:
+            self._fast_out.append(data)
+
+    def force_close(self: Any, exc: Exception | None) -> None:
+        flush(self)  # a DISCONNECT queued in this read goes out before the transport is dropped
+        orig_force_close(self, exc)
+
     def recv_data(self: Any) -> None:
+        outer = getattr(batch, "dirty", None) is None
+        if outer:
+            batch.dirty = []
         self._reset_keepalive_timer()
         try:
             while len(self._inpbuf) > self._fast_pos and self._recv_handler():
@@ -87,8 +126,14 @@ def apply(version: str | None = None) -> bool:
             if self._fast_pos:
                 self._inpbuf = self._inpbuf[self._fast_pos :]
                 self._fast_pos = 0
+            if outer:
+                dirty, batch.dirty = batch.dirty, None
+                for conn in dirty:
+                    flush(conn)
 
     orig_send: Callable[..., None] = cls.send_packet
+    orig_raw_send: Callable[[Any, bytes], None] = cls._send
+    orig_force_close: Callable[[Any, Exception | None], None] = cls._force_close
 
     def send_packet(self: Any, pkttype: int, *args: bytes, handler: Any = None) -> None:
         if pkttype == MSG_IGNORE and self._fast_skip_ignore:
@@ -105,6 +150,9 @@ def apply(version: str | None = None) -> bool:
         orig_send(self, pkttype, *args, handler=handler)
 
     cls._fast_skip_ignore = False
+    cls._fast_out = None
+    cls._send = send
+    cls._force_close = force_close
     cls.send_packet = send_packet
     cls._fast_pos = 0  # class default: connections made before apply() (none, in the gateway) start at 0
     cls._recv_pkthdr = windowed(orig_pkthdr, lambda self: self._recv_blocksize)
