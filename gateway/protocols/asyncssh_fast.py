@@ -1,4 +1,4 @@
-"""asyncssh's per-packet costs on the relay path: a buffer copy per received packet, an extra packet per sent one.
+"""asyncssh's per-packet costs on the relay path: buffer copies, an extra packet and a write per sent packet.
 
 asyncssh 2.24.1 keeps unparsed input in `SSHConnection._inpbuf` (bytes) and consumes it by slicing: the packet
 header (`_recv_pkthdr`: `self._inpbuf = self._inpbuf[blocksize:]`) and the rest of the packet (`_recv_packet`:
@@ -23,6 +23,10 @@ eight sends. While one `_recv_data()` runs, what any connection sends (the relay
 adjusts on this one) is queued per connection and written at its end with one `writelines` (a writev on uvloop), in
 order; a connection that closes in between writes its queue first, so a DISCONNECT still goes out before the drop.
 
+`SSHChannel.write` copies every chunk into a bytearray, queues it and runs the whole flush loop even when it fits
+the peer's window and packet size with nothing queued, which is the relay's case for every keystroke and most
+bulk chunks; the patched `write` sends such a chunk as one packet at once and leaves every other case to asyncssh.
+
 The patch leans on private names of exactly one asyncssh version: `apply()` changes nothing on any other (`PINNED`), and
 `tests/unit/test_asyncssh_fast.py` fails when pyproject's pin moves, so a new version is read before the patch is
 carried forward. It is the shape of a change offered upstream (an offset instead of a slice per packet).
@@ -35,8 +39,10 @@ from collections.abc import Callable
 from typing import Any
 
 import asyncssh
+from asyncssh.channel import SSHChannel
 from asyncssh.connection import SSHConnection
-from asyncssh.constants import MSG_IGNORE, MSG_KEX_LAST
+from asyncssh.constants import MSG_CHANNEL_DATA, MSG_CHANNEL_EXTENDED_DATA, MSG_IGNORE, MSG_KEX_LAST
+from asyncssh.packet import String, UInt32
 
 PINNED = "2.24.1"
 _MARK = "_bastion_fast_recv"
@@ -149,6 +155,33 @@ def apply(version: str | None = None) -> bool:
             return
         orig_send(self, pkttype, *args, handler=handler)
 
+    chan_cls: Any = SSHChannel
+    orig_write: Callable[..., None] = chan_cls.write
+
+    def write(self: Any, data: Any, datatype: int | None = None) -> None:
+        # The relay's common case, sent at once: bytes that fit the peer's window and packet size on a channel with
+        # nothing queued. Everything else (and asyncssh's debug-level-2 line per write) is asyncssh's own write.
+        n = len(data)
+        if (
+            0 < n <= self._send_window
+            and n <= self._send_pktsize
+            and not self._send_buf
+            and not self._send_paused
+            and self._send_state == "open"
+            and self._encoding is None
+            and self._send_chan is not None
+            and self._conn is not None
+            and (datatype is None or datatype in self._write_datatypes)
+        ):
+            self._send_window -= n
+            if datatype is None:
+                self._conn.send_packet(MSG_CHANNEL_DATA, UInt32(self._send_chan), String(data), handler=self)
+            else:
+                self._conn.send_packet(MSG_CHANNEL_EXTENDED_DATA, UInt32(self._send_chan), UInt32(datatype), String(data), handler=self)
+            return
+        orig_write(self, data, datatype)
+
+    chan_cls.write = write
     cls._fast_skip_ignore = False
     cls._fast_out = None
     cls._send = send
