@@ -46,6 +46,7 @@ from gateway.net.listener import Caps, Listener, bind, default_max_connections
 from gateway.net.penalties import Penalties
 from gateway.oidc import OIDCClient, PendingLogins, read_client_secret
 from gateway.policy import Policy
+from gateway.protocols import asyncssh_fast
 from gateway.protocols.lifecycle import CLOSE_DEADLINE, END_DEADLINE, Deps
 from gateway.protocols.rdg import RdgHandler
 from gateway.protocols.ssh_jump import SSHJumpHandler
@@ -274,11 +275,11 @@ def build_handlers(cfg: Config, credentials: Credentials, host_keys: HostKeys, c
     """The handler table: every way of reaching a VM. A new protocol is a module and a line here."""
     keepalive = (cfg.ssh.keepalive_interval, cfg.ssh.keepalive_count)
     return Handlers(
-        ssh=SSHTerminateHandler(credentials, host_keys, cfg.gateway.connect_timeout, keepalive=keepalive),
+        ssh=SSHTerminateHandler(credentials, host_keys, cfg.gateway.connect_timeout, keepalive=keepalive, ciphers=cfg.ssh.vm_ciphers),
         ssh_jump=SSHJumpHandler(cfg.gateway.connect_timeout),
         tunnel=TunnelHandler(cfg.gateway.connect_timeout),
         rdg=RdgHandler(cfg.gateway.connect_timeout, cfg.tunnel.ping_interval, clock),
-        ssh_web=SSHWebHandler(credentials, host_keys, cfg.gateway.connect_timeout, keepalive=keepalive),
+        ssh_web=SSHWebHandler(credentials, host_keys, cfg.gateway.connect_timeout, keepalive=keepalive, ciphers=cfg.ssh.vm_ciphers),
     )
 
 
@@ -359,6 +360,8 @@ class App:
     async def start(self) -> None:
         """Validate files, bind every port, then start serving. Raises StartupError, binding nothing on failure."""
         cfg = self.config
+        if not asyncssh_fast.apply():  # before any SSH connection: the receive path without a buffer copy per packet
+            self.log.warning("asyncssh_patch_skipped", asyncssh=asyncssh.__version__, written_for=asyncssh_fast.PINNED)
         state_dir = ensure_state_dir(cfg.gateway.state_dir)
         files = load_files(cfg, state_dir, self.log)
         self.host_keys = files.ssh_host_keys

@@ -29,7 +29,7 @@ from asyncssh.kex import get_kex_algs
 from asyncssh.mac import get_mac_algs
 from structlog.typing import FilteringBoundLogger
 
-from gateway.config import StartupPolicy
+from gateway.config import SSH_CIPHERS, SSH_KEX_ALGS, SSH_MAC_ALGS, StartupPolicy
 from gateway.kinds import PenaltyEvent, Refusal
 from gateway.locks import LockStore
 from gateway.net.listener import ConnectionObserver
@@ -42,6 +42,7 @@ from gateway.protocols.lifecycle import CLOSE_DEADLINE, END_DEADLINE, Client, De
 from gateway.protocols.ssh_disconnect import disconnect_connection
 from gateway.protocols.ssh_jump import ChannelSide, JumpRequest, JumpSide
 from gateway.protocols.ssh_terminate import TerminateRequest, UserSide, bounded_channel
+from gateway.protocols.upstream_ssh import supported
 from gateway.sessions.connections import Connection, ConnectionRegistry
 from gateway.tokens import TokenService
 from gateway.userca import Identities, UserCA
@@ -247,32 +248,15 @@ class SSHDoor:
             await server.wait_tasks()
 
 
-# Modern algorithms only, in preference order: no SHA-1 key exchange or MAC, no CBC, RC4 or 3DES. Every
-# current OpenSSH, PuTTY and Windows client speaks several of each.
-KEX_ALGS = (
-    "mlkem768x25519-sha256", "curve25519-sha256", "curve25519-sha256@libssh.org",
-    "ecdh-sha2-nistp521", "ecdh-sha2-nistp384", "ecdh-sha2-nistp256",
-    "diffie-hellman-group-exchange-sha256", "diffie-hellman-group16-sha512", "diffie-hellman-group18-sha512",
-    "diffie-hellman-group14-sha256",
-)  # fmt: skip
-ENCRYPTION_ALGS = (
-    "chacha20-poly1305@openssh.com", "aes256-gcm@openssh.com", "aes128-gcm@openssh.com", "aes256-ctr", "aes192-ctr", "aes128-ctr",
-)  # fmt: skip
-MAC_ALGS = (
-    "hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com", "umac-128-etm@openssh.com",
-    "hmac-sha2-256", "hmac-sha2-512", "umac-128@openssh.com",
-)  # fmt: skip
-
-
 def _server_options(
     host_keys: list[asyncssh.SSHKey], login_grace_time: float, keepalive_interval: float, keepalive_count: int
 ) -> asyncssh.SSHServerConnectionOptions:
     return asyncssh.SSHServerConnectionOptions(
         server_host_keys=host_keys,
         server_version="Bastion",
-        kex_algs=_supported(KEX_ALGS, get_kex_algs()),
-        encryption_algs=_supported(ENCRYPTION_ALGS, get_encryption_algs()),
-        mac_algs=_supported(MAC_ALGS, get_mac_algs()),
+        kex_algs=supported(SSH_KEX_ALGS, get_kex_algs()),
+        encryption_algs=supported(SSH_CIPHERS, get_encryption_algs()),
+        mac_algs=supported(SSH_MAC_ALGS, get_mac_algs()),
         login_timeout=login_grace_time,
         keepalive_interval=keepalive_interval,
         keepalive_count_max=keepalive_count,
@@ -287,11 +271,6 @@ def _server_options(
         line_editor=False,
         encoding=None,
     )
-
-
-def _supported(wanted: tuple[str, ...], available: list[bytes]) -> list[str]:
-    have = {a.decode() for a in available}
-    return [a for a in wanted if a in have]
 
 
 def _slug(exc: BaseException) -> str:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import asyncssh
 
+from gateway.config import DEFAULT_VM_CIPHERS
 from gateway.errors import GatewayError, UpstreamError
 from gateway.kinds import Reason
 from gateway.policy import Grant, Policy, Principal, env_allowed
@@ -306,19 +307,28 @@ class SSHTerminateHandler:
     kind = "ssh"
 
     def __init__(
-        self, credentials: Credentials, host_keys: HostKeys, connect_timeout: float, *, keepalive: tuple[float, int] = (30.0, 3)
+        self,
+        credentials: Credentials,
+        host_keys: HostKeys,
+        connect_timeout: float,
+        *,
+        keepalive: tuple[float, int] = (30.0, 3),
+        ciphers: tuple[str, ...] = DEFAULT_VM_CIPHERS,
     ) -> None:
         self._credentials = credentials
         self._host_keys = host_keys
         self._timeout = connect_timeout
         self._keepalive = keepalive
+        self._ciphers = ciphers
 
     def authorize(self, policy: Policy, request: TerminateRequest) -> Grant:
         return policy.check_ssh(request.principal, request.vm, request.login)
 
     async def connect(self, request: TerminateRequest, grant: Grant) -> asyncssh.SSHClientConnection:
         assert grant.login is not None
-        return await connect_vm(grant.vm, grant.login, self._credentials, self._host_keys, self._timeout, keepalive=self._keepalive)
+        return await connect_vm(
+            grant.vm, grant.login, self._credentials, self._host_keys, self._timeout, keepalive=self._keepalive, ciphers=self._ciphers
+        )
 
     def discard(self, upstream: asyncssh.SSHClientConnection) -> None:
         upstream.close()

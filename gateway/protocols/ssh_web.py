@@ -20,6 +20,7 @@ from functools import partial
 import asyncssh
 from aiohttp import WSMsgType, web
 
+from gateway.config import DEFAULT_VM_CIPHERS
 from gateway.errors import GatewayError
 from gateway.kinds import Reason
 from gateway.policy import Grant, Policy, Principal
@@ -155,18 +156,29 @@ class SSHWebHandler:
 
     kind = "ssh-web"
 
-    def __init__(self, credentials: Credentials, host_keys: HostKeys, connect_timeout: float, *, keepalive: tuple[float, int]) -> None:
+    def __init__(
+        self,
+        credentials: Credentials,
+        host_keys: HostKeys,
+        connect_timeout: float,
+        *,
+        keepalive: tuple[float, int],
+        ciphers: tuple[str, ...] = DEFAULT_VM_CIPHERS,
+    ) -> None:
         self._credentials = credentials
         self._host_keys = host_keys
         self._timeout = connect_timeout
         self._keepalive = keepalive
+        self._ciphers = ciphers
 
     def authorize(self, policy: Policy, request: WebTerminalRequest) -> Grant:
         return policy.check_web_terminal(request.principal, request.vm, request.login)
 
     async def connect(self, request: WebTerminalRequest, grant: Grant) -> asyncssh.SSHClientConnection:
         assert grant.login is not None
-        return await connect_vm(grant.vm, grant.login, self._credentials, self._host_keys, self._timeout, keepalive=self._keepalive)
+        return await connect_vm(
+            grant.vm, grant.login, self._credentials, self._host_keys, self._timeout, keepalive=self._keepalive, ciphers=self._ciphers
+        )
 
     def discard(self, upstream: asyncssh.SSHClientConnection) -> None:
         upstream.close()

@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import asyncssh
+from asyncssh.encryption import get_encryption_algs
+from asyncssh.kex import get_kex_algs
+from asyncssh.mac import get_mac_algs
 from structlog.typing import FilteringBoundLogger
 
-from gateway.config import VM
+from gateway.config import DEFAULT_VM_CIPHERS, SSH_KEX_ALGS, SSH_MAC_ALGS, VM
 from gateway.errors import (
     UpstreamAuthFailed,
     UpstreamError,
@@ -20,6 +23,12 @@ from gateway.errors import (
 )
 from gateway.filemodes import read_private_key
 from gateway.net.upstream import dial
+
+
+def supported(wanted: Sequence[str], available: list[bytes]) -> list[str]:
+    """`wanted`, in its order, less what this asyncssh cannot do."""
+    have = {a.decode() for a in available}
+    return [a for a in wanted if a in have]
 
 
 def login_key_path(vm: VM, login: str) -> str:
@@ -102,8 +111,10 @@ async def connect_vm(
     timeout: float,
     *,
     keepalive: tuple[float, int] = (30.0, 3),
+    ciphers: Sequence[str] = DEFAULT_VM_CIPHERS,
 ) -> asyncssh.SSHClientConnection:
-    """Dial the VM's inventory address and log in as `login`.
+    """Dial the VM's inventory address and log in as `login`, offering `ciphers` (`ssh.vm_ciphers`) in that order and
+    only modern key exchanges and MACs (asyncssh's defaults still include SHA-1 ones).
 
     The caller owns the returned connection. Raises UpstreamHostKeyMismatch when
     the VM's key is not the trusted one, UpstreamAuthFailed, UpstreamTimeout or
@@ -137,6 +148,9 @@ async def connect_vm(
                 encoding=None,
                 keepalive_interval=keepalive[0],
                 keepalive_count_max=keepalive[1],
+                kex_algs=supported(SSH_KEX_ALGS, get_kex_algs()),
+                encryption_algs=supported(ciphers, get_encryption_algs()),
+                mac_algs=supported(SSH_MAC_ALGS, get_mac_algs()),
             )
     except asyncssh.HostKeyNotVerifiable:
         raise UpstreamHostKeyMismatch(f"host key of VM {vm.name!r} does not match the trusted key") from None

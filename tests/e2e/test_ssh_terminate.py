@@ -6,10 +6,12 @@ import asyncio
 import hashlib
 import os
 from asyncio.subprocess import PIPE
+from pathlib import Path
 from typing import Any
 
-from tests.e2e.conftest import Gateway, GatewayFactory, wait_for
-from tests.support.peers import free_port
+from gateway.protocols import asyncssh_fast
+from tests.e2e.conftest import Gateway, GatewayFactory, Keys, wait_for
+from tests.support.peers import free_port, running_sshd
 
 
 async def test_exec_passes_output_and_exit_status(gw: Gateway) -> None:
@@ -213,3 +215,35 @@ async def test_environment_per_channel_is_bounded(gw: Gateway) -> None:
     r = await gw.ssh("alice+web01", "env | grep -c '^LC_BASTION_'", opts=("-o", f"SetEnv={pairs}"))
     assert r.rc == 0, r.errtext
     assert int(r.text.strip()) == 64
+
+
+async def test_vm_leg_offers_only_the_configured_ciphers(make_gateway: GatewayFactory, keys: Keys, tmp_path: Path) -> None:
+    """A VM that speaks only chacha20-poly1305 is reached with the default `ssh.vm_ciphers` (AES-GCM first, then
+    chacha20) and refused with `vm_ciphers = ["aes128-gcm@openssh.com"]`: the list is what the gateway offers."""
+    with running_sshd(tmp_path / "chacha-vm", [keys.gw_to_vm.public], extra="Ciphers chacha20-poly1305@openssh.com") as vm:
+
+        def to_chacha_vm(cfg: dict[str, Any]) -> None:
+            cfg["vms"][0] |= {"ssh_port": vm.port, "host_key": vm.host_key.public}
+
+        async with make_gateway(to_chacha_vm) as gw:
+            r = await gw.ssh("alice+web01", "echo reached")
+            assert (r.rc, r.text) == (0, "reached\n"), r.errtext
+
+        def aes_only(cfg: dict[str, Any]) -> None:
+            to_chacha_vm(cfg)
+            cfg["ssh"]["vm_ciphers"] = ["aes128-gcm@openssh.com"]
+
+        async with make_gateway(aes_only) as gw:
+            r = await gw.ssh("alice+web01", "echo reached")
+            assert r.rc == 255
+            assert "reached" not in r.text
+
+
+async def test_bulk_both_ways_through_the_patched_receive_path(gw: Gateway) -> None:
+    """The gateway runs asyncssh's receive path patched (`asyncssh_fast`): 32 MB of random bytes go up to the VM and
+    come back through both asyncssh legs, many packets per read and packets split across reads, unchanged."""
+    assert asyncssh_fast.applied()
+    data = os.urandom(32 * 1024 * 1024)
+    r = await gw.ssh("alice+web01", "cat", stdin=data, timeout=120)
+    assert r.rc == 0, r.errtext
+    assert hashlib.sha256(r.out).digest() == hashlib.sha256(data).digest()

@@ -906,3 +906,31 @@ def test_the_cluster_section() -> None:
     assert sorted(problem_paths(data)) == ["cluster.backend", "cluster.node_ttl", "cluster.redis_url", "cluster.tls"]
     data["cluster"] = {"redis_url": "http://h"}
     assert problem_paths(data) == ["cluster.redis_url"]
+
+
+def test_vm_ciphers_default_to_aes_gcm_first_and_refuse_weak_ones() -> None:
+    """The VM leg offers AES-GCM before chacha20 unless configured; CBC, RC4 and unknown names are refused."""
+    data = valid_config_data()
+    assert parse_config(data).ssh.vm_ciphers == ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com")
+    data["ssh"]["vm_ciphers"] = ["chacha20-poly1305@openssh.com", "aes256-ctr"]
+    assert parse_config(data).ssh.vm_ciphers == ("chacha20-poly1305@openssh.com", "aes256-ctr")
+    data["ssh"]["vm_ciphers"] = ["aes128-gcm@openssh.com", "aes128-cbc", "arcfour"]
+    assert problem_paths(data) == ["ssh.vm_ciphers[1]", "ssh.vm_ciphers[2]"]
+    data["ssh"]["vm_ciphers"] = []
+    assert problem_paths(data) == ["ssh.vm_ciphers"]
+    data["ssh"]["vm_ciphers"] = ["aes128-gcm@openssh.com", "aes128-gcm@openssh.com"]
+    assert problem_paths(data) == ["ssh.vm_ciphers"]
+
+
+def test_every_allowed_ssh_algorithm_is_one_asyncssh_speaks() -> None:
+    """What the config accepts and the doors offer is a subset of the pinned asyncssh's algorithms."""
+    from asyncssh.encryption import get_encryption_algs
+    from asyncssh.kex import get_kex_algs
+    from asyncssh.mac import get_mac_algs
+
+    from gateway.config import SSH_CIPHERS, SSH_KEX_ALGS, SSH_MAC_ALGS
+
+    assert set(SSH_CIPHERS) <= {a.decode() for a in get_encryption_algs()}
+    assert set(SSH_KEX_ALGS) <= {a.decode() for a in get_kex_algs()}
+    assert set(SSH_MAC_ALGS) <= {a.decode() for a in get_mac_algs()}
+    assert not [a for a in (*SSH_CIPHERS, *SSH_KEX_ALGS, *SSH_MAC_ALGS) if "cbc" in a or "sha1" in a or a.endswith("-sha")]
