@@ -280,7 +280,7 @@ async def one_setup(src: Path, label: str, n: int, args: argparse.Namespace, wor
     out: dict[str, Any] = {"src": label, "n": n}
     jump = Jump(gw, key, sink_port)
     tunnels: list[aiohttp.ClientWebSocketResponse] = []
-    http = aiohttp.ClientSession()
+    http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))  # aiohttp holds 100 connections by default
     api = Api(gw)
     try:
         probe_conn = await jump.connect()
@@ -370,7 +370,7 @@ FIELDS = (
 
 
 async def run(args: argparse.Namespace) -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the gateway and the echo VM inherit it
     srcs = [(Path(s).resolve(), Path(s).resolve().name if s != str(REPO) else "this") for s in args.src]
     tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -62,7 +62,6 @@ class Session:
     __slots__ = (
         "_clock",
         "_ended",
-        "_gone",
         "_spec",
         "_wake",
         "bytes_down",
@@ -79,6 +78,7 @@ class Session:
         "recheck",
         "started_at",
         "started_mono",
+        "view_cache",
     )
 
     def __init__(self, sid: str, spec: SessionSpec, *, node: str, clock: Clock, limits: Limits, notice: NoticeCallback | None) -> None:
@@ -100,7 +100,8 @@ class Session:
         self.recheck: Recheck | None = None
         loop = asyncio.get_running_loop()
         self._ended: asyncio.Future[Reason] = loop.create_future()
-        self._gone = asyncio.Event()  # set when the session has left the registry
+        # What the control API encodes once of the fields that never change after open (its own type; None until listed).
+        self.view_cache: object | None = None
         self._wake: asyncio.Future[None] | None = None
 
     @property
@@ -145,13 +146,6 @@ class Session:
     @property
     def ended(self) -> bool:
         return self._ended.done()
-
-    async def wait_gone(self) -> None:
-        """Until the session has left the registry (its notice shown, its relay closed)."""
-        await self._gone.wait()
-
-    def mark_gone(self) -> None:
-        self._gone.set()
 
     def poke(self) -> None:
         """Wake the lifecycle so it re-reads deadlines and pending ends."""
@@ -292,6 +286,7 @@ class SessionRegistry:
         self._clock = clock
         self._log = log
         self._sessions: dict[str, Session] = {}
+        self._gone_waiters: dict[str, builtins.list[_GoneWaiter]] = {}  # by session id: who waits for it to leave
         self._subscribers: set[Subscription] = set()
         self._queue_size = event_queue_size
         self._max_subscribers = max_subscribers
@@ -361,7 +356,8 @@ class SessionRegistry:
 
     def _close(self, session: Session, error: BaseException | None) -> None:
         self._sessions.pop(session.id, None)
-        session.mark_gone()
+        for waiter in self._gone_waiters.pop(session.id, ()):
+            waiter.gone(session.id)
         self._progress.pop(session.id, None)
         if not self._sessions:
             self._empty.set()
@@ -445,6 +441,10 @@ class SessionRegistry:
     def live(self, sid: str) -> Session | None:
         return self._sessions.get(sid)
 
+    def sessions(self) -> builtins.list[Session]:
+        """The live sessions now, in the order they opened (a copy: the caller may yield while it reads them)."""
+        return list(self._sessions.values())
+
     def ids(self) -> builtins.list[str]:
         return list(self._sessions)
 
@@ -483,15 +483,33 @@ class SessionRegistry:
 
     async def wait_closed(self, sid: str, timeout: float) -> bool:
         """Wait (bounded, real time) until a session has left the registry. True if it has."""
-        s = self._sessions.get(sid)
-        if s is None:
-            return True
+        return not await self.wait_all_closed([sid], timeout)
+
+    async def wait_all_closed(self, sids: Iterable[str], timeout: float) -> set[str]:
+        """Wait (bounded, real time) until every session of `sids` has left the registry; the ids still here after `timeout`.
+
+        One waiter and one timer for the whole set, however many ids (a bulk disconnect of 1,000 sessions).
+        Cancellation propagates; the waiter is removed either way.
+        """
+        left = {sid for sid in sids if sid in self._sessions}
+        if not left:
+            return set()
+        waiter = _GoneWaiter(left, asyncio.get_running_loop().create_future())
+        for sid in left:
+            self._gone_waiters.setdefault(sid, []).append(waiter)
         try:
             async with asyncio.timeout(timeout):
-                await s.wait_gone()
+                await waiter.done
         except TimeoutError:
-            return sid not in self._sessions
-        return True
+            pass
+        finally:
+            for sid in waiter.left:  # the ids that left took their entries with them
+                waiting = self._gone_waiters.get(sid)
+                if waiting is not None:
+                    waiting.remove(waiter)
+                    if not waiting:
+                        del self._gone_waiters[sid]
+        return {sid for sid in waiter.left if sid in self._sessions}
 
     async def wait_empty(self) -> None:
         await self._empty.wait()
@@ -564,6 +582,21 @@ class SessionRegistry:
     def _publish(self, event: SessionEvent) -> None:
         for sub in self._subscribers:
             sub.put(event)
+
+
+class _GoneWaiter:
+    """One `wait_all_closed()` call: the ids it still waits for and the future it wakes when none is left."""
+
+    __slots__ = ("done", "left")
+
+    def __init__(self, left: set[str], done: asyncio.Future[None]) -> None:
+        self.left = left
+        self.done = done
+
+    def gone(self, sid: str) -> None:
+        self.left.discard(sid)
+        if not self.left and not self.done.done():
+            self.done.set_result(None)
 
 
 def _fields(info: SessionInfo) -> dict[str, object]:
