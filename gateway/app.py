@@ -12,10 +12,10 @@ is restarting" and give it `shutdown_grace`, end what is left with
 from __future__ import annotations
 
 import asyncio
-import gc
 import contextlib
 import dataclasses
 import functools
+import gc
 import os
 import socket
 import ssl

@@ -17,7 +17,7 @@ import hashlib
 import hmac
 import json
 import math
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -43,6 +43,7 @@ MAX_REASON = 400
 MAX_IDS = 1000
 DISCONNECT_DEADLINE = 10.0  # a session told to end now has this long to leave (its notice, then its relay closed)
 LIST_CHUNK = 500  # rows of GET /v1/sessions built between two turns of the event loop
+WRITE_CHUNK = 256 * 1024  # bytes of an answer handed to TLS at once
 REMOTE_AT_ONCE = 32  # disconnects asked of other nodes at once by one bulk request (each holds a Redis connection)
 MAX_GRACE = 3600.0
 SSE_WRITE_DEADLINE = 30.0  # an event stream whose client has not taken a write for this long is dropped
@@ -314,20 +315,36 @@ class ControlAPI:
         op = request[_OPERATOR_KEY]
         return web.json_response({"name": op.name, "role": op.role, "node": self._node})
 
-    async def list_sessions(self, request: web.Request) -> web.Response:
+    async def list_sessions(self, request: web.Request) -> web.StreamResponse:
+        """The JSON answer is written in slices of `WRITE_CHUNK` bytes, each drained: TLS encrypts a slice per turn of
+        the loop, not a list of 9,000 sessions (megabytes) at once."""
+        body = await self._session_list(request.query)
+        resp = web.StreamResponse()
+        resp.content_type = "application/json"
+        resp.charset = "utf-8"
+        resp.content_length = len(body)
+        await resp.prepare(request)
+        view = memoryview(body)
+        for at in range(0, len(body), WRITE_CHUNK):
+            await resp.write(view[at : at + WRITE_CHUNK])
+        await resp.write_eof()
+        return resp
+
+    async def _session_list(self, q: Mapping[str, str]) -> bytes:
         """The same JSON as `json.dumps({"sessions": [_view(s)...], "node": ...})`, built without a dict per session.
 
         Each row is text from the session's cached encoding of the fields that never change, plus its bytes, state and
-        duration; the loop is given back every `LIST_CHUNK` rows, so relays run while a list of 9,000 is built.
+        duration; the loop is given back every `LIST_CHUNK` rows, so relays run while a list of 9,000 is built. Nothing
+        per row outlives the call but text, so polling the list leaves the collector nothing to walk.
         """
-        q = request.query
         unknown = set(q) - {"user", "vm", "protocol"}
         if unknown:
             raise ApiError(400, "bad_request", f"unknown filter: {sorted(unknown)[0]!r} (allowed: user, vm, protocol)")
         if q.get("protocol") is not None and q["protocol"] not in PROTOCOLS:
             raise ApiError(400, "bad_request", f"unknown protocol {q['protocol'][:64]!r} (one of: {', '.join(PROTOCOLS)})")
         user, vm, protocol = q.get("user"), q.get("vm"), q.get("protocol")
-        rows: list[tuple[str, str]] = []  # (started_at as the answer shows it, the row's JSON)
+        keys: list[str] = []  # started_at as the answer shows it, the key the rows are sorted by
+        rows: list[str] = []  # each row's JSON
         now = self._clock.now()
         for i, s in enumerate(self._registry.sessions()):
             if i and not i % LIST_CHUNK:
@@ -342,18 +359,25 @@ class ControlAPI:
                 continue
             if self._registry.live(s.id) is not s:
                 continue
-            rows.append(_row(s, now))
+            key, row = _row(s, now)
+            keys.append(key)
+            rows.append(row)
         answer: dict[str, Any] = {"node": self._node}
         if self._cluster is not None:
             view = await self._cluster.view()
             for r in view.sessions:
                 if all(q.get(k) is None or r.get(k) == q[k] for k in ("user", "vm", "protocol")):
-                    row = self._remote(r)
-                    rows.append((row["started_at"], json.dumps(row)))
+                    remote = self._remote(r)
+                    keys.append(remote["started_at"])
+                    rows.append(json.dumps(remote))
             answer |= {"degraded": view.degraded, "nodes": view.nodes}
-        rows.sort(key=lambda r: r[0])
+        # Sessions open in time order, so the rows are sorted already unless the wall clock stepped back or other
+        # nodes' rows were added; then a stable sort by started_at, as before.
+        if any(keys[i] > keys[i + 1] for i in range(len(keys) - 1)):
+            order = sorted(range(len(rows)), key=keys.__getitem__)
+            rows = [rows[i] for i in order]
         tail = json.dumps(answer)[1:]
-        return web.Response(text=f'{{"sessions": [{", ".join(r for _, r in rows)}], {tail}', content_type="application/json")
+        return f'{{"sessions": [{", ".join(rows)}], {tail}'.encode()
 
     def _remote(self, row: dict[str, Any]) -> dict[str, Any]:
         """Another node's session as this node shows its own (the duration from its start, on this node's clock)."""

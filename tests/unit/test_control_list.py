@@ -50,14 +50,10 @@ async def test_list_answer_is_unchanged() -> None:
         sessions[3].end(Reason.VM_CLOSED)
         h.clock.mono += 12.3456
         for query in ("", "?user=bob", "?vm=vm1", "?protocol=ssh-jump", "?user=alice&vm=vm0&protocol=ssh", "?user=nobody"):
-            resp = await api.list_sessions(make_mocked_request("GET", "/v1/sessions" + query))
-            q = dict(make_mocked_request("GET", "/v1/sessions" + query).query)
+            q = make_mocked_request("GET", "/v1/sessions" + query).query
             expected = [s for s in h.registry.list() if all(getattr(s, k) == v for k, v in q.items())]
-            assert resp.text == old_answer(api, expected, "gw1"), query  # type: ignore[arg-type]
-            assert resp.content_type == "application/json" and resp.charset == "utf-8"
-        states = {
-            r["id"]: r["state"] for r in json.loads((await api.list_sessions(make_mocked_request("GET", "/v1/sessions"))).text)["sessions"]
-        }
+            assert (await api._session_list(q)).decode() == old_answer(api, expected, "gw1"), query  # type: ignore[arg-type]
+        states = {r["id"]: r["state"] for r in json.loads(await api._session_list({}))["sessions"]}
         assert (states[sessions[2].id], states[sessions[3].id], states[sessions[0].id]) == ("terminating", "closed", "active")
 
 
@@ -66,11 +62,11 @@ async def test_bytes_and_state_are_read_on_every_list() -> None:
     h = make_harness()
     api = ControlAPI(h.registry, (), h.clock, h.registry._log, node="gw1")
     async with h.registry.open(jump_spec("alice", "vm0", 1)) as s:
-        first = json.loads((await api.list_sessions(make_mocked_request("GET", "/v1/sessions"))).text)["sessions"][0]
+        first = json.loads(await api._session_list({}))["sessions"][0]
         s.add_down(99)
         h.registry.terminate(s.id, "later", grace=60)
         h.clock.mono += 2
-        second = json.loads((await api.list_sessions(make_mocked_request("GET", "/v1/sessions"))).text)["sessions"][0]
+        second = json.loads(await api._session_list({}))["sessions"][0]
     assert (first["bytes_down"], first["state"], first["ends_at"]) == (0, "active", None)
     assert (second["bytes_down"], second["state"], second["duration_s"]) == (99, "terminating", first["duration_s"] + 2)
     assert second["ends_at"] is not None
