@@ -19,7 +19,7 @@ import json
 import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any
 
@@ -42,7 +42,7 @@ MAX_BODY = 64 * 1024  # room for a bulk disconnect of MAX_IDS ids with a reason
 MAX_REASON = 400
 MAX_IDS = 1000
 DISCONNECT_DEADLINE = 10.0  # a session told to end now has this long to leave (its notice, then its relay closed)
-LIST_CHUNK = 500  # rows of GET /v1/sessions built between two turns of the event loop
+LIST_CHUNK = 256  # rows of GET /v1/sessions built between two turns of the event loop
 WRITE_CHUNK = 256 * 1024  # bytes of an answer handed to TLS at once
 REMOTE_AT_ONCE = 32  # disconnects asked of other nodes at once by one bulk request (each holds a Redis connection)
 MAX_GRACE = 3600.0
@@ -345,11 +345,11 @@ class ControlAPI:
         user, vm, protocol = q.get("user"), q.get("vm"), q.get("protocol")
         keys: list[str] = []  # started_at as the answer shows it, the key the rows are sorted by
         rows: list[str] = []  # each row's JSON
-        now = self._clock.now()
+        now = _micros(self._clock.now())
         for i, s in enumerate(self._registry.sessions()):
             if i and not i % LIST_CHUNK:
                 await asyncio.sleep(0)  # let relays run; sessions that left meanwhile are skipped below
-                now = self._clock.now()
+                now = _micros(self._clock.now())
             spec = s.spec
             if (
                 (user is not None and spec.user != user)
@@ -646,9 +646,10 @@ def _static(name: str) -> bytes:
 
 
 class _Static:
-    """The JSON of a session's fields that never change after open, in `SessionInfo.as_dict()`'s order."""
+    """A session's row as text: the fields that never change after open encoded once (in `SessionInfo.as_dict()`'s
+    order), and the row up to its duration kept until its bytes or state change (an idle session's row is reused)."""
 
-    __slots__ = ("head", "middle", "started", "tail")
+    __slots__ = ("down", "ended", "head", "middle", "pending", "prefix", "started", "started_us", "tail", "up")
 
     def __init__(self, s: Session) -> None:
         spec = s.spec
@@ -665,28 +666,46 @@ class _Static:
             "started_at": iso(s.started_at),
         }  # fmt: skip
         self.started: str = iso(s.started_at)
+        self.started_us = _micros(s.started_at)
         self.head = json.dumps(first)[:-1] + ', "bytes_up": '
         self.middle = f', "node": {json.dumps(s.node)}, "state": "'
         self.tail = f', "connection_id": {json.dumps(spec.connection_id)}, "client_name": {json.dumps(spec.client_name)}, "duration_s": '
+        self.up = self.down = -1  # nothing built yet
+        self.pending: object = None
+        self.ended = False
+        self.prefix = ""
+
+    def row(self, s: Session, now_us: int) -> str:
+        """Byte for byte `json.dumps(ControlAPI._view(s.snapshot()))` at the time `now_us` (`_micros(clock.now())`)."""
+        up, down, pending, ended = s.bytes_up, s.bytes_down, s.pending, s.ended
+        if up != self.up or down != self.down or pending is not self.pending or ended != self.ended:
+            if ended:
+                state, ends = "closed", "null"
+            elif pending is not None:
+                state, ends = "terminating", f'"{iso(pending.ends_at)}"'
+            else:
+                state, ends = "active", "null"
+            self.prefix = f'{self.head}{up}, "bytes_down": {down}{self.middle}{state}", "ends_at": {ends}{self.tail}'
+            self.up, self.down, self.pending, self.ended = up, down, pending, ended
+        # timedelta.total_seconds() is the same integer microseconds over 10**6: the same float, without a timedelta.
+        return f"{self.prefix}{round(max(0.0, (now_us - self.started_us) / 1_000_000), 3)!r}}}"
 
 
-def _row(s: Session, now: datetime) -> tuple[str, str]:
-    """(started_at, the row's JSON): byte for byte `json.dumps(ControlAPI._view(s.snapshot()))` with `now` as the time."""
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def _micros(t: datetime) -> int:
+    return (t - _EPOCH) // _MICROSECOND
+
+
+def _row(s: Session, now_us: int) -> tuple[str, str]:
+    """(started_at, the row's JSON) of a session of this node."""
     static = s.view_cache
     if not isinstance(static, _Static):
         static = _Static(s)
         s.view_cache = static
-    pending = s.pending
-    if s.ended:
-        state, ends = "closed", "null"
-    elif pending is not None:
-        state, ends = "terminating", f'"{iso(pending.ends_at)}"'
-    else:
-        state, ends = "active", "null"
-    duration = round(max(0.0, (now - s.started_at).total_seconds()), 3)
-    return static.started, (
-        f'{static.head}{s.bytes_up}, "bytes_down": {s.bytes_down}{static.middle}{state}", "ends_at": {ends}{static.tail}{duration!r}}}'
-    )
+    return static.started, static.row(s, now_us)
 
 
 def _sse(kind: str, data: dict[str, Any]) -> bytes:

@@ -58,7 +58,7 @@ async def test_list_answer_is_unchanged() -> None:
 
 
 async def test_bytes_and_state_are_read_on_every_list() -> None:
-    """The cached part of a row holds only what never changes: bytes and a pending end show on the next list."""
+    """A row's cached text follows the session: bytes, a pending end and the end show on the next list."""
     h = make_harness()
     api = ControlAPI(h.registry, (), h.clock, h.registry._log, node="gw1")
     async with h.registry.open(jump_spec("alice", "vm0", 1)) as s:
@@ -67,6 +67,9 @@ async def test_bytes_and_state_are_read_on_every_list() -> None:
         h.registry.terminate(s.id, "later", grace=60)
         h.clock.mono += 2
         second = json.loads(await api._session_list({}))["sessions"][0]
+        s.end(Reason.VM_CLOSED)
+        third = json.loads(await api._session_list({}))["sessions"][0]
     assert (first["bytes_down"], first["state"], first["ends_at"]) == (0, "active", None)
     assert (second["bytes_down"], second["state"], second["duration_s"]) == (99, "terminating", first["duration_s"] + 2)
     assert second["ends_at"] is not None
+    assert (third["state"], third["ends_at"], third["bytes_down"]) == ("closed", None, 99)
