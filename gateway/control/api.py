@@ -646,10 +646,9 @@ def _static(name: str) -> bytes:
 
 
 class _Static:
-    """A session's row as text: the fields that never change after open encoded once (in `SessionInfo.as_dict()`'s
-    order), and the row up to its duration kept until its bytes or state change (an idle session's row is reused)."""
+    """The JSON of a session's fields that never change after open, encoded once, in `SessionInfo.as_dict()`'s order."""
 
-    __slots__ = ("down", "ended", "head", "middle", "pending", "prefix", "started", "started_us", "tail", "up")
+    __slots__ = ("head", "middle", "started", "started_us", "tail")
 
     def __init__(self, s: Session) -> None:
         spec = s.spec
@@ -670,25 +669,19 @@ class _Static:
         self.head = json.dumps(first)[:-1] + ', "bytes_up": '
         self.middle = f', "node": {json.dumps(s.node)}, "state": "'
         self.tail = f', "connection_id": {json.dumps(spec.connection_id)}, "client_name": {json.dumps(spec.client_name)}, "duration_s": '
-        self.up = self.down = -1  # nothing built yet
-        self.pending: object = None
-        self.ended = False
-        self.prefix = ""
 
     def row(self, s: Session, now_us: int) -> str:
         """Byte for byte `json.dumps(ControlAPI._view(s.snapshot()))` at the time `now_us` (`_micros(clock.now())`)."""
-        up, down, pending, ended = s.bytes_up, s.bytes_down, s.pending, s.ended
-        if up != self.up or down != self.down or pending is not self.pending or ended != self.ended:
-            if ended:
-                state, ends = "closed", "null"
-            elif pending is not None:
-                state, ends = "terminating", f'"{iso(pending.ends_at)}"'
-            else:
-                state, ends = "active", "null"
-            self.prefix = f'{self.head}{up}, "bytes_down": {down}{self.middle}{state}", "ends_at": {ends}{self.tail}'
-            self.up, self.down, self.pending, self.ended = up, down, pending, ended
+        pending = s.pending
+        if s.ended:
+            state, ends = "closed", "null"
+        elif pending is not None:
+            state, ends = "terminating", f'"{iso(pending.ends_at)}"'
+        else:
+            state, ends = "active", "null"
         # timedelta.total_seconds() is the same integer microseconds over 10**6: the same float, without a timedelta.
-        return f"{self.prefix}{round(max(0.0, (now_us - self.started_us) / 1_000_000), 3)!r}}}"
+        duration = round(max(0.0, (now_us - self.started_us) / 1_000_000), 3)
+        return f'{self.head}{s.bytes_up}, "bytes_down": {s.bytes_down}{self.middle}{state}", "ends_at": {ends}{self.tail}{duration!r}}}'
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
