@@ -14,6 +14,9 @@ alternating order), one fresh gateway process:
   are fetched (and, as the floor, over the same number of round trips with nothing else going on);
 - a bulk `POST /v1/sessions/disconnect` of 1,000 ids: wall time, every result must be `disconnected`.
 
+It prints one JSON line per setup, the load average at start and end, a table of medians over --rounds per N and
+tree and, with two trees, their ratios (last tree / first; below 1 is better). Results go to bench/results/scale.json.
+
 Run: .venv/bin/python bench/scale.py [--sizes 1000 5000 9000] [--src /tmp/base] [--calls 30]
 """
 
@@ -405,6 +408,13 @@ async def run(args: argparse.Namespace) -> int:
             mine = [r for r in rows if r["n"] == n and r["src"] == label]
             cells = [str(statistics.median([r[f] for r in mine])) if f in mine[0] else "-" for f in FIELDS]
             print(f"| {n} | {label} | " + " | ".join(cells) + " |")
+        if len(labels) > 1:  # the last tree against the first, measured in the same run: below 1 is better
+            first, last = ([r for r in rows if r["n"] == n and r["src"] == lb] for lb in (labels[0], labels[-1]))
+            ratios = []
+            for f in FIELDS:
+                a, b = (statistics.median([r[f] for r in side]) for side in (first, last))
+                ratios.append(f"{b / a:.2f}" if a else "-")
+            print(f"| {n} | {labels[-1]}/{labels[0]} | " + " | ".join(ratios) + " |")
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(
         json.dumps(

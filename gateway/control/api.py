@@ -458,7 +458,7 @@ class ControlAPI:
             raise ApiError(400, "bad_request", f"message is limited to {MAX_REASON} characters")
         ids = body.get("ids")
         if ids is None:
-            targets = [s.id for s in self._registry.list()]
+            targets = self._registry.ids()  # no snapshot per session to learn their ids
         elif isinstance(ids, list) and all(isinstance(i, str) for i in ids) and len(ids) <= MAX_IDS:
             targets = list(dict.fromkeys(ids))
         else:
