@@ -285,7 +285,7 @@ def pct(xs: list[float], q: float) -> float:
 
 
 async def one_setup(src: Path, label: str, n: int, args: argparse.Namespace, workdir: Path, key: KeyPair, sink_port: int) -> dict[str, Any]:
-    gw = start_gateway(src, workdir / f"{label}-{n}", key, sink_port, n)
+    gw = start_gateway(src, Path(tempfile.mkdtemp(dir=workdir, prefix=f"{label}-{n}-")), key, sink_port, n)  # a fresh log per setup
     out: dict[str, Any] = {"src": label, "n": n}
     jump = Jump(gw, key, sink_port)
     tunnels: list[aiohttp.ClientWebSocketResponse] = []
