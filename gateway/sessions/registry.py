@@ -62,6 +62,7 @@ class Session:
     __slots__ = (
         "_clock",
         "_ended",
+        "_relayed",
         "_spec",
         "_wake",
         "bytes_down",
@@ -81,7 +82,17 @@ class Session:
         "view_cache",
     )
 
-    def __init__(self, sid: str, spec: SessionSpec, *, node: str, clock: Clock, limits: Limits, notice: NoticeCallback | None) -> None:
+    def __init__(
+        self,
+        sid: str,
+        spec: SessionSpec,
+        *,
+        node: str,
+        clock: Clock,
+        limits: Limits,
+        notice: NoticeCallback | None,
+        relayed: builtins.list[int] | None = None,
+    ) -> None:
         self.id = sid
         self._spec = spec
         self.node = node
@@ -92,6 +103,9 @@ class Session:
         self.last_input = self.started_mono
         self.bytes_up = 0
         self.bytes_down = 0
+        # [up, down] bytes of every session of this protocol, live and closed, that the registry keeps: the metrics
+        # read it without walking sessions.
+        self._relayed = relayed if relayed is not None else [0, 0]
         self.pending: Pending | None = None
         self.half_closed_at: float | None = None
         self.half_closed_side: Side | None = None
@@ -112,11 +126,13 @@ class Session:
     def add_up(self, n: int) -> None:
         """Bytes from the user to the VM. Input is activity: it resets the idle timer."""
         self.bytes_up += n
+        self._relayed[0] += n
         self.last_input = self._clock.monotonic()
 
     def add_down(self, n: int) -> None:
         """Bytes from the VM to the user. Output is not activity."""
         self.bytes_down += n
+        self._relayed[1] += n
 
     def activity(self) -> None:
         """User input that carries no payload bytes (a window change, a signal)."""
@@ -291,7 +307,8 @@ class SessionRegistry:
         self._max_subscribers = max_subscribers
         self._opened = 0
         self._closed = 0
-        self._closed_bytes: dict[tuple[str, str], int] = {}
+        self._relayed: dict[str, builtins.list[int]] = {}  # by protocol: [up, down] bytes, live and closed sessions
+        self._live: dict[tuple[SessionProtocol, str], int] = {}  # live sessions by (protocol, VM)
         self._progress: dict[str, tuple[int, int]] = {}
         self._empty = asyncio.Event()
         self._empty.set()
@@ -326,7 +343,10 @@ class SessionRegistry:
         `internal_error` for a block that ended without saying why. Exceptions propagate.
         """
         sid = secrets.token_hex(8)
-        session = Session(sid, spec, node=self._node, clock=self._clock, limits=limits or Limits(), notice=notice)
+        relayed = self._relayed.setdefault(str(spec.protocol), [0, 0])
+        session = Session(sid, spec, node=self._node, clock=self._clock, limits=limits or Limits(), notice=notice, relayed=relayed)
+        key = (spec.protocol, spec.vm)
+        self._live[key] = self._live.get(key, 0) + 1
         session.recheck = recheck
         self._sessions[sid] = session
         self._empty.clear()
@@ -364,9 +384,11 @@ class SessionRegistry:
         self._closed += 1
         reason = session.reason or Reason.INTERNAL_ERROR
         info = session.snapshot()
-        for direction, n in (("up", info.bytes_up), ("down", info.bytes_down)):
-            key = (str(info.protocol), direction)
-            self._closed_bytes[key] = self._closed_bytes.get(key, 0) + n
+        key = (session.spec.protocol, session.spec.vm)
+        if self._live.get(key, 0) > 1:
+            self._live[key] -= 1
+        else:
+            self._live.pop(key, None)
         duration = round(self._clock.monotonic() - session.started_mono, 3)
         self._publish(SessionEvent("closed", info, reason))
         extra: dict[str, object] = {}
@@ -530,21 +552,15 @@ class SessionRegistry:
         return len(moved)
 
     def bytes_by_protocol(self) -> dict[tuple[str, str], int]:
-        """Bytes relayed so far, by (protocol, direction), live sessions included."""
-        out = dict(self._closed_bytes)
-        for sess in self._sessions.values():
-            p = str(sess.spec.protocol)
-            out[(p, "up")] = out.get((p, "up"), 0) + sess.bytes_up
-            out[(p, "down")] = out.get((p, "down"), 0) + sess.bytes_down
+        """Bytes relayed so far, by (protocol, direction), live sessions included (counted as they move, not summed here)."""
+        out: dict[tuple[str, str], int] = {}
+        for p, (up, down) in self._relayed.items():
+            out[(p, "up")], out[(p, "down")] = up, down
         return out
 
     def counts(self) -> dict[tuple[SessionProtocol, str], int]:
-        """Live sessions by (protocol, VM), for the active-sessions gauge."""
-        out: dict[tuple[SessionProtocol, str], int] = {}
-        for s in self._sessions.values():
-            key = (s.spec.protocol, s.spec.vm)
-            out[key] = out.get(key, 0) + 1
-        return out
+        """Live sessions by (protocol, VM), for the active-sessions gauge (kept as sessions open and close)."""
+        return dict(self._live)
 
     def subscribe(self, *, local_only: bool = False) -> Subscription:
         """A bounded event stream (`local_only`: without other nodes' events). Raises SubscriberLimit when too many are open."""

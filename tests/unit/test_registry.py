@@ -502,3 +502,20 @@ async def test_input_is_activity_and_output_is_not() -> None:
         session.add_up(1)
         assert session.last_input == start + 5
         session.end(Reason.CLIENT_CLOSED)
+
+
+async def test_counts_and_bytes_follow_sessions_without_walking_them() -> None:
+    """Live sessions by (protocol, VM) and bytes by protocol: live ones counted as they move, closed ones kept."""
+    h = make_harness()
+    async with h.registry.open(spec(vm="web01")) as a:
+        async with h.registry.open(spec(vm="web01")) as b, h.registry.open(spec(vm="db01")) as c:
+            a.add_up(10)
+            b.add_down(200)
+            c.add_up(3)
+            assert h.registry.counts() == {(Protocol.SSH, "web01"): 2, (Protocol.SSH, "db01"): 1}
+            assert h.registry.bytes_by_protocol() == {("ssh", "up"): 13, ("ssh", "down"): 200}
+        a.add_down(5)
+        assert h.registry.counts() == {(Protocol.SSH, "web01"): 1}
+        assert h.registry.bytes_by_protocol() == {("ssh", "up"): 13, ("ssh", "down"): 205}
+    assert h.registry.counts() == {}
+    assert h.registry.bytes_by_protocol() == {("ssh", "up"): 13, ("ssh", "down"): 205}
