@@ -32,6 +32,7 @@ import json
 import os
 import resource
 import secrets
+import shutil
 import ssl
 import statistics
 import subprocess
@@ -404,6 +405,7 @@ async def run(args: argparse.Namespace) -> int:
                 order = order[::-1]
     finally:
         stop_process(echo)
+        shutil.rmtree(tmp, ignore_errors=True)
     load1 = os.getloadavg()
     print(f"\nload average at start {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, at end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
     labels = [label for _, label in srcs]
