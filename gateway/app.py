@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import gc
 import os
 import socket
 import ssl
@@ -519,6 +520,10 @@ class App:
         self._ticker = asyncio.create_task(self._tick(), name="session-progress")
         if self.notifier.watchdog_interval is not None:
             self._watchdog = asyncio.create_task(self._pet_watchdog(self.notifier.watchdog_interval), name="systemd-watchdog")
+        # Everything start-up built lives as long as the process: out of the collector's reach, a full collection walks
+        # only what sessions added (at 9,000 sessions it walked 1.35 M objects and stopped every relay for up to 1.2 s).
+        gc.collect()
+        gc.freeze()
         self._ready = True
         self.notifier.ready(f"serving {len(self.public_addresses)} public and {len(self.control_addresses)} control listeners")
         self.log.info(

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Protocol
+
+
+class Timer(Protocol):
+    def cancel(self) -> None: ...
 
 
 class Clock(Protocol):
@@ -26,6 +31,13 @@ class Clock(Protocol):
         """Wait `seconds` of this clock's monotonic time. Cancellable."""
         ...
 
+    def call_later(self, seconds: float, callback: Callable[[], object]) -> Timer:
+        """Call `callback` on the running loop after `seconds` of this clock's monotonic time, unless cancelled first.
+
+        A timer, not a task: what every idle session's watchdog waits on (no task and coroutines per session).
+        """
+        ...
+
 
 class SystemClock:
     def now(self) -> datetime:
@@ -36,3 +48,6 @@ class SystemClock:
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(max(0.0, seconds))
+
+    def call_later(self, seconds: float, callback: Callable[[], object]) -> Timer:
+        return asyncio.get_running_loop().call_later(max(0.0, seconds), callback)

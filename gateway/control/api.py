@@ -17,9 +17,9 @@ import hashlib
 import hmac
 import json
 import math
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any
 
@@ -35,12 +35,15 @@ from gateway.kinds import Protocol
 from gateway.locks import KINDS, LockError, clean_reason, parse_expires, parse_target
 from gateway.sessions.cluster import RedisCluster
 from gateway.sessions.model import SessionEvent, SessionInfo, iso
-from gateway.sessions.registry import SessionRegistry, StreamEnded, SubscriberLimit
+from gateway.sessions.registry import Session, SessionRegistry, StreamEnded, SubscriberLimit
 from gateway.text import one_line
 
 MAX_BODY = 64 * 1024  # room for a bulk disconnect of MAX_IDS ids with a reason
 MAX_REASON = 400
 MAX_IDS = 1000
+DISCONNECT_DEADLINE = 10.0  # a session told to end now has this long to leave (its notice, then its relay closed)
+LIST_CHUNK = 256  # rows of GET /v1/sessions built between two turns of the event loop
+WRITE_CHUNK = 256 * 1024  # bytes of an answer handed to TLS at once
 REMOTE_AT_ONCE = 32  # disconnects asked of other nodes at once by one bulk request (each holds a Redis connection)
 MAX_GRACE = 3600.0
 SSE_WRITE_DEADLINE = 30.0  # an event stream whose client has not taken a write for this long is dropped
@@ -251,24 +254,40 @@ class ControlAPI:
         A request ending a session sooner than a pending one replaces it (reason included);
         one ending it later leaves the pending one, and the answer says when that is.
         """
+        local = self._end_local(sid, reason, grace)
+        if local is None:
+            return await self._end_remote(sid, reason, grace, owners, remote)
+        if local[0] != "ending":
+            return local
+        # Showing the notice takes about a second; closing the relay is bounded too.
+        if await self._registry.wait_closed(sid, DISCONNECT_DEADLINE):
+            return "disconnected", None
+        return self._failed(sid)
+
+    def _end_local(self, sid: str, reason: str, grace: float) -> tuple[str, str | None] | None:
+        """A session of this node: ("pending", ends_at), or ("ending", None) when it ends now. None: not here."""
         result = self._registry.terminate(sid, reason, grace)
         if result is None:
-            if self._cluster is None:
-                return "not_found", None
-            if owners is None:
-                return "node_unreachable", None
-            owner = owners.get(sid)
-            if owner is None:
-                return "not_found", None
-            async with remote or contextlib.nullcontext():  # a bulk request asks the other nodes a few at a time
-                return await self._cluster.disconnect(owner, sid, reason, grace)
-        left = result.pending.ends_mono - self._clock.monotonic()
-        if left > 0:
+            return None
+        if result.pending.ends_mono - self._clock.monotonic() > 0:
             return "pending", iso(result.pending.ends_at)
-        # Showing the notice takes about a second; closing the relay is bounded too.
-        if await self._registry.wait_closed(sid, 10.0):
-            return "disconnected", None
-        self._log.warning("disconnect_failed", session_id=sid, error="the session did not end within 10 s")
+        return "ending", None
+
+    async def _end_remote(
+        self, sid: str, reason: str, grace: float, owners: dict[str, str] | None, remote: asyncio.Semaphore | None
+    ) -> tuple[str, str | None]:
+        if self._cluster is None:
+            return "not_found", None
+        if owners is None:
+            return "node_unreachable", None
+        owner = owners.get(sid)
+        if owner is None:
+            return "not_found", None
+        async with remote or contextlib.nullcontext():  # a bulk request asks the other nodes a few at a time
+            return await self._cluster.disconnect(owner, sid, reason, grace)
+
+    def _failed(self, sid: str) -> tuple[str, str | None]:
+        self._log.warning("disconnect_failed", session_id=sid, error=f"the session did not end within {DISCONNECT_DEADLINE:g} s")
         return "failed", None
 
     # -- handlers --
@@ -296,27 +315,69 @@ class ControlAPI:
         op = request[_OPERATOR_KEY]
         return web.json_response({"name": op.name, "role": op.role, "node": self._node})
 
-    async def list_sessions(self, request: web.Request) -> web.Response:
-        q = request.query
+    async def list_sessions(self, request: web.Request) -> web.StreamResponse:
+        """The JSON answer is written in slices of `WRITE_CHUNK` bytes, each drained: TLS encrypts a slice per turn of
+        the loop, not a list of 9,000 sessions (megabytes) at once."""
+        body = await self._session_list(request.query)
+        resp = web.StreamResponse()
+        resp.content_type = "application/json"
+        resp.charset = "utf-8"
+        resp.content_length = len(body)
+        await resp.prepare(request)
+        view = memoryview(body)
+        for at in range(0, len(body), WRITE_CHUNK):
+            await resp.write(view[at : at + WRITE_CHUNK])
+        await resp.write_eof()
+        return resp
+
+    async def _session_list(self, q: Mapping[str, str]) -> bytes:
+        """The same JSON as `json.dumps({"sessions": [_view(s)...], "node": ...})`, built without a dict per session.
+
+        Each row is text from the session's cached encoding of the fields that never change, plus its bytes, state and
+        duration; the loop is given back every `LIST_CHUNK` rows, so relays run while a list of 9,000 is built. Nothing
+        per row outlives the call but text, so polling the list leaves the collector nothing to walk.
+        """
         unknown = set(q) - {"user", "vm", "protocol"}
         if unknown:
             raise ApiError(400, "bad_request", f"unknown filter: {sorted(unknown)[0]!r} (allowed: user, vm, protocol)")
         if q.get("protocol") is not None and q["protocol"] not in PROTOCOLS:
             raise ApiError(400, "bad_request", f"unknown protocol {q['protocol'][:64]!r} (one of: {', '.join(PROTOCOLS)})")
-        rows = [
-            self._view(s)
-            for s in self._registry.list()
-            if all(q.get(k) is None or getattr(s, k) == q[k] for k in ("user", "vm", "protocol"))
-        ]
+        user, vm, protocol = q.get("user"), q.get("vm"), q.get("protocol")
+        keys: list[str] = []  # started_at as the answer shows it, the key the rows are sorted by
+        rows: list[str] = []  # each row's JSON
+        now = _micros(self._clock.now())
+        for i, s in enumerate(self._registry.sessions()):
+            if i and not i % LIST_CHUNK:
+                await asyncio.sleep(0)  # let relays run; sessions that left meanwhile are skipped below
+                now = _micros(self._clock.now())
+            spec = s.spec
+            if (
+                (user is not None and spec.user != user)
+                or (vm is not None and spec.vm != vm)
+                or (protocol is not None and spec.protocol != protocol)
+            ):
+                continue
+            if self._registry.live(s.id) is not s:
+                continue
+            key, row = _row(s, now)
+            keys.append(key)
+            rows.append(row)
         answer: dict[str, Any] = {"node": self._node}
         if self._cluster is not None:
             view = await self._cluster.view()
-            rows.extend(
-                self._remote(r) for r in view.sessions if all(q.get(k) is None or r.get(k) == q[k] for k in ("user", "vm", "protocol"))
-            )
+            for r in view.sessions:
+                if all(q.get(k) is None or r.get(k) == q[k] for k in ("user", "vm", "protocol")):
+                    remote = self._remote(r)
+                    keys.append(remote["started_at"])
+                    rows.append(json.dumps(remote))
             answer |= {"degraded": view.degraded, "nodes": view.nodes}
-        rows.sort(key=lambda r: r["started_at"])
-        return web.json_response({"sessions": rows, **answer})
+        # Sessions open in time order, so the rows are sorted already unless the wall clock stepped back or other
+        # nodes' rows were added; then a stable sort by started_at, as before.
+        if any(keys[i] > keys[i + 1] for i in range(len(keys) - 1)):
+            order = sorted(range(len(rows)), key=keys.__getitem__)
+            rows = [rows[i] for i in order]
+        tail = json.dumps(answer)[1:]
+        return f'{{"sessions": [{", ".join(rows)}], {tail}'.encode()
 
     def _remote(self, row: dict[str, Any]) -> dict[str, Any]:
         """Another node's session as this node shows its own (the duration from its start, on this node's clock)."""
@@ -355,10 +416,30 @@ class ControlAPI:
         reason, grace = self._reason(body), self._grace(body)
         unique = list(dict.fromkeys(ids))
         owners = await self._owners(unique)
-        remote = asyncio.Semaphore(REMOTE_AT_ONCE)
-        outcomes = await asyncio.gather(*(self._disconnect(sid, reason, grace, owners, remote) for sid in unique))
-        results = {sid: result for sid, (result, _) in zip(unique, outcomes, strict=True)}
-        ends = {sid: ends_at for sid, (_, ends_at) in zip(unique, outcomes, strict=True) if ends_at is not None}
+        outcome: dict[str, tuple[str, str | None]] = {}
+        others: list[str] = []
+        for sid in unique:
+            local = self._end_local(sid, reason, grace)
+            if local is None:
+                others.append(sid)
+            else:
+                outcome[sid] = local
+        ending = [sid for sid, (result, _) in outcome.items() if result == "ending"]
+
+        async def wait_local() -> None:
+            # One waiter for every session of this node ending now, not one per id.
+            still = await self._registry.wait_all_closed(ending, DISCONNECT_DEADLINE)
+            for sid in ending:
+                outcome[sid] = self._failed(sid) if sid in still else ("disconnected", None)
+
+        async def ask_others() -> None:
+            remote = asyncio.Semaphore(REMOTE_AT_ONCE)
+            answers = await asyncio.gather(*(self._end_remote(sid, reason, grace, owners, remote) for sid in others))
+            outcome.update(zip(others, answers, strict=True))
+
+        await asyncio.gather(wait_local(), ask_others())
+        results = {sid: outcome[sid][0] for sid in unique}
+        ends = {sid: outcome[sid][1] for sid in unique if outcome[sid][1] is not None}
         self._audit(request, "disconnect", session_ids=unique, reason=reason, grace_s=grace, results=results)
         answer: dict[str, Any] = {"results": results}
         if ends:
@@ -377,7 +458,7 @@ class ControlAPI:
             raise ApiError(400, "bad_request", f"message is limited to {MAX_REASON} characters")
         ids = body.get("ids")
         if ids is None:
-            targets = [s.id for s in self._registry.list()]
+            targets = self._registry.ids()  # no snapshot per session to learn their ids
         elif isinstance(ids, list) and all(isinstance(i, str) for i in ids) and len(ids) <= MAX_IDS:
             targets = list(dict.fromkeys(ids))
         else:
@@ -562,6 +643,62 @@ _PAGE_HEADERS = {
 
 def _static(name: str) -> bytes:
     return resources.files("gateway.control").joinpath("static", name).read_bytes()
+
+
+class _Static:
+    """The JSON of a session's fields that never change after open, encoded once, in `SessionInfo.as_dict()`'s order."""
+
+    __slots__ = ("head", "middle", "started", "started_us", "tail")
+
+    def __init__(self, s: Session) -> None:
+        spec = s.spec
+        first = {
+            "id": s.id,
+            "user": spec.user,
+            "source_ip": spec.source_ip,
+            "source_port": spec.source_port,
+            "vm": spec.vm,
+            "target_address": spec.target_address,
+            "target_port": spec.target_port,
+            "protocol": str(spec.protocol),
+            "login": spec.login,
+            "started_at": iso(s.started_at),
+        }  # fmt: skip
+        self.started: str = iso(s.started_at)
+        self.started_us = _micros(s.started_at)
+        self.head = json.dumps(first)[:-1] + ', "bytes_up": '
+        self.middle = f', "node": {json.dumps(s.node)}, "state": "'
+        self.tail = f', "connection_id": {json.dumps(spec.connection_id)}, "client_name": {json.dumps(spec.client_name)}, "duration_s": '
+
+    def row(self, s: Session, now_us: int) -> str:
+        """Byte for byte `json.dumps(ControlAPI._view(s.snapshot()))` at the time `now_us` (`_micros(clock.now())`)."""
+        pending = s.pending
+        if s.ended:
+            state, ends = "closed", "null"
+        elif pending is not None:
+            state, ends = "terminating", f'"{iso(pending.ends_at)}"'
+        else:
+            state, ends = "active", "null"
+        # timedelta.total_seconds() is the same integer microseconds over 10**6: the same float, without a timedelta.
+        duration = round(max(0.0, (now_us - self.started_us) / 1_000_000), 3)
+        return f'{self.head}{s.bytes_up}, "bytes_down": {s.bytes_down}{self.middle}{state}", "ends_at": {ends}{self.tail}{duration!r}}}'
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def _micros(t: datetime) -> int:
+    return (t - _EPOCH) // _MICROSECOND
+
+
+def _row(s: Session, now_us: int) -> tuple[str, str]:
+    """(started_at, the row's JSON) of a session of this node."""
+    static = s.view_cache
+    if not isinstance(static, _Static):
+        static = _Static(s)
+        s.view_cache = static
+    return static.started, static.row(s, now_us)
 
 
 def _sse(kind: str, data: dict[str, Any]) -> bytes:

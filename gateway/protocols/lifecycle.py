@@ -381,6 +381,30 @@ def deadlines(session: Session, now: float) -> list[_Deadline]:
     return out
 
 
+def _check(session: Session, side: ClientSide, now: float, warned: dict[Reason, float]) -> float | None:
+    """One look at the deadlines: end the session when one passed, warn when a warning is due; else how long to wait.
+
+    A function of its own so the deadlines, texts and lists it builds are freed before the watchdog waits (an idle
+    session's frame then holds none of them)."""
+    pending = deadlines(session, now)
+    due = [d for d in pending if d.when <= now]
+    if due:
+        first = min(due, key=lambda d: d.when)
+        session.end(first.reason, first.text)
+        return None
+    wake: list[float] = [d.when for d in pending]
+    for d in pending:
+        if d.warn_at is None or d.warning is None:
+            continue
+        if d.warn_at <= now:
+            if warned.get(d.reason) != d.when:
+                warned[d.reason] = d.when
+                side.notice(d.warning(d.when - now))
+        else:
+            wake.append(d.warn_at)
+    return max(0.0, min(wake) - now) if wake else None
+
+
 async def watch(session: Session, side: ClientSide, clock: Clock) -> Reason:
     """The session's watchdog: returns once the session has ended, ending it itself when a deadline passes.
 
@@ -389,24 +413,9 @@ async def watch(session: Session, side: ClientSide, clock: Clock) -> Reason:
     """
     warned: dict[Reason, float] = {}
     while not session.ended:
-        now = clock.monotonic()
-        pending = deadlines(session, now)
-        due = [d for d in pending if d.when <= now]
-        if due:
-            first = min(due, key=lambda d: d.when)
-            session.end(first.reason, first.text)
+        timeout = _check(session, side, clock.monotonic(), warned)
+        if session.ended:
             break
-        wake: list[float] = [d.when for d in pending]
-        for d in pending:
-            if d.warn_at is None or d.warning is None:
-                continue
-            if d.warn_at <= now:
-                if warned.get(d.reason) != d.when:
-                    warned[d.reason] = d.when
-                    side.notice(d.warning(d.when - now))
-            else:
-                wake.append(d.warn_at)
-        timeout = max(0.0, min(wake) - now) if wake else None
         await session.wait_change(timeout)
     reason = session.reason
     assert reason is not None

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -62,7 +62,7 @@ class Session:
     __slots__ = (
         "_clock",
         "_ended",
-        "_gone",
+        "_relayed",
         "_spec",
         "_wake",
         "bytes_down",
@@ -79,9 +79,20 @@ class Session:
         "recheck",
         "started_at",
         "started_mono",
+        "view_cache",
     )
 
-    def __init__(self, sid: str, spec: SessionSpec, *, node: str, clock: Clock, limits: Limits, notice: NoticeCallback | None) -> None:
+    def __init__(
+        self,
+        sid: str,
+        spec: SessionSpec,
+        *,
+        node: str,
+        clock: Clock,
+        limits: Limits,
+        notice: NoticeCallback | None,
+        relayed: builtins.list[int] | None = None,
+    ) -> None:
         self.id = sid
         self._spec = spec
         self.node = node
@@ -92,6 +103,9 @@ class Session:
         self.last_input = self.started_mono
         self.bytes_up = 0
         self.bytes_down = 0
+        # [up, down] bytes of every session of this protocol, live and closed, that the registry keeps: the metrics
+        # read it without walking sessions.
+        self._relayed = relayed if relayed is not None else [0, 0]
         self.pending: Pending | None = None
         self.half_closed_at: float | None = None
         self.half_closed_side: Side | None = None
@@ -100,7 +114,8 @@ class Session:
         self.recheck: Recheck | None = None
         loop = asyncio.get_running_loop()
         self._ended: asyncio.Future[Reason] = loop.create_future()
-        self._gone = asyncio.Event()  # set when the session has left the registry
+        # What the control API encodes once of the fields that never change after open (its own type; None until listed).
+        self.view_cache: object | None = None
         self._wake: asyncio.Future[None] | None = None
 
     @property
@@ -111,11 +126,13 @@ class Session:
     def add_up(self, n: int) -> None:
         """Bytes from the user to the VM. Input is activity: it resets the idle timer."""
         self.bytes_up += n
+        self._relayed[0] += n
         self.last_input = self._clock.monotonic()
 
     def add_down(self, n: int) -> None:
         """Bytes from the VM to the user. Output is not activity."""
         self.bytes_down += n
+        self._relayed[1] += n
 
     def activity(self) -> None:
         """User input that carries no payload bytes (a window change, a signal)."""
@@ -146,13 +163,6 @@ class Session:
     def ended(self) -> bool:
         return self._ended.done()
 
-    async def wait_gone(self) -> None:
-        """Until the session has left the registry (its notice shown, its relay closed)."""
-        await self._gone.wait()
-
-    def mark_gone(self) -> None:
-        self._gone.set()
-
     def poke(self) -> None:
         """Wake the lifecycle so it re-reads deadlines and pending ends."""
         if self._wake is not None and not self._wake.done():
@@ -164,15 +174,14 @@ class Session:
             return
         wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._wake = wake
-        sleeper = asyncio.ensure_future(self._clock.sleep(timeout)) if timeout is not None else None
-        if sleeper is not None:
-            sleeper.add_done_callback(lambda _f: None if wake.done() else wake.set_result(None))
+        # A timer, not a sleeping task: thousands of idle sessions each wait here.
+        timer = self._clock.call_later(timeout, self.poke) if timeout is not None else None
         try:
             await wake
         finally:
             self._wake = None
-            if sleeper is not None and not sleeper.done():
-                sleeper.cancel()
+            if timer is not None:
+                timer.cancel()
 
     def snapshot(self) -> SessionInfo:
         s = self._spec
@@ -292,12 +301,14 @@ class SessionRegistry:
         self._clock = clock
         self._log = log
         self._sessions: dict[str, Session] = {}
+        self._gone_waiters: dict[str, builtins.list[_GoneWaiter]] = {}  # by session id: who waits for it to leave
         self._subscribers: set[Subscription] = set()
         self._queue_size = event_queue_size
         self._max_subscribers = max_subscribers
         self._opened = 0
         self._closed = 0
-        self._closed_bytes: dict[tuple[str, str], int] = {}
+        self._relayed: dict[str, builtins.list[int]] = {}  # by protocol: [up, down] bytes, live and closed sessions
+        self._live: dict[tuple[SessionProtocol, str], int] = {}  # live sessions by (protocol, VM)
         self._progress: dict[str, tuple[int, int]] = {}
         self._empty = asyncio.Event()
         self._empty.set()
@@ -332,7 +343,10 @@ class SessionRegistry:
         `internal_error` for a block that ended without saying why. Exceptions propagate.
         """
         sid = secrets.token_hex(8)
-        session = Session(sid, spec, node=self._node, clock=self._clock, limits=limits or Limits(), notice=notice)
+        relayed = self._relayed.setdefault(str(spec.protocol), [0, 0])
+        session = Session(sid, spec, node=self._node, clock=self._clock, limits=limits or Limits(), notice=notice, relayed=relayed)
+        key = (spec.protocol, spec.vm)
+        self._live[key] = self._live.get(key, 0) + 1
         session.recheck = recheck
         self._sessions[sid] = session
         self._empty.clear()
@@ -342,6 +356,7 @@ class SessionRegistry:
         if self._observer is not None:
             self._observer.session_opened(info)
         self._log.info("session_opened", **_fields(info))
+        del info  # not kept in this frame for the session's life
         error: BaseException | None = None
         try:
             yield session
@@ -361,16 +376,19 @@ class SessionRegistry:
 
     def _close(self, session: Session, error: BaseException | None) -> None:
         self._sessions.pop(session.id, None)
-        session.mark_gone()
+        for waiter in self._gone_waiters.pop(session.id, ()):
+            waiter.gone(session.id)
         self._progress.pop(session.id, None)
         if not self._sessions:
             self._empty.set()
         self._closed += 1
         reason = session.reason or Reason.INTERNAL_ERROR
         info = session.snapshot()
-        for direction, n in (("up", info.bytes_up), ("down", info.bytes_down)):
-            key = (str(info.protocol), direction)
-            self._closed_bytes[key] = self._closed_bytes.get(key, 0) + n
+        key = (session.spec.protocol, session.spec.vm)
+        if self._live.get(key, 0) > 1:
+            self._live[key] -= 1
+        else:
+            self._live.pop(key, None)
         duration = round(self._clock.monotonic() - session.started_mono, 3)
         self._publish(SessionEvent("closed", info, reason))
         extra: dict[str, object] = {}
@@ -445,6 +463,10 @@ class SessionRegistry:
     def live(self, sid: str) -> Session | None:
         return self._sessions.get(sid)
 
+    def sessions(self) -> builtins.list[Session]:
+        """The live sessions now, in the order they opened (a copy: the caller may yield while it reads them)."""
+        return list(self._sessions.values())
+
     def ids(self) -> builtins.list[str]:
         return list(self._sessions)
 
@@ -483,15 +505,33 @@ class SessionRegistry:
 
     async def wait_closed(self, sid: str, timeout: float) -> bool:
         """Wait (bounded, real time) until a session has left the registry. True if it has."""
-        s = self._sessions.get(sid)
-        if s is None:
-            return True
+        return not await self.wait_all_closed([sid], timeout)
+
+    async def wait_all_closed(self, sids: Iterable[str], timeout: float) -> set[str]:
+        """Wait (bounded, real time) until every session of `sids` has left the registry; the ids still here after `timeout`.
+
+        One waiter and one timer for the whole set, however many ids (a bulk disconnect of 1,000 sessions).
+        Cancellation propagates; the waiter is removed either way.
+        """
+        left = {sid for sid in sids if sid in self._sessions}
+        if not left:
+            return set()
+        waiter = _GoneWaiter(left, asyncio.get_running_loop().create_future())
+        for sid in left:
+            self._gone_waiters.setdefault(sid, []).append(waiter)
         try:
             async with asyncio.timeout(timeout):
-                await s.wait_gone()
+                await waiter.done
         except TimeoutError:
-            return sid not in self._sessions
-        return True
+            pass
+        finally:
+            for sid in waiter.left:  # the ids that left took their entries with them
+                waiting = self._gone_waiters.get(sid)
+                if waiting is not None:
+                    waiting.remove(waiter)
+                    if not waiting:
+                        del self._gone_waiters[sid]
+        return {sid for sid in waiter.left if sid in self._sessions}
 
     async def wait_empty(self) -> None:
         await self._empty.wait()
@@ -512,21 +552,15 @@ class SessionRegistry:
         return len(moved)
 
     def bytes_by_protocol(self) -> dict[tuple[str, str], int]:
-        """Bytes relayed so far, by (protocol, direction), live sessions included."""
-        out = dict(self._closed_bytes)
-        for sess in self._sessions.values():
-            p = str(sess.spec.protocol)
-            out[(p, "up")] = out.get((p, "up"), 0) + sess.bytes_up
-            out[(p, "down")] = out.get((p, "down"), 0) + sess.bytes_down
+        """Bytes relayed so far, by (protocol, direction), live sessions included (counted as they move, not summed here)."""
+        out: dict[tuple[str, str], int] = {}
+        for p, (up, down) in self._relayed.items():
+            out[(p, "up")], out[(p, "down")] = up, down
         return out
 
     def counts(self) -> dict[tuple[SessionProtocol, str], int]:
-        """Live sessions by (protocol, VM), for the active-sessions gauge."""
-        out: dict[tuple[SessionProtocol, str], int] = {}
-        for s in self._sessions.values():
-            key = (s.spec.protocol, s.spec.vm)
-            out[key] = out.get(key, 0) + 1
-        return out
+        """Live sessions by (protocol, VM), for the active-sessions gauge (kept as sessions open and close)."""
+        return dict(self._live)
 
     def subscribe(self, *, local_only: bool = False) -> Subscription:
         """A bounded event stream (`local_only`: without other nodes' events). Raises SubscriberLimit when too many are open."""
@@ -564,6 +598,21 @@ class SessionRegistry:
     def _publish(self, event: SessionEvent) -> None:
         for sub in self._subscribers:
             sub.put(event)
+
+
+class _GoneWaiter:
+    """One `wait_all_closed()` call: the ids it still waits for and the future it wakes when none is left."""
+
+    __slots__ = ("done", "left")
+
+    def __init__(self, left: set[str], done: asyncio.Future[None]) -> None:
+        self.left = left
+        self.done = done
+
+    def gone(self, sid: str) -> None:
+        self.left.discard(sid)
+        if not self.left and not self.done.done():
+            self.done.set_result(None)
 
 
 def _fields(info: SessionInfo) -> dict[str, object]:

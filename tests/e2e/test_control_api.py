@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import ssl
 from asyncio.subprocess import PIPE
@@ -14,7 +15,7 @@ import jsonschema
 import pytest
 
 from gateway.control.openapi import OPENAPI
-from tests.e2e.conftest import OPERATOR_TOKEN, VIEWER_TOKEN, Gateway
+from tests.e2e.conftest import OPERATOR_TOKEN, VIEWER_TOKEN, Gateway, GatewayFactory
 
 
 def schema(name: str) -> dict[str, Any]:
@@ -361,3 +362,14 @@ async def test_event_stream_delivers_every_event_of_a_1000_session_burst(gw: Gat
             await reader
     assert len(ids["opened"]) == 1000 and ids["opened"] == ids["closed"]
     assert counts.get("progress", 0) <= 5 and counts["snapshot"] == 1
+
+
+async def test_start_freezes_what_it_built(make_gateway: GatewayFactory) -> None:
+    """Once the gateway serves, what start-up built is frozen: a full collection never walks it again."""
+    gc.unfreeze()  # what earlier tests' gateways froze
+    assert gc.get_freeze_count() == 0
+    try:
+        async with make_gateway():
+            assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 START = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
@@ -33,6 +34,13 @@ class FakeClock:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._sleepers, (self.mono + max(0.0, seconds), next(self._seq), fut))
         await fut
+
+    def call_later(self, seconds: float, callback: Callable[[], object]) -> asyncio.Future[None]:
+        """A sleeper that calls `callback` when `advance()` passes its deadline; `cancel()` it to drop it."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(lambda f: None if f.cancelled() else callback())
+        heapq.heappush(self._sleepers, (self.mono + max(0.0, seconds), next(self._seq), fut))
+        return fut
 
     @property
     def sleepers(self) -> int:

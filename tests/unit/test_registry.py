@@ -340,6 +340,52 @@ async def test_wait_closed_returns_once_the_session_is_gone() -> None:
     await task
 
 
+async def test_wait_all_closed_is_one_waiter_for_many_ids() -> None:
+    """200 sessions told to end: one waiter covers them all, returns once the last left, and leaves nothing behind."""
+    h = make_harness()
+    gates = [asyncio.Event() for _ in range(200)]
+
+    async def hold(gate: asyncio.Event) -> None:
+        async with h.registry.open(spec()):
+            await gate.wait()
+
+    tasks = [asyncio.create_task(hold(g)) for g in gates]
+    await h.clock.settle()
+    ids = h.registry.ids()
+    waiting = asyncio.create_task(h.registry.wait_all_closed([*ids, "gone-already"], 30))
+    await h.clock.settle()
+    waiters = {id(w) for ws in h.registry._gone_waiters.values() for w in ws}
+    assert len(waiters) == 1 and set(h.registry._gone_waiters) == set(ids)
+    for g in gates[:-1]:
+        g.set()
+    await asyncio.gather(*tasks[:-1])
+    assert not waiting.done()
+    gates[-1].set()
+    assert await waiting == set()
+    assert h.registry._gone_waiters == {}
+    await tasks[-1]
+
+
+async def test_wait_all_closed_names_the_ids_still_open_after_the_timeout() -> None:
+    """One session ends, one stays: after the timeout the answer is the one that stayed, and its waiter is removed."""
+    h = make_harness()
+    stay, leave = asyncio.Event(), asyncio.Event()
+
+    async def hold(gate: asyncio.Event) -> None:
+        async with h.registry.open(spec()):
+            await gate.wait()
+
+    t1, t2 = asyncio.create_task(hold(stay)), asyncio.create_task(hold(leave))
+    await h.clock.settle()
+    a, b = h.registry.ids()
+    leave.set()
+    await t2
+    assert await h.registry.wait_all_closed([a, b], 0.05) == {a}
+    assert h.registry._gone_waiters == {}
+    stay.set()
+    await t1
+
+
 # --- subscribe and totals ---------------------------------------------------
 
 
@@ -456,3 +502,20 @@ async def test_input_is_activity_and_output_is_not() -> None:
         session.add_up(1)
         assert session.last_input == start + 5
         session.end(Reason.CLIENT_CLOSED)
+
+
+async def test_counts_and_bytes_follow_sessions_without_walking_them() -> None:
+    """Live sessions by (protocol, VM) and bytes by protocol: live ones counted as they move, closed ones kept."""
+    h = make_harness()
+    async with h.registry.open(spec(vm="web01")) as a:
+        async with h.registry.open(spec(vm="web01")) as b, h.registry.open(spec(vm="db01")) as c:
+            a.add_up(10)
+            b.add_down(200)
+            c.add_up(3)
+            assert h.registry.counts() == {(Protocol.SSH, "web01"): 2, (Protocol.SSH, "db01"): 1}
+            assert h.registry.bytes_by_protocol() == {("ssh", "up"): 13, ("ssh", "down"): 200}
+        a.add_down(5)
+        assert h.registry.counts() == {(Protocol.SSH, "web01"): 1}
+        assert h.registry.bytes_by_protocol() == {("ssh", "up"): 13, ("ssh", "down"): 205}
+    assert h.registry.counts() == {}
+    assert h.registry.bytes_by_protocol() == {("ssh", "up"): 13, ("ssh", "down"): 205}

@@ -1,0 +1,454 @@
+"""Scale: one `bastion serve` process holding N idle sessions, and what the control port costs the relays then.
+
+Per N (--sizes, default 1000 5000) and per gateway source tree (--src, default this checkout; give a second
+tree, e.g. the code before a change exported with `git archive`, to compare both in one run, measured in
+alternating order), one fresh gateway process:
+
+- holds N idle jump sessions (`ssh -J`'s direct-tcpip channels, from asyncssh clients in this process, up to
+  --per-conn channels per SSH connection) and --ws WebSocket tunnels (`wss://.../v1/tunnel`), all to an echo
+  "VM" in its own process; RSS per session is the growth of the gateway's VmRSS over each batch;
+- `GET /v1/sessions` --calls times, one new HTTPS connection per call: p50, p99 (the largest of the calls
+  when there are fewer than 100), the answer's size;
+- `GET /metrics` --calls times, the same way;
+- the largest round trip of 64 bytes echoed through one more open jump channel, in a loop, while the lists
+  are fetched (and, as the floor, over the same number of round trips with nothing else going on);
+- a bulk `POST /v1/sessions/disconnect` of 1,000 ids: wall time, every result must be `disconnected`.
+
+It prints one JSON line per setup, the load average at start and end, a table of medians over --rounds per N and
+tree and, with two trees, their ratios (last tree / first; below 1 is better). Results go to bench/results/scale.json.
+
+Run: .venv/bin/python bench/scale.py [--sizes 1000 5000 9000] [--src /tmp/base] [--calls 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import gc
+import hashlib
+import json
+import os
+import resource
+import secrets
+import shutil
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import aiohttp  # noqa: E402
+import asyncssh  # noqa: E402
+
+from bench.ssh_forward import HOST, cores, stop_process, tail, toml_value, wait_listening  # noqa: E402
+from tests.support.peers import KeyPair, free_port, make_key  # noqa: E402
+
+VM = "sink01"
+RESULTS = REPO / "bench" / "results" / "scale.json"
+OPERATOR_TOKEN = secrets.token_urlsafe(24)
+USER_TOKEN = "bench-" + secrets.token_urlsafe(24)
+PING = b"p" * 64
+
+
+# --------------------------------------------------------------------------- the echo VM
+
+
+async def _echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    try:
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        w.close()
+
+
+async def _echo_main() -> None:
+    server = await asyncio.start_server(_echo, HOST, 0, backlog=4096)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await server.serve_forever()
+
+
+def start_echo(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    log = (workdir / "echo.log").open("wb")
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--echo"], stdout=subprocess.PIPE, stderr=log)
+    assert proc.stdout is not None
+    return proc, int(proc.stdout.readline())
+
+
+# --------------------------------------------------------------------------- the gateway
+
+
+def config(state_dir: Path, port: int, alice: KeyPair, sink_port: int, n: int) -> str:
+    op_sha = hashlib.sha256(OPERATOR_TOKEN.encode()).hexdigest()
+    user_sha = hashlib.sha256(USER_TOKEN.encode()).hexdigest()
+    return "\n".join(
+        [
+            "[gateway]",
+            f"node = {toml_value('bench')}",
+            f"state_dir = {toml_value(str(state_dir))}",
+            "[public]",
+            f"listen = {toml_value([f'{HOST}:{port}'])}",
+            f"max_connections_per_source = {toml_value(max(1000, 2 * n))}",
+            "[control]",
+            f"listen = {toml_value([f'{HOST}:0'])}",
+            "[ssh]",
+            "max_forwards = 1000",
+            "[sessions]",
+            "max_per_user = 100000",
+            'rate_per_user = "off"',
+            "[tunnel]",
+            "max_per_token = 10000",
+            'ping_interval = "600s"',  # idle means idle: no 1,000 pings inside the window
+            "[[operators]]",
+            'name = "bench"',
+            'role = "operator"',
+            f"token_sha256 = {toml_value(op_sha)}",
+            "[[vms]]",
+            f"name = {toml_value(VM)}",
+            f"address = {toml_value(HOST)}",
+            "ssh_port = 22",
+            "trust_on_first_use = true",
+            "[[users]]",
+            'name = "alice"',
+            f"keys = {toml_value([alice.public])}",
+            'groups = ["bench"]',
+            f"tokens_sha256 = {toml_value([user_sha])}",
+            "[[rules]]",
+            'groups = ["bench"]',
+            f"vms = {toml_value([VM])}",
+            'protocols = ["tcp", "ssh-jump"]',
+            f"ports = {toml_value([sink_port])}",
+        ]
+    )
+
+
+@dataclass
+class Gateway:
+    proc: subprocess.Popen[bytes]
+    public: int
+    control: int
+    ca: Path
+    log: Path
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+
+def start_gateway(src: Path, workdir: Path, alice: KeyPair, sink_port: int, n: int) -> Gateway:
+    workdir.mkdir(parents=True, exist_ok=True)
+    state = workdir / "gw-state"
+    cfg, log = workdir / "gateway.toml", workdir / "gateway.log"
+    port = free_port(HOST)
+    cfg.write_text(config(state, port, alice, sink_port, n) + "\n")
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    with log.open("ab") as out:
+        argv = [sys.executable, "-m", "gateway", "serve", "--config", str(cfg), "--log-format", "json"]
+        proc = subprocess.Popen(argv, cwd=src, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    wait_listening(port, proc, "gateway", log)
+    for _ in range(200):
+        for line in log.read_text(errors="replace").splitlines():
+            if '"gateway_started"' in line:
+                control = int(json.loads(line)["control"][0].rsplit(":", 1)[1])
+                return Gateway(proc, port, control, state / "tls.crt", log)
+        time.sleep(0.05)
+    raise RuntimeError(f"no gateway_started line\n{tail(log)}")
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+class Jump:
+    """Direct-tcpip channels over a few asyncssh connections, as `ssh -J` opens them."""
+
+    def __init__(self, gw: Gateway, key: KeyPair, sink_port: int) -> None:
+        self.gw, self.key, self.sink_port = gw, key, sink_port
+        self.conns: list[asyncssh.SSHClientConnection] = []
+        self.streams: list[tuple[asyncssh.SSHReader[bytes], asyncssh.SSHWriter[bytes]]] = []
+
+    async def connect(self) -> asyncssh.SSHClientConnection:
+        conn = await asyncssh.connect(
+            HOST, self.gw.public, username="alice", client_keys=[str(self.key.private)], known_hosts=None, agent_path=None
+        )
+        self.conns.append(conn)
+        return conn
+
+    async def open(self, count: int, per_conn: int, parallel: int = 100) -> None:
+        sem = asyncio.Semaphore(parallel)
+
+        async def one(conn: asyncssh.SSHClientConnection) -> None:
+            async with sem, asyncio.timeout(60):
+                r, w = await conn.open_connection(VM, self.sink_port, encoding=None)
+                self.streams.append((r, w))
+
+        left = count
+        while left > 0:
+            k = min(per_conn, left)
+            conn = await self.connect()
+            await asyncio.gather(*(one(conn) for _ in range(k)))
+            left -= k
+
+    async def close(self) -> None:
+        for c in self.conns:
+            c.close()
+        for c in self.conns:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(10):
+                    await c.wait_closed()
+
+
+async def open_tunnels(http: aiohttp.ClientSession, gw: Gateway, sink_port: int, count: int) -> list[aiohttp.ClientWebSocketResponse]:
+    ctx = ssl.create_default_context(cafile=gw.ca)
+    url = f"wss://{HOST}:{gw.public}/v1/tunnel?vm={VM}&port={sink_port}"
+    sem = asyncio.Semaphore(20)
+    out: list[aiohttp.ClientWebSocketResponse] = []
+
+    async def one() -> None:
+        for attempt in range(3):  # on a loaded box a ClientHello can miss the detect deadline (then the door is SSH's)
+            try:
+                async with sem, asyncio.timeout(60):
+                    out.append(await http.ws_connect(url, headers={"Authorization": f"Bearer {USER_TOKEN}"}, ssl=ctx, heartbeat=None))
+                return
+            except aiohttp.ClientConnectorError:
+                if attempt == 2:
+                    raise
+
+    await asyncio.gather(*(one() for _ in range(count)))
+    return out
+
+
+async def until_active(api: Api, n: int) -> None:
+    for _ in range(600):
+        status, body = await api.get_json("/v1/sessions")
+        if status == 200 and len(body["sessions"]) >= n:
+            return
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"the gateway never listed {n} sessions")
+
+
+# --------------------------------------------------------------------------- control API
+
+
+class Api:
+    def __init__(self, gw: Gateway) -> None:
+        self.base = f"https://{HOST}:{gw.control}"
+        self.ctx = ssl.create_default_context(cafile=gw.ca)
+        self.headers = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+
+    async def call(self, method: str, path: str, body: Any = None) -> tuple[int, bytes, float]:
+        """One request on a new HTTPS connection (the gateway closes every connection after its answer)."""
+        t0 = time.perf_counter()
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.ctx, force_close=True)) as http,
+            http.request(method, self.base + path, json=body, headers=self.headers, timeout=aiohttp.ClientTimeout(total=120)) as r,
+        ):
+            data = await r.read()
+            return r.status, data, time.perf_counter() - t0
+
+    async def get_json(self, path: str) -> tuple[int, Any]:
+        status, data, _ = await self.call("GET", path)
+        return status, json.loads(data)
+
+
+class Prober:
+    """Echoes 64 bytes through one open jump channel in a loop and keeps every round trip."""
+
+    def __init__(self, r: asyncssh.SSHReader[bytes], w: asyncssh.SSHWriter[bytes]) -> None:
+        self.r, self.w = r, w
+        self.samples: list[float] = []
+
+    async def once(self) -> float:
+        t0 = time.perf_counter()
+        self.w.write(PING)
+        await self.r.readexactly(len(PING))
+        return time.perf_counter() - t0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self.samples.append(await self.once())
+
+
+def pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+async def one_setup(src: Path, label: str, n: int, args: argparse.Namespace, workdir: Path, key: KeyPair, sink_port: int) -> dict[str, Any]:
+    gw = start_gateway(src, Path(tempfile.mkdtemp(dir=workdir, prefix=f"{label}-{n}-")), key, sink_port, n)  # a fresh log per setup
+    out: dict[str, Any] = {"src": label, "n": n}
+    jump = Jump(gw, key, sink_port)
+    tunnels: list[aiohttp.ClientWebSocketResponse] = []
+    http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))  # aiohttp holds 100 connections by default
+    api = Api(gw)
+    try:
+        probe_conn = await jump.connect()
+        pr, pw = await probe_conn.open_connection(VM, sink_port, encoding=None)
+        prober = Prober(pr, pw)
+        for _ in range(20):  # warm-up: the first round trips pay for imports and caches
+            await prober.once()
+        await api.call("GET", "/v1/sessions")
+        await api.call("GET", "/metrics")
+        rss0 = gw.rss_kib()
+        await jump.open(n, args.per_conn)
+        await until_active(api, n + 1)
+        rss1 = gw.rss_kib()
+        out["jump_kib_per_session"] = round((rss1 - rss0) / n, 1)
+        if args.ws:
+            tunnels = await open_tunnels(http, gw, sink_port, args.ws)
+            await until_active(api, n + 1 + args.ws)
+            rss2 = gw.rss_kib()
+            out["ws_kib_per_session"] = round((rss2 - rss1) / args.ws, 1)
+        out["rss_mib"] = round(gw.rss_kib() / 1024, 1)
+        # This process holds every client end (a million objects at 9,000): its own full collections would stall the
+        # prober and the list client and be charged to the gateway. Freeze them; unfrozen again after the setup.
+        gc.collect()
+        gc.freeze()
+        total = n + 1 + args.ws
+        # The floor: round trips with nothing else asked of the gateway.
+        floor = [await prober.once() for _ in range(200)]
+        out["rtt_idle_max_ms"] = round(max(floor) * 1000, 2)
+        stop = asyncio.Event()
+        prober.samples.clear()
+        probing = asyncio.create_task(prober.run(stop), name="probe")
+        lists: list[float] = []
+        size = 0
+        for _ in range(args.calls):
+            status, data, secs = await api.call("GET", "/v1/sessions")
+            if status != 200:
+                raise RuntimeError(f"GET /v1/sessions: {status}")
+            lists.append(secs)
+            size = len(data)
+        rows = len(json.loads(data)["sessions"])
+        metrics: list[float] = []
+        for _ in range(args.calls):
+            status, data, secs = await api.call("GET", "/metrics")
+            if status != 200:
+                raise RuntimeError(f"GET /metrics: {status}")
+            metrics.append(secs)
+        stop.set()
+        await probing
+        if rows != total:
+            raise RuntimeError(f"the list had {rows} rows, not {total}")
+        out |= {
+            "list_p50_ms": round(statistics.median(lists) * 1000, 1),
+            "list_p99_ms": round(pct(lists, 0.99) * 1000, 1),
+            "list_bytes": size,
+            "metrics_p50_ms": round(statistics.median(metrics) * 1000, 1),
+            "metrics_p99_ms": round(pct(metrics, 0.99) * 1000, 1),
+            "rtt_during_lists_max_ms": round(max(prober.samples) * 1000, 2),
+            "rtt_during_lists_p50_ms": round(statistics.median(prober.samples) * 1000, 2),
+            "rtt_samples": len(prober.samples),
+        }
+        status, body = await api.get_json("/v1/sessions")
+        ids = [r["id"] for r in body["sessions"] if r["protocol"] == "ssh-jump"][1:][-1000:]  # not the prober (the oldest)
+        t0 = time.perf_counter()
+        status, data, _ = await api.call("POST", "/v1/sessions/disconnect", {"ids": ids, "reason": "bench"})
+        out["bulk_disconnect_s"] = round(time.perf_counter() - t0, 3)
+        results = json.loads(data).get("results", {}) if status == 200 else {}
+        out["bulk_all_disconnected"] = status == 200 and sum(v == "disconnected" for v in results.values()) == len(ids)
+        out["bulk_ids"] = len(ids)
+    finally:
+        for ws in tunnels:
+            with contextlib.suppress(Exception):
+                await ws.close()
+        await http.close()
+        await jump.close()
+        stop_process(gw.proc)
+        gc.unfreeze()
+    return out
+
+
+FIELDS = (
+    "jump_kib_per_session",
+    "ws_kib_per_session",
+    "rss_mib",
+    "list_p50_ms",
+    "list_p99_ms",
+    "metrics_p50_ms",
+    "metrics_p99_ms",
+    "rtt_idle_max_ms",
+    "rtt_during_lists_max_ms",
+    "bulk_disconnect_s",
+)
+
+
+async def run(args: argparse.Namespace) -> int:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the gateway and the echo VM inherit it
+    srcs = [(Path(s).resolve(), Path(s).resolve().name if s != str(REPO) else "this") for s in args.src]
+    tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    echo, sink_port = start_echo(tmp)
+    key = make_key(tmp / "alice")
+    rows: list[dict[str, Any]] = []
+    load0 = os.getloadavg()
+    try:
+        for i, n in enumerate(args.sizes):
+            order = srcs if i % 2 == 0 else srcs[::-1]  # alternate which tree goes first
+            for _round in range(args.rounds):
+                for src, label in order:
+                    row = await one_setup(src, label, n, args, tmp, key, sink_port)
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+                order = order[::-1]
+    finally:
+        stop_process(echo)
+        shutil.rmtree(tmp, ignore_errors=True)
+    load1 = os.getloadavg()
+    print(f"\nload average at start {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, at end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
+    labels = [label for _, label in srcs]
+    print("| N | tree | " + " | ".join(FIELDS) + " |")
+    print("|---" * (len(FIELDS) + 2) + "|")
+    for n in args.sizes:
+        for label in labels:
+            mine = [r for r in rows if r["n"] == n and r["src"] == label]
+            cells = [str(statistics.median([r[f] for r in mine])) if f in mine[0] else "-" for f in FIELDS]
+            print(f"| {n} | {label} | " + " | ".join(cells) + " |")
+        if len(labels) > 1:  # the last tree against the first, measured in the same run: below 1 is better
+            first, last = ([r for r in rows if r["n"] == n and r["src"] == lb] for lb in (labels[0], labels[-1]))
+            ratios = []
+            for f in FIELDS:
+                a, b = (statistics.median([r[f] for r in side]) for side in (first, last))
+                ratios.append(f"{b / a:.2f}" if a else "-")
+            print(f"| {n} | {labels[-1]}/{labels[0]} | " + " | ".join(ratios) + " |")
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(
+        json.dumps(
+            {"when": dt.datetime.now(dt.UTC).isoformat(), "cores": cores(), "load": [load0, load1], "args": vars(args), "rows": rows},
+            indent=1,
+            default=str,
+        )
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000])
+    p.add_argument("--src", nargs="+", default=[str(REPO)], help="gateway source trees to compare (default: this checkout)")
+    p.add_argument("--ws", type=int, default=1000, help="WebSocket tunnels held besides the N jump sessions")
+    p.add_argument("--per-conn", type=int, default=500, help="jump channels per SSH connection")
+    p.add_argument("--calls", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--echo", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.echo:
+        asyncio.run(_echo_main())
+        return 0
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

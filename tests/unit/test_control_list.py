@@ -1,0 +1,75 @@
+"""GET /v1/sessions built from cached row text: the same answer as the dict-per-session encoding, byte for byte."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+from aiohttp.test_utils import make_mocked_request
+
+from gateway.control.api import LIST_CHUNK, ControlAPI
+from gateway.kinds import Protocol, Reason
+from gateway.sessions.model import SessionSpec
+from tests.unit.test_registry import make_harness
+
+
+def jump_spec(user: str, vm: str, i: int) -> SessionSpec:
+    return SessionSpec(
+        user=user,
+        source_ip="2001:db8::7" if i % 2 else "203.0.113.7",
+        source_port=50000 + i,
+        vm=vm,
+        target_address="10.0.0.5",
+        target_port=22 + i % 3,
+        protocol=Protocol.SSH_JUMP if i % 3 else Protocol.SSH,
+        login=None if i % 3 else "deploy",
+        connection_id=f"c{i}",
+        client_name='WS-\u00e9"quoted"' if i == 4 else None,
+    )
+
+
+def old_answer(api: ControlAPI, h_list: list[object], node: str) -> str:
+    """What list_sessions answered before: a dict per session through json.dumps, sorted by started_at."""
+    rows = [api._view(s) for s in h_list]  # type: ignore[arg-type]
+    rows.sort(key=lambda r: r["started_at"])
+    return json.dumps({"sessions": rows, "node": node})
+
+
+async def test_list_answer_is_unchanged() -> None:
+    """Sessions of several users, protocols and states (bytes moved, a pending end, ended): the old bytes, every filter too."""
+    h = make_harness()
+    api = ControlAPI(h.registry, (), h.clock, h.registry._log, node="gw1")
+    async with contextlib.AsyncExitStack() as stack:
+        sessions = []
+        for i in range(LIST_CHUNK + 7):  # more than one chunk: the loop is given back in between
+            h.clock.mono += 0.0015
+            sessions.append(await stack.enter_async_context(h.registry.open(jump_spec("alice" if i % 4 else "bob", f"vm{i % 2}", i))))
+        sessions[1].add_up(123)
+        sessions[1].add_down(4567)
+        h.registry.terminate(sessions[2].id, "maintenance", grace=30)
+        sessions[3].end(Reason.VM_CLOSED)
+        h.clock.mono += 12.3456
+        for query in ("", "?user=bob", "?vm=vm1", "?protocol=ssh-jump", "?user=alice&vm=vm0&protocol=ssh", "?user=nobody"):
+            q = make_mocked_request("GET", "/v1/sessions" + query).query
+            expected = [s for s in h.registry.list() if all(getattr(s, k) == v for k, v in q.items())]
+            assert (await api._session_list(q)).decode() == old_answer(api, expected, "gw1"), query  # type: ignore[arg-type]
+        states = {r["id"]: r["state"] for r in json.loads(await api._session_list({}))["sessions"]}
+        assert (states[sessions[2].id], states[sessions[3].id], states[sessions[0].id]) == ("terminating", "closed", "active")
+
+
+async def test_bytes_and_state_are_read_on_every_list() -> None:
+    """A row's cached text follows the session: bytes, a pending end and the end show on the next list."""
+    h = make_harness()
+    api = ControlAPI(h.registry, (), h.clock, h.registry._log, node="gw1")
+    async with h.registry.open(jump_spec("alice", "vm0", 1)) as s:
+        first = json.loads(await api._session_list({}))["sessions"][0]
+        s.add_down(99)
+        h.registry.terminate(s.id, "later", grace=60)
+        h.clock.mono += 2
+        second = json.loads(await api._session_list({}))["sessions"][0]
+        s.end(Reason.VM_CLOSED)
+        third = json.loads(await api._session_list({}))["sessions"][0]
+    assert (first["bytes_down"], first["state"], first["ends_at"]) == (0, "active", None)
+    assert (second["bytes_down"], second["state"], second["duration_s"]) == (99, "terminating", first["duration_s"] + 2)
+    assert second["ends_at"] is not None
+    assert (third["state"], third["ends_at"], third["bytes_down"]) == ("closed", None, 99)
