@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -96,6 +97,56 @@ def _cluster(d: dict[str, Any]) -> list[Row]:
     ]
 
 
+def _ssh_terminate(d: dict[str, Any]) -> list[Row]:
+    gw, hop = d["gateway"], d["hop"]
+    when = d.get("timestamp", "")
+    rows: list[Row] = []
+    for key, label, unit in (("up", "upload", "MB/s"), ("down", "download", "MB/s")):
+        g, h = gw[key], hop[key]
+        rows.append(
+            (
+                f"terminating SSH {label} ({unit})",
+                f"{statistics.median(g):.0f}{_spread(g)}",
+                f"OpenSSH hop {statistics.median(h):.0f}{_spread(h)}",
+                f"{gw['ratios_vs_hop'][key]:.2f}",
+                when,
+            )
+        )
+        when = ""
+    for key, label in (("cpu_up_ms_per_mb", "CPU ms per MB up"), ("cpu_down_ms_per_mb", "CPU ms per MB down")):
+        g, h = statistics.median(gw[key]), statistics.median(hop[key])
+        rows.append((f"terminating SSH {label}", f"{g:.2f}", f"OpenSSH hop {h:.2f}", f"{g / h:.2f}", ""))
+    g50, h50 = statistics.median(gw["p50_us"]), statistics.median(hop["p50_us"])
+    rows.append(
+        ("terminating SSH echo RTT p50 (µs)", f"{g50:.0f}{_spread(gw['p50_us'])}", f"OpenSSH hop {h50:.0f}", f"{g50 / h50:.2f}", "")
+    )
+    return rows
+
+
+def _scale(d: dict[str, Any]) -> list[Row]:
+    """bench/scale.py: one row per size and measure of the last tree (no baseline but its targets: a ratio of '-')."""
+    rows: list[Row] = []
+    by_n: dict[int, list[dict[str, Any]]] = {}
+    labels = list(dict.fromkeys(r["src"] for r in d["rows"]))  # in --src order (rounds alternate it)
+    last = labels[-1]
+    for r in d["rows"]:
+        if r["src"] == last:
+            by_n.setdefault(int(r["n"]), []).append(r)
+    for n, mine in sorted(by_n.items()):
+        for key, label, goal in (
+            ("jump_kib_per_session", "KiB per idle jump session", "goal 16"),
+            ("ws_kib_per_session", "KiB per idle tunnel", "goal 8"),
+            ("list_p50_ms", "GET /v1/sessions p50 ms", "goal 50 at 9,000"),
+            ("rtt_during_lists_max_ms", "relay RTT max during lists ms", "goal 20"),
+            ("bulk_disconnect_s", "bulk disconnect of 1,000 s", "goal 2"),
+        ):
+            values = [float(r[key]) for r in mine if key in r]
+            if values:
+                tree = f" ({last})" if len(labels) > 1 else ""
+                rows.append((f"at {n} sessions: {label}{tree}", f"{statistics.median(values):.1f}", goal, "-", d.get("when", "")[:19]))
+    return rows
+
+
 def _generic(d: dict[str, Any]) -> list[Row]:
     """A benchmark that writes its own `rows`: [{path, gateway, baseline, ratio}]."""
     return [(str(r["path"]), str(r["gateway"]), str(r["baseline"]), str(r["ratio"]), d.get("timestamp", "")) for r in d.get("rows", [])]
@@ -106,6 +157,8 @@ EXTRACT: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "tunnel": _tunnel,
     "rdg": _rdg,
     "cluster": _cluster,
+    "ssh_terminate": _ssh_terminate,
+    "scale": _scale,
 }
 
 

@@ -35,8 +35,18 @@ def test_the_table_reads_each_results_file_and_names_the_missing(tmp_path: Path)
     rows = [{"path": "p", "gateway": "8/8", "baseline": "0/8", "ratio": "-"}]
     (tmp_path / "floods.json").write_text(json.dumps({"timestamp": "T2", "rows": rows}))
     (tmp_path / "tunnel.json").write_text(json.dumps({"timestamp": "T3"}))
+    side = {"up": [100.0], "down": [90.0], "cpu_up_ms_per_mb": [3.0], "cpu_down_ms_per_mb": [3.0], "p50_us": [200.0]}
+    ratios = {"up": 1.25, "down": 0.9}
+    hop = {**side, "up": [80.0], "down": [100.0], "p50_us": [100.0]}
+    (tmp_path / "ssh_terminate.json").write_text(json.dumps({"gateway": {**side, "ratios_vs_hop": ratios}, "hop": hop}))
+    two_trees = [{"n": 1000, "src": s, "list_p50_ms": v} for s, v in (("old", 50.0), ("new", 20.0), ("new", 24.0), ("old", 52.0))]
+    (tmp_path / "scale.json").write_text(json.dumps({"when": "T4", "rows": two_trees}))
     out = _summary().table(tmp_path)
     assert "| ssh -L bulk, jump mode (MB/s)" in out and "300 (250-350)" in out and "sshd 400 (390-410)" in out and "| 0.75 " in out
     assert "| p " in out and "8/8" in out
     assert "tunnel: results not in the expected shape (KeyError" in out
+    assert "| terminating SSH upload (MB/s)" in out and "OpenSSH hop 80" in out and "| 1.25 " in out
+    assert "| terminating SSH echo RTT p50 (µs)" in out and "| 2.00 " in out
+    [line] = [x for x in out.splitlines() if "at 1000 sessions: GET /v1/sessions p50 ms (new)" in x]
+    assert line.split("|")[2].strip() == "22.0"  # the last --src tree, its median
     assert "not run: " in out and "cluster" in out.split("not run: ")[1]
