@@ -147,6 +147,28 @@ def _scale(d: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def _floods(d: dict[str, Any]) -> list[Row]:
+    """bench/floods.py: logins during each flood against logins with none, in the same run."""
+    phases = d["phases"]
+    base = statistics.median(phases[0]["login_seconds"])
+    rows: list[Row] = []
+    for ph in phases[1:]:
+        n, ok = len(ph["login_seconds"]) + ph["failed"], len(ph["login_seconds"])
+        med = statistics.median(ph["login_seconds"]) if ph["login_seconds"] else float("nan")
+        rows.append(
+            (
+                f"SSH login during flood '{ph['name']}' (s)",
+                f"{med:.2f}, {ok}/{n} logged in",
+                f"no flood {base:.2f}",
+                f"{med / base:.2f}",
+                "",
+            )
+        )
+    if rows:
+        rows[0] = (*rows[0][:4], d.get("timestamp", ""))
+    return rows
+
+
 def _generic(d: dict[str, Any]) -> list[Row]:
     """A benchmark that writes its own `rows`: [{path, gateway, baseline, ratio}]."""
     return [(str(r["path"]), str(r["gateway"]), str(r["baseline"]), str(r["ratio"]), d.get("timestamp", "")) for r in d.get("rows", [])]
@@ -159,6 +181,7 @@ EXTRACT: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "cluster": _cluster,
     "ssh_terminate": _ssh_terminate,
     "scale": _scale,
+    "floods": _floods,
 }
 
 

@@ -21,7 +21,7 @@ def _summary() -> ModuleType:
 
 
 def test_the_table_reads_each_results_file_and_names_the_missing(tmp_path: Path) -> None:
-    """A results dir with ssh_forward and a generic benchmark gives their rows and ratios; the others are 'not run';
+    """A results dir with ssh_forward, floods, ssh_terminate and scale gives their rows and ratios; the others are 'not run';
     a file in another shape is reported as such, not guessed."""
     (tmp_path / "ssh_forward.json").write_text(
         json.dumps(
@@ -32,8 +32,8 @@ def test_the_table_reads_each_results_file_and_names_the_missing(tmp_path: Path)
             }
         )
     )
-    rows = [{"path": "p", "gateway": "8/8", "baseline": "0/8", "ratio": "-"}]
-    (tmp_path / "floods.json").write_text(json.dumps({"timestamp": "T2", "rows": rows}))
+    phases = [{"name": "no flood", "login_seconds": [0.2, 0.2], "failed": 0}, {"name": "silent", "login_seconds": [0.3], "failed": 1}]
+    (tmp_path / "floods.json").write_text(json.dumps({"timestamp": "T2", "phases": phases}))
     (tmp_path / "tunnel.json").write_text(json.dumps({"timestamp": "T3"}))
     side = {"up": [100.0], "down": [90.0], "cpu_up_ms_per_mb": [3.0], "cpu_down_ms_per_mb": [3.0], "p50_us": [200.0]}
     ratios = {"up": 1.25, "down": 0.9}
@@ -43,7 +43,8 @@ def test_the_table_reads_each_results_file_and_names_the_missing(tmp_path: Path)
     (tmp_path / "scale.json").write_text(json.dumps({"when": "T4", "rows": two_trees}))
     out = _summary().table(tmp_path)
     assert "| ssh -L bulk, jump mode (MB/s)" in out and "300 (250-350)" in out and "sshd 400 (390-410)" in out and "| 0.75 " in out
-    assert "| p " in out and "8/8" in out
+    [flood] = [x for x in out.splitlines() if "flood 'silent'" in x]
+    assert "0.30, 1/2 logged in" in flood and "no flood 0.20" in flood and "| 1.50 " in flood
     assert "tunnel: results not in the expected shape (KeyError" in out
     assert "| terminating SSH upload (MB/s)" in out and "OpenSSH hop 80" in out and "| 1.25 " in out
     assert "| terminating SSH echo RTT p50 (µs)" in out and "| 2.00 " in out
