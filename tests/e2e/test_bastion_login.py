@@ -92,9 +92,11 @@ async def test_login_then_plain_ssh_scp_and_jump_with_the_certificate(oidc_gw: G
     assert r.rc == 0 and r.text.strip() == "cert-ok", r.errtext
     src = tmp_path / "payload.txt"
     src.write_text("copied with a certificate\n")
-    r = await gw.run("scp", "-F", str(cfg), *opts, str(src), f"zoe+web01@{host}:/tmp/bastion-cert-copy.txt")
+    copied = tmp_path / "bastion-cert-copy.txt"  # the test VM is this machine: the copy lands in the test's own dir
+    r = await gw.run("scp", "-F", str(cfg), *opts, str(src), f"zoe+web01@{host}:{copied}")
     assert r.rc == 0, r.errtext
-    r = await gw.run("sftp", "-F", str(cfg), *opts, "-b", "-", f"zoe+web01@{host}", stdin=b"ls /tmp/bastion-cert-copy.txt\n")
+    assert copied.read_text() == "copied with a certificate\n"
+    r = await gw.run("sftp", "-F", str(cfg), *opts, "-b", "-", f"zoe+web01@{host}", stdin=f"ls {copied}\n".encode())
     assert r.rc == 0 and "bastion-cert-copy.txt" in r.text, r.errtext
     r = await gw.run("ssh", "-F", str(cfg), *opts, "-W", f"web01:{gw.vm.port}", f"zoe@{host}", stdin=b"", timeout=20)
     assert r.out.startswith(b"SSH-2.0-OpenSSH"), (r.out[:100], r.errtext)
