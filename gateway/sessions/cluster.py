@@ -103,6 +103,9 @@ class RedisCluster:
         self.cluster_sessions = 0  # sessions of every node, at the last watch
         self.cluster_nodes = 0
         self._up_since = 0.0  # when Redis last became reachable (monotonic)
+        # Set after every heartbeat (taken or failed) and every message from the cluster: what this node knows of the
+        # others may have changed. Whoever waits on it clears it first (the tests wait on it instead of sleeping).
+        self.changed = asyncio.Event()
 
     def __repr__(self) -> str:
         return f"RedisCluster(node={self.node!r}, heartbeat={self.heartbeat:g}s, node_ttl={self.node_ttl:g}s)"
@@ -173,6 +176,7 @@ class RedisCluster:
                     await self._watch(resync=was_degraded)
                 except Exception:  # a bug here must not stop the heartbeat: the node would drop out of every view
                     self._log.exception("cluster_watch_failed")
+            self.changed.set()
             await self._clock.sleep(self.heartbeat)
 
     async def _read(self) -> dict[str, tuple[str, list[dict[str, Any]]]]:
@@ -523,6 +527,7 @@ class RedisCluster:
                             task = asyncio.create_task(self._handle(msg["data"]), name="cluster-disconnect")
                             self._serving.add(task)
                             task.add_done_callback(self._serving.discard)
+                        self.changed.set()
                 finally:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
             except (redis.RedisError, OSError, TimeoutError) as exc:

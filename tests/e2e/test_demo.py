@@ -144,23 +144,15 @@ async def test_jump_mode_reaches_the_vms_end_to_end(demo: Demo) -> None:
     assert (rc, out) == (0, "web01\n"), err
 
 
-async def _until_served(url: str) -> str:
-    async with aiohttp.ClientSession() as http:
-        for _ in range(200):  # a bounded poll: the forward or tunnel is another process that says nothing when ready
-            try:
-                async with http.get(url) as resp:
-                    return await resp.text()
-            except aiohttp.ClientError:
-                await asyncio.sleep(0.05)
-    raise AssertionError(f"nothing served {url}")
-
-
 async def test_ssh_L_forwards_to_desk01s_web_app(demo: Demo) -> None:
     """The printed `ssh -N -L ...` forward, then the printed curl: desk01's web app answers."""
-    fwd = await asyncio.create_subprocess_exec(*demo.bash("exec " + demo.line("ssh -F", "-N -L")), stdin=asyncio.subprocess.DEVNULL)
+    line = demo.line("ssh -F", "-N -L").replace("ssh -F", "ssh -v -F", 1)  # -v says when the forward listens
+    fwd = await asyncio.create_subprocess_exec(*demo.bash("exec " + line), stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    assert fwd.stderr is not None
     try:
-        url = demo.line("curl http://", ":18080/").split()[-1]
-        assert "Hello from desk01's web app" in await _until_served(url)
+        async with asyncio.timeout(30):
+            while b"Local forwarding listening on" not in (got := await fwd.stderr.readline()):
+                assert got, "ssh -L ended before it listened"
         rc, out, _ = await demo.run(demo.line("curl http://", ":18080/"))
         assert rc == 0 and out.startswith("Hello from desk01"), out
     finally:

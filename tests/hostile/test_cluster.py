@@ -55,7 +55,11 @@ async def nodes(make_gateway: GatewayFactory, redis_server: RedisServer, tmp_pat
         # one known_hosts with both nodes' host keys, and argv built per node (argv()).
         lines = [f"[127.0.0.1]:{gw.port} {k.export_public_key().decode().strip()}" for gw in (a, b) for k in gw.app.host_keys]
         (tmp_path / "known_hosts").write_text("\n".join(lines) + "\n")
-        yield a, b
+        _LIVE.clear()
+        try:
+            yield watch(a), watch(b)
+        finally:
+            _LIVE.clear()
 
 
 def argv(gw: Gateway, user: str, *command: str) -> list[str]:
@@ -70,11 +74,32 @@ async def api(gw: Gateway, method: str, path: str, body: Any = None) -> tuple[in
         return r.status, await r.json()
 
 
+_LIVE: list[asyncio.Event] = []  # the `changed` events of the nodes running in this test (their fixtures add them)
+
+
+def watch(gw: Gateway) -> Gateway:
+    """Let `until` wake on this node's cluster changes (a heartbeat, a message from another node)."""
+    cluster = gw.app._cluster
+    assert cluster is not None
+    _LIVE.append(cluster.changed)
+    return gw
+
+
 async def until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    """Re-ask (bounded) until `check()` holds: the other node's state arrives by heartbeat, with no local event."""
+    """Re-check (bounded) each time any running node's view of the cluster changed: the other node's state arrives by
+    heartbeat or pub/sub, so its change on this side is the event to wait on."""
     async with asyncio.timeout(timeout):
-        while not await check():
-            await asyncio.sleep(HEARTBEAT / 2)
+        while True:
+            for ev in _LIVE:
+                ev.clear()
+            if await check():
+                return
+            waits = [asyncio.ensure_future(ev.wait()) for ev in _LIVE]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
 
 
 async def sessions_on(gw: Gateway) -> dict[str, Any]:
@@ -293,7 +318,8 @@ async def test_a_node_that_stops_cleanly_is_not_reported_lost(
 
         return check
 
-    async with make_gateway(node(tmp_path, "node-c", redis_server, tmp_path / "token.key")):
+    async with make_gateway(node(tmp_path, "node-c", redis_server, tmp_path / "token.key")) as c:
+        watch(c)
         await until(lambda: _has_nodes(a, {"node-a", "node-b", "node-c"}))
         await until(logged("cluster_node_joined"))
     await until(lambda: _has_nodes(a, {"node-a", "node-b"}))  # at once: its key is gone, not waiting out node_ttl
@@ -353,6 +379,7 @@ async def test_locks_survive_a_redis_that_restarts_empty(
 
     await until(restored)
     async with make_gateway(node(tmp_path, "node-c", redis_server, tmp_path / "token.key")) as c:
+        watch(c)
 
         async def c_has_it() -> bool:
             return [lk["id"] for lk in (await api(c, "GET", "/v1/locks"))[1]["locks"]] == [made["lock"]["id"]]
