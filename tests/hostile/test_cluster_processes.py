@@ -16,7 +16,6 @@ import signal
 import ssl
 import subprocess
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,8 @@ import tomli_w
 
 from gateway.net.tls import write_self_signed
 from tests.e2e.conftest import OPERATOR_TOKEN, Keys, base_config
-from tests.hostile.test_proxy_protocol import haproxy_binary, listening
+from tests.support.haproxy import running_haproxy
+from tests.support.notify import ReadySocket, ready_socket
 from tests.support.peers import SSHD, free_port, make_key
 from tests.support.redis import RedisServer, running_redis
 from tests.support.sse import NextEvent, event_stream
@@ -69,6 +69,8 @@ async def cluster(tmp: Path, keys: Keys, vm: SSHD, redis: RedisServer) -> AsyncI
     token_key.write_bytes(os.urandom(32))
     os.chmod(token_key, 0o600)
     nodes = [Node(f"node-{i}", tmp / f"node-{i}", free_port(), free_port()) for i in range(1, NODES + 1)]
+    readies: list[tuple[ReadySocket, subprocess.Popen[bytes]]] = []
+    stack = contextlib.ExitStack()
     try:
         for n in nodes:
             n.dir.mkdir()
@@ -86,16 +88,17 @@ async def cluster(tmp: Path, keys: Keys, vm: SSHD, redis: RedisServer) -> AsyncI
             path = n.dir / "bastion.toml"
             path.write_bytes(tomli_w.dumps(cfg).encode())
             log = (n.dir / "gateway.log").open("wb")
+            ready = stack.enter_context(ready_socket())
             n.proc = subprocess.Popen(
                 [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--log-format", "json"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **ready.env()},
             )  # fmt: skip
-        async with asyncio.timeout(30):
-            while not all(listening(n.public) and listening(n.control) for n in nodes):
-                assert all(n.proc is not None and n.proc.poll() is None for n in nodes), "a node exited at start"
-                await asyncio.sleep(0.05)
+            readies.append((ready, n.proc))
+        for ready, proc in readies:  # each node's own READY=1: both its ports are bound and it serves
+            await ready.wait(proc, 30)
         yield nodes
     finally:
+        stack.close()
         for n in nodes:
             if n.proc is not None and n.proc.poll() is None:
                 n.proc.terminate()
@@ -108,45 +111,11 @@ async def cluster(tmp: Path, keys: Keys, vm: SSHD, redis: RedisServer) -> AsyncI
                     n.proc.wait(timeout=5)
 
 
-HAPROXY = """global
-    maxconn 200
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-frontend public
-    bind 127.0.0.1:{listen}
-    default_backend gateways
-backend gateways
-    balance roundrobin
-{servers}
-"""
-
-
 @contextlib.asynccontextmanager
 async def balancer(nodes: list[Node]) -> AsyncIterator[int]:
-    d = Path(tempfile.mkdtemp(prefix="bastion-haproxy-"))
-    port = free_port()
-    servers = "\n".join(f"    server {n.name} 127.0.0.1:{n.public} send-proxy-v2 source 127.0.0.1" for n in nodes)
-    (d / "haproxy.cfg").write_text(HAPROXY.format(listen=port, servers=servers))
-    proc = subprocess.Popen([haproxy_binary(), "-db", "-f", str(d / "haproxy.cfg")], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    try:
-        async with asyncio.timeout(10):
-            while not listening(port):
-                assert proc.poll() is None, "haproxy exited"
-                await asyncio.sleep(0.05)
+    """haproxy round robin over the nodes with send-proxy-v2 from 127.0.0.1; yields its port."""
+    with running_haproxy([f"server {n.name} 127.0.0.1:{n.public} send-proxy-v2 source 127.0.0.1" for n in nodes]) as port:
         yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        import shutil
-
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import socket
 import ssl
 import struct
-import subprocess
-import tempfile
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncssh
 
 from tests.e2e.conftest import Gateway, GatewayFactory
+from tests.support.haproxy import running_haproxy
 from tests.support.hostile import close_all, closed_by_peer, eventually, open_from, refused, tracebacks
 
 BALANCER = "127.0.0.1"
@@ -98,68 +95,17 @@ async def test_a_v2_header_from_the_balancer_gives_an_ssh_session_the_claimed_so
 # --------------------------------------------------------------------------- haproxy in front of the gateway
 
 
-def haproxy_binary() -> str:
-    found = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
-    assert found, "haproxy is missing: run scripts/install-test-deps.sh"
-    return found
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def listening(port: int) -> bool:
-    """Whether something listens on 127.0.0.1:port, read from /proc (connecting would send the gateway a header)."""
-    want = f"0100007F:{port:04X}"
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if fields[1] == want and fields[3] == "0A":
-            return True
-    return False
-
-
-HAPROXY_CFG = """\
-global
-    maxconn 200
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-frontend public
-    bind 127.0.0.1:{listen}
-    default_backend gateway
-backend gateway
-    server gw1 127.0.0.1:{gateway} send-proxy-v2 source 127.0.0.1
-"""
-
-
 @contextlib.asynccontextmanager
 async def haproxy(gw: Gateway) -> AsyncIterator[int]:
-    """haproxy -db -f CFG as a child, in front of `gw`; yields its port; stopped by its PID, its dir removed."""
-    d = Path(tempfile.mkdtemp(prefix="bastion-haproxy-"))
-    port = free_port()
-    cfg = d / "haproxy.cfg"
-    cfg.write_text(HAPROXY_CFG.format(listen=port, gateway=gw.port))
-    proc = subprocess.Popen([haproxy_binary(), "-db", "-f", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=d)
-    try:
-        async with asyncio.timeout(10):
-            while not listening(port):
-                assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else "haproxy exited"
-                await asyncio.sleep(0.05)
+    """haproxy in front of `gw` with send-proxy-v2 from 127.0.0.1; yields its port."""
+    with running_haproxy([f"server gw1 127.0.0.1:{gw.port} send-proxy-v2 source 127.0.0.1"]) as port:
         yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        if proc.stdout is not None:
-            proc.stdout.close()
-        shutil.rmtree(d, ignore_errors=True)
 
 
 async def test_openssh_through_haproxy_is_registered_with_its_own_address(make_gateway: GatewayFactory) -> None:

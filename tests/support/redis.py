@@ -6,14 +6,13 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support.notify import ready_socket
 from tests.support.peers import free_port
 
 START_TIMEOUT = 10.0
@@ -30,23 +29,18 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        """Start (or restart) it on the same port; returns once it answers PING (bounded)."""
-        self.process = subprocess.Popen(
-            ["/usr/bin/redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--dir", str(self.dir), "--protected-mode", "yes"],
-            stdin=subprocess.DEVNULL, stdout=(self.dir / "redis.log").open("ab"), stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited: {(self.dir / 'redis.log').read_text()[-2000:]}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    return
-            if time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not answer PING in time")
-            time.sleep(0.05)  # another process with no readiness signal: a short, bounded poll
+        """Start (or restart) it on the same port; returns once it says READY=1 (systemd's protocol, bounded)."""
+        with ready_socket() as ready:
+            self.process = subprocess.Popen(
+                ["/usr/bin/redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
+                 "--dir", str(self.dir), "--protected-mode", "yes", "--supervised", "systemd"],
+                stdin=subprocess.DEVNULL, stdout=(self.dir / "redis.log").open("ab"), stderr=subprocess.STDOUT,
+                env={**os.environ, **ready.env()},
+            )  # fmt: skip
+            try:
+                ready.wait_sync(self.process, START_TIMEOUT)
+            except RuntimeError as exc:
+                raise RuntimeError(f"redis-server: {exc}: {(self.dir / 'redis.log').read_text()[-2000:]}") from None
 
     def stop(self) -> None:
         """End it by its PID (TERM, then KILL). Idempotent."""
