@@ -38,22 +38,19 @@ class _Server(asyncssh.SSHServer):
         return _Echo()
 
 
-async def test_patched_parser_round_trips_many_packets_exactly() -> None:
-    """Through the patched path on both ends, 8 MB of varied writes (many packets per read, packets split
-    across reads) come back byte for byte, over AES-GCM and chacha20."""
-    assert asyncssh_fast.apply()
+async def _round_trip(ciphers: tuple[str, ...], payload: bytes, sizes: list[int], **options: Any) -> None:
+    """Against an echo server on the patched path: `payload` written in `sizes` chunks comes back byte for byte, for
+    each cipher (`options` go to asyncssh.connect)."""
     key = asyncssh.generate_private_key("ssh-ed25519")
     server = await asyncssh.create_server(_Server, "127.0.0.1", 0, server_host_keys=[key], encoding=None)
     port = server.sockets[0].getsockname()[1]
-    payload = bytes(range(256)) * (8 * 4096)
     try:
-        for cipher in ("aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com"):
+        for cipher in ciphers:
             async with asyncssh.connect(
                 "127.0.0.1", port, known_hosts=None, username="u", client_keys=None, agent_path=None, config=None,
-                encryption_algs=[cipher], preferred_auth="none",
+                encryption_algs=[cipher], preferred_auth="none", **options,
             ) as conn:  # fmt: skip
                 proc = await conn.create_process(encoding=None)
-                sizes = [1, 7, 4096, 32767, 32768, 70000, 250000]
                 pos, i = 0, 0
                 while pos < len(payload):
                     n = sizes[i % len(sizes)]
@@ -67,6 +64,14 @@ async def test_patched_parser_round_trips_many_packets_exactly() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_patched_parser_round_trips_many_packets_exactly() -> None:
+    """Through the patched path on both ends, 8 MB of varied writes (many packets per read, packets split
+    across reads) come back byte for byte, over AES-GCM and chacha20."""
+    assert asyncssh_fast.apply()
+    sizes = [1, 7, 4096, 32767, 32768, 70000, 250000]
+    await _round_trip(("aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com"), bytes(range(256)) * (8 * 4096), sizes)
 
 
 async def test_no_ignore_packet_before_each_data_packet() -> None:
@@ -151,31 +156,9 @@ async def test_patched_parser_survives_rekeys_in_the_middle_of_a_read() -> None:
     """Key re-exchange changes the block and MAC sizes between two packets of one read: with a rekey every 64 KiB
     on the client (and so on both ends), 4 MB of varied writes still come back byte for byte."""
     assert asyncssh_fast.apply()
-    key = asyncssh.generate_private_key("ssh-ed25519")
-    server = await asyncssh.create_server(_Server, "127.0.0.1", 0, server_host_keys=[key], encoding=None)
-    port = server.sockets[0].getsockname()[1]
-    payload = bytes(range(251)) * (4 * 4180)
-    try:
-        for cipher in ("aes128-gcm@openssh.com", "aes128-ctr"):
-            async with asyncssh.connect(
-                "127.0.0.1", port, known_hosts=None, username="u", client_keys=None, agent_path=None, config=None,
-                encryption_algs=[cipher], preferred_auth="none", rekey_bytes=64 * 1024,
-            ) as conn:  # fmt: skip
-                proc = await conn.create_process(encoding=None)
-                sizes = [3, 5000, 32768, 65537, 200000]
-                pos, i = 0, 0
-                while pos < len(payload):
-                    n = sizes[i % len(sizes)]
-                    proc.stdin.write(payload[pos : pos + n])
-                    pos, i = pos + n, i + 1
-                proc.stdin.write_eof()
-                async with asyncio.timeout(60):
-                    out = await proc.stdout.read()
-                    await proc.wait()
-                assert out == payload, cipher
-    finally:
-        server.close()
-        await server.wait_closed()
+    await _round_trip(
+        ("aes128-gcm@openssh.com", "aes128-ctr"), bytes(range(251)) * (4 * 4180), [3, 5000, 32768, 65537, 200000], rekey_bytes=64 * 1024
+    )
 
 
 async def test_openssh_rekeying_often_through_the_gateway(gw: Any) -> None:
