@@ -89,6 +89,7 @@ def gateway_toml(*, state_dir: Path, port: int, sshd: SSHD, vm_login_key: KeyPai
         f"node = {toml_value('bench')}",
         f"state_dir = {toml_value(str(state_dir))}",
         f"connect_timeout = {toml_value('5s')}",
+        "workers = 1",  # one process: the flood and the logins measure one event loop (bench/workers.py measures several)
         "",
         "[public]",
         f"listen = {toml_value([f'{HOST}:{port}'])}",

@@ -25,6 +25,7 @@ from functools import partial
 from pathlib import Path
 
 import asyncssh
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from structlog.typing import FilteringBoundLogger
 
 from gateway.access import AccessControl
@@ -40,6 +41,7 @@ from gateway.filemodes import check_private_file, check_state_dir, read_private_
 from gateway.kinds import PenaltyEvent, Reason
 from gateway.locks import LockStore
 from gateway.metrics import CONTENT_TYPE, Metrics
+from gateway.metrics_merge import merge
 from gateway.net import tls
 from gateway.net.detect import Door
 from gateway.net.https import HTTPSServer
@@ -62,6 +64,7 @@ from gateway.sessions.registry import SessionRegistry
 from gateway.tokens import TokenService, load_key, load_or_create_key
 from gateway.userca import CliLogins, Identities, UserCA
 from gateway.websessions import WebSessions
+from gateway.workers import WorkerSpec, supervisor_status
 
 
 def ensure_state_dir(path: Path) -> Path:
@@ -141,6 +144,16 @@ def _client_secret(path: Path) -> str:
     """The OIDC client secret, checked as `start` checks it. Raises StartupError."""
     check_private_file(path, "oidc.client_secret_file", "client secret file")
     return read_client_secret(path)
+
+
+def prepare_state(cfg: Config, log: FilteringBoundLogger) -> None:
+    """Create what the gateway generates in its state dir on first start (host key, TLS, token key, user CA), once,
+    before several workers start (they would race to create them). Raises StartupError naming the file."""
+    state_dir = ensure_state_dir(cfg.gateway.state_dir)
+    load_files(cfg, state_dir, log)
+    if not cfg.tunnel.token_key_file:
+        load_or_create_key(state_dir / "token.key")
+    UserCA.load_or_create(cfg.ca.key or state_dir / "user_ca_ed25519", SystemClock(), cfg.ca.certificate_lifetime)
 
 
 def preflight(cfg: Config) -> list[str]:
@@ -305,8 +318,11 @@ class App:
         clock: Clock | None = None,
         notifier: ServiceNotifier | None = None,
         reload_config: Callable[[], Config] | None = None,
+        *,
+        worker: WorkerSpec | None = None,
     ) -> None:
         self.config = config
+        self.worker = worker  # one of several worker processes (`gateway/workers.py`): its sockets are inherited
         self._reload_config = reload_config  # reads and validates the config again (raises ConfigError); None: no reload
         self._reload_lock = asyncio.Lock()
         self._reloads: set[asyncio.Task[bool]] = set()
@@ -387,10 +403,13 @@ class App:
         sockets: list[socket.socket] = []
         control_sockets: list[socket.socket] = []
         try:
-            for addr in cfg.public.listen:
-                sockets.append(bind(addr))
-            for addr in cfg.control.listen:
-                control_sockets.append(bind(addr))
+            if self.worker is not None:
+                sockets, control_sockets = self.worker.sockets()
+            else:
+                for addr in cfg.public.listen:
+                    sockets.append(bind(addr))
+                for addr in cfg.control.listen:
+                    control_sockets.append(bind(addr))
         except StartupError:
             for s in sockets + control_sockets:
                 s.close()
@@ -484,7 +503,7 @@ class App:
             cfg.operators,
             self.clock,
             self.log,
-            metrics=self.metrics.render,
+            metrics=self._worker_metrics if self.worker is not None and self._cluster is not None else self.metrics.render,
             metrics_content_type=CONTENT_TYPE,
             metrics_public=cfg.control.metrics_public,
             node=cfg.gateway.node,
@@ -516,6 +535,8 @@ class App:
                 cluster.on_penalty = partial(_remote_penalty, penalties)
             self.access.publish_lock, self.access.publish_unlock = cluster.publish_lock, cluster.publish_unlock
             cluster.on_revoke, self.tokens.on_revoke = self.tokens.revoke_id, cluster.publish_revoke
+            if self.worker is not None:
+                cluster.siblings, cluster.render_metrics = self.worker.siblings, self.metrics.render
             await cluster.start()  # never waits on Redis: a node without it serves its own users, degraded
         self._ticker = asyncio.create_task(self._tick(), name="session-progress")
         if self.notifier.watchdog_interval is not None:
@@ -722,6 +743,21 @@ class App:
         if self._control_https is not None:
             await self._control_https.stop()
         self.log.info("gateway_stopped", node=self.config.gateway.node)
+
+    async def _worker_metrics(self) -> bytes:
+        """Every worker's series in one exposition (any worker may answer a scrape), with how many answered."""
+        assert self._cluster is not None and self.worker is not None
+        others, missing = await self._cluster.sibling_metrics()
+        status = supervisor_status(await self._cluster.supervisor_status())
+        answering = GaugeMetricFamily("bastion_workers_answering", "Workers whose series are in this scrape", value=1 + len(others))
+        configured = GaugeMetricFamily("bastion_workers", "Worker processes configured (gateway.workers)", value=self.worker.count)
+        extra: list[Metric] = [answering, configured]
+        if "restarts" in status:
+            restarts = CounterMetricFamily("bastion_worker_restarts", "Workers started again after they exited", value=status["restarts"])
+            extra.append(restarts)
+        if missing:
+            self.log.warning("worker_metrics_missing", workers=missing)
+        return merge([self.metrics.render(), *others], extra)
 
     async def run_until(self, stop: asyncio.Event) -> None:
         await self.start()

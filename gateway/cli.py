@@ -6,16 +6,23 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import functools
 import json
 import math
 import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, NoReturn
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from gateway import __version__
 from gateway.errors import ConfigError, StartupError
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
+
+    from gateway.config import Config
 
 
 def _run(coro_factory: Callable[[asyncio.Event], Coroutine[Any, Any, int]]) -> int:
@@ -58,6 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.config import load_config
     from gateway.logs import loop_exception_handler, make_logger, quiet_libraries, route_stdlib_logging
     from gateway.sdnotify import Notifier
+    from gateway.workers import WORKER_ENV, WorkerSpec, worker_config
 
     try:
         cfg = load_config(args.config)
@@ -67,6 +75,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     route_stdlib_logging(fmt=args.log_format)
     quiet_libraries()
+    spec: WorkerSpec | None = None
+    if os.environ.get(WORKER_ENV):  # started by a supervisor (gateway/workers.py): its sockets and its node name
+        try:
+            spec = WorkerSpec.from_env(os.environ[WORKER_ENV])
+        except StartupError as exc:
+            print(f"bastion: cannot start: {exc.message}", file=sys.stderr)
+            return 1
+        cfg = worker_config(cfg, spec)
     log = make_logger(fmt=args.log_format, node=cfg.gateway.node)
     problems = preflight(cfg)  # the checks `check-config` makes, all of them, before anything binds
     if problems:
@@ -74,12 +90,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"bastion: cannot start: {problem}", file=sys.stderr)
         log.error("gateway_start_failed", reason=StartupError.reason, problems=problems)
         return 1
+    if spec is None and cfg.gateway.workers > 1:
+        # Workers read the config again on SIGHUP, whatever their working directory.
+        return _run(functools.partial(_supervise, cfg, Path(os.path.abspath(args.config)), args.log_format, log))
+
+    def reread() -> Config:
+        new = load_config(args.config)
+        return worker_config(new, spec) if spec is not None else new
 
     async def serve(stop: asyncio.Event) -> int:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(loop_exception_handler(log))
         try:
-            app = App(cfg, log, notifier=Notifier.from_env(os.environ), reload_config=lambda: load_config(args.config))
+            app = App(cfg, log, notifier=Notifier.from_env(os.environ), reload_config=reread, worker=spec)
             # SIGHUP (systemctl reload) re-reads the config; without a handler it would kill the process.
             loop.add_signal_handler(signal.SIGHUP, app.request_reload)
             await app.run_until(stop)
@@ -90,6 +113,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
 
     return _run(serve)
+
+
+async def _supervise(cfg: Config, path: Path, log_format: str, log: FilteringBoundLogger, stop: asyncio.Event) -> int:
+    """`gateway.workers` > 1: bind once, run that many workers (gateway/workers.py) until SIGTERM/SIGINT."""
+    from gateway.app import prepare_state
+    from gateway.logs import loop_exception_handler
+    from gateway.sdnotify import Notifier
+    from gateway.workers import Supervisor, worker_command
+
+    asyncio.get_running_loop().set_exception_handler(loop_exception_handler(log))
+    try:
+        prepare_state(cfg, log)
+        supervisor = Supervisor(cfg, path, log, Notifier.from_env(os.environ), worker_command(path, log_format))
+        return await supervisor.run(stop)
+    except StartupError as exc:
+        print(f"bastion: cannot start: {exc.message}", file=sys.stderr)
+        log.error("gateway_start_failed", reason=exc.reason, error=exc.message)
+        return 1
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

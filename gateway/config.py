@@ -8,6 +8,7 @@ reads key material: files are only checked for existence by `app.py` at start.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 import tomllib
@@ -76,6 +77,7 @@ class GatewaySection:
     shutdown_grace: float = 30.0
     shutdown_notice: str = "The gateway is restarting: please reconnect in a minute."
     notice_prefix: str = "[bastion]"  # before every notice a user reads, so it stands out from program output; "" for none
+    workers: int = 1  # worker processes `bastion serve` runs (the config's default, "auto", is the number of cores)
 
 
 @dataclass(frozen=True)
@@ -522,7 +524,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
     r.table(data, "", sections)
 
     g = r.get(data, "", "gateway", dict, {})
-    r.table(g, "gateway", {"node", "state_dir", "connect_timeout", "shutdown_grace", "shutdown_notice", "notice_prefix"})
+    r.table(g, "gateway", {"node", "state_dir", "connect_timeout", "shutdown_grace", "shutdown_notice", "notice_prefix", "workers"})
     node = r.get(g, "gateway", "node", str, socket.gethostname())
     if not NAME_RE.fullmatch(node):
         r.problem("gateway.node", f"not a valid name: {node!r}")
@@ -533,6 +535,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         shutdown_grace=r.duration(g, "gateway", "shutdown_grace", 30.0),
         shutdown_notice=_notice(r, g),
         notice_prefix=_notice_prefix(r, g),
+        workers=_workers(r, g),
     )
     if gateway.shutdown_grace > 600:
         r.problem("gateway.shutdown_grace", f"must be at most 10m (systemd's stop timeout exceeds it), got {g['shutdown_grace']!r}")
@@ -780,8 +783,8 @@ def _parse_cluster(r: _Reader, data: Mapping[str, Any], path_of: Callable[[str, 
     if backend != "redis":
         r.problem("cluster.backend", f"the only backend is 'redis', got {backend!r}")
     url = r.get(c, "cluster", "redis_url", str, required=True) or "redis://127.0.0.1:6379/0"
-    if not re.fullmatch(r"rediss?://[^\s]+", url):
-        r.problem("cluster.redis_url", f"expected redis://HOST:PORT/DB or rediss://..., got {url!r}")
+    if not re.fullmatch(r"rediss?://[^\s]+|unix:///[^\s]+", url):
+        r.problem("cluster.redis_url", f"expected redis://HOST:PORT/DB, rediss://... or unix:///PATH, got {url!r}")
     if re.search(r"//[^/@]*:[^/@]*@", url):
         r.problem("cluster.redis_url", "put the password in cluster.password_file, not in the URL")
     pw = r.get(c, "cluster", "password_file", str)
@@ -889,6 +892,20 @@ def _notice(r: _Reader, g: Mapping[str, Any]) -> str:
         r.problem("gateway.shutdown_notice", f"must be 1 to 300 characters of text, got {text!r}")
         return GatewaySection.shutdown_notice
     return clean
+
+
+MAX_WORKERS = 64
+
+
+def _workers(r: _Reader, g: Mapping[str, Any]) -> int:
+    """`gateway.workers`: a count from 1 to MAX_WORKERS, or "auto" (the default): one per core."""
+    raw = g.get("workers", "auto")
+    if raw == "auto":
+        return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= MAX_WORKERS:
+        r.problem("gateway.workers", f'must be "auto" or a whole number from 1 to {MAX_WORKERS}, got {raw!r}')
+        return 1
+    return raw
 
 
 def _notice_prefix(r: _Reader, g: Mapping[str, Any]) -> str:

@@ -80,7 +80,7 @@ class ControlAPI:
         clock: Clock,
         log: FilteringBoundLogger,
         *,
-        metrics: Callable[[], bytes] | None = None,
+        metrics: Callable[[], bytes | Awaitable[bytes]] | None = None,
         metrics_content_type: str = "text/plain; version=0.0.4; charset=utf-8",
         metrics_public: bool = False,
         node: str = "",
@@ -306,7 +306,10 @@ class ControlAPI:
     async def metrics(self, request: web.Request) -> web.Response:
         if self._metrics is None:
             raise ApiError(404, "not_found", "metrics are not enabled")
-        return web.Response(body=self._metrics(), headers={"Content-Type": self._metrics_type})
+        body = self._metrics()
+        if not isinstance(body, bytes):  # several workers: the others' series are asked for
+            body = await body
+        return web.Response(body=body, headers={"Content-Type": self._metrics_type})
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.json_response(OPENAPI)

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import functools
 import ipaddress
 import resource
 import socket
+import struct
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -84,7 +86,7 @@ def default_max_connections(soft_limit: int | None = None) -> int:
     return max(1, min(_MAX_DERIVED, (soft_limit - FD_RESERVE) // 2))
 
 
-def bind(address: ListenAddress, backlog: int = 1024) -> socket.socket:
+def bind(address: ListenAddress, backlog: int = 1024, *, reuse_port: bool = False) -> socket.socket:
     """Bind and listen. Raises StartupError with the address and the OS reason."""
     try:
         infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -94,6 +96,8 @@ def bind(address: ListenAddress, backlog: int = 1024) -> socket.socket:
     sock = socket.socket(family, type_, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(addr)
@@ -105,6 +109,53 @@ def bind(address: ListenAddress, backlog: int = 1024) -> socket.socket:
         hint = " (ports below 1024 need root or CAP_NET_BIND_SERVICE)" if exc.errno == errno.EACCES else ""
         raise StartupError(f"cannot listen on {address}: {what}{hint}") from None
     return sock
+
+
+SO_ATTACH_REUSEPORT_CBPF = 51  # linux/asm-generic/socket.h
+_SKF_NET_OFF = -0x100000  # classic BPF: offsets from the network header
+
+
+def _by_source_program(count: int) -> bytes:
+    """Classic BPF for a SO_REUSEPORT group: the socket index is the client's address modulo `count` (IPv4: the
+    whole address; IPv6: bits 32-63, inside its /64), so a client always reaches the same worker."""
+
+    def ins(code: int, jt: int, jf: int, k: int) -> bytes:
+        return struct.pack("HBBI", code, jt, jf, k & 0xFFFFFFFF)
+
+    ld_b, ld_w, rsh, jeq, ja, mod, ret_a = 0x30, 0x20, 0x74, 0x15, 0x05, 0x94, 0x16
+    return b"".join([
+        ins(ld_b, 0, 0, _SKF_NET_OFF),  # first byte of the IP header
+        ins(rsh, 0, 0, 4),  # its version
+        ins(jeq, 0, 2, 4),
+        ins(ld_w, 0, 0, _SKF_NET_OFF + 12),  # IPv4 source address
+        ins(ja, 0, 0, 1),
+        ins(ld_w, 0, 0, _SKF_NET_OFF + 12),  # IPv6: source address bytes 4-7
+        ins(mod, 0, 0, count),
+        ins(ret_a, 0, 0, 0),
+    ])  # fmt: skip
+
+
+def bind_group(address: ListenAddress, count: int, backlog: int = 1024) -> list[socket.socket]:
+    """`count` listening sockets on one address (SO_REUSEPORT), one per worker, with the kernel choosing the
+    socket by the client's address (`_by_source_program`). Raises StartupError with the address and the OS reason."""
+    group: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            port = group[0].getsockname()[1] if group else address.port  # port 0: every socket on the first one's port
+            group.append(bind(ListenAddress(address.host, port), backlog, reuse_port=True))
+        if count > 1:
+            program = ctypes.create_string_buffer(_by_source_program(count))
+            fprog = struct.pack("HL", len(program.raw) // 8, ctypes.addressof(program))
+            group[0].setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+    except OSError as exc:
+        for s in group:
+            s.close()
+        raise StartupError(f"cannot share {address} between workers: {exc.strerror or exc}") from None
+    except StartupError:
+        for s in group:
+            s.close()
+        raise
+    return group
 
 
 async def peek_door(sock: socket.socket, deadline: float) -> Door:

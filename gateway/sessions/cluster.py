@@ -91,6 +91,9 @@ class RedisCluster:
         self.on_revoke: Callable[[str, float], None] | None = None
         self.local_locks: Callable[[], list[dict[str, Any]]] | None = None  # every lock this node holds (to_dict form)
         self.on_penalty: Callable[[str, str], None] | None = None  # another node's penalty event: (source address, event)
+        # Workers of one gateway (`gateway/workers.py`): the other workers' node names, and this node's metrics text.
+        self.siblings: tuple[str, ...] = ()
+        self.render_metrics: Callable[[], bytes] | None = None
         self._events: Subscription | None = None  # this node's registry events, forwarded to the others
         self._resync_due = False  # an event could not be published: the others start over from a snapshot
         self._known: dict[str, tuple[str, list[dict[str, Any]]]] = {}  # node -> (last heartbeat, sessions), last watch
@@ -112,7 +115,12 @@ class RedisCluster:
 
     async def start(self) -> None:
         self._redis = redis.from_url(
-            self._url, password=self._password, socket_timeout=self.timeout, socket_connect_timeout=self.timeout, decode_responses=True
+            self._url,
+            password=self._password,
+            socket_timeout=self.timeout,
+            socket_connect_timeout=self.timeout,
+            decode_responses=True,
+            protocol=2,  # RESP2: what every Redis speaks, and the workers' hub (gateway/hub.py)
         )
         self._events = self._registry.subscribe(local_only=True)
         self._tasks = [
@@ -189,12 +197,8 @@ class RedisCluster:
         for raw in values:
             if raw is None:
                 continue  # expired between SCAN and MGET
-            try:
-                doc = json.loads(raw)
-                node, at, rows = str(doc["node"]), str(doc["at"]), list(doc["sessions"])
-            except (ValueError, KeyError, TypeError):
-                continue
-            out[node] = (at, [r for r in rows if isinstance(r, dict)])
+            if (beat := _heartbeat(raw)) is not None:
+                out[beat[2]] = beat[:2]
         return out
 
     async def view(self) -> RemoteView:
@@ -346,6 +350,14 @@ class RedisCluster:
         if doc.get("left") is True:
             self._left.add(str(doc.get("origin"))[:64])
             return
+        if doc.get("lost") is True:  # the workers' supervisor saw this worker die: no need to wait for its key to expire
+            node = str(doc.get("origin"))
+            known = self._known.pop(node, None)
+            beat = _heartbeat(doc.get("last"))
+            at, rows = beat[:2] if beat is not None else known or ("", [])
+            if known is not None or rows:
+                self._lost(node, at, rows)
+            return
         if doc.get("resync") is True:
             self._registry.resync()
             return
@@ -392,6 +404,28 @@ class RedisCluster:
         except (redis.RedisError, OSError, TimeoutError, ValueError) as exc:
             self._down("request", exc)
             return None
+
+    async def sibling_metrics(self) -> tuple[list[bytes], int]:
+        """Every other worker's metrics text (asked at once, each bounded by `timeout`), and how many did not answer."""
+
+        async def one(node: str) -> bytes | None:
+            answer = await self._ask(node, {"op": "metrics"}, wait=0.0)
+            text = answer.get("text") if answer is not None else None
+            return text.encode() if isinstance(text, str) else None
+
+        answers = await asyncio.gather(*(one(n) for n in self.siblings))
+        return [a for a in answers if a is not None], sum(a is None for a in answers)
+
+    async def supervisor_status(self) -> str | None:
+        """The supervisor's figures from the workers' hub (None without them, or when it cannot be read)."""
+        if self._redis is None:
+            return None
+        try:
+            async with asyncio.timeout(self.timeout):
+                raw = await self._redis.get("bastion:supervisor")
+        except (redis.RedisError, OSError, TimeoutError):
+            return None
+        return raw if isinstance(raw, str) else None
 
     def publish_lock(self, lock: dict[str, Any]) -> None:
         """Share a lock made here: kept in the cluster's hash (for nodes that start later) and announced."""
@@ -562,6 +596,8 @@ class RedisCluster:
             answer = self._notice(req)
         elif req.get("op") == "disconnect":
             answer = await self._disconnect(req)
+        elif req.get("op") == "metrics" and self.render_metrics is not None:
+            answer = {"text": self.render_metrics().decode()}
         else:
             return
         if answer is None:
@@ -599,6 +635,18 @@ class RedisCluster:
             answer = {"result": "disconnected" if gone else "failed"}
         self._log.info("cluster_disconnect_served", session_id=sid, result=answer["result"])
         return answer
+
+
+def _heartbeat(raw: object) -> tuple[str, list[dict[str, Any]], str] | None:
+    """A node's heartbeat document as (at, sessions, node); None if it is not one."""
+    if not isinstance(raw, str):
+        return None
+    try:
+        doc = json.loads(raw)
+        node, at, rows = str(doc["node"]), str(doc["at"]), list(doc["sessions"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    return at, [r for r in rows if isinstance(r, dict)], node
 
 
 def _age(now: datetime, at: str) -> float | None:

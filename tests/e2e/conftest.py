@@ -171,7 +171,8 @@ VIEWER_TOKEN = "view-" + "v" * 40
 def base_config(tmp: Path, keys: Keys, vm: SSHD) -> dict[str, Any]:
     login = vm.login
     return {
-        "gateway": {"node": "test-node", "state_dir": str(tmp / "state"), "connect_timeout": "5s"},
+        # One process, as the tests of one gateway expect; tests/e2e/test_workers.py runs several.
+        "gateway": {"node": "test-node", "state_dir": str(tmp / "state"), "connect_timeout": "5s", "workers": 1},
         "public": {"listen": ["127.0.0.1:0"]},
         "control": {"listen": ["127.0.0.1:0"]},
         # Every test client comes from 127.0.0.1 and some fail auth on purpose: penalties would lock the next test

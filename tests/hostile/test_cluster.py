@@ -20,19 +20,24 @@ import pytest
 
 from tests.e2e.conftest import OPERATOR_TOKEN, Gateway, GatewayFactory, wait_for
 from tests.support import sse
-from tests.support.redis import RedisServer, running_redis
+from tests.support.redis import Store, running_hub, running_redis
 from tests.support.sse import NextEvent
 
 HEARTBEAT, NODE_TTL = 0.3, 1.2
 
 
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    with running_redis() as server:
-        yield server
+@pytest.fixture(params=["redis-server", "hub"])
+def redis_server(request: pytest.FixtureRequest) -> Iterator[Store]:
+    """A real redis-server, and the workers' hub (gateway/hub.py) in its place: the same tests hold for both."""
+    if request.param == "redis-server":
+        with running_redis() as server:
+            yield server
+    else:
+        with running_hub() as hub:
+            yield hub
 
 
-def node(tmp: Path, name: str, redis: RedisServer, key: Path) -> Any:
+def node(tmp: Path, name: str, redis: Store, key: Path) -> Any:
     def edit(cfg: dict[str, Any]) -> None:
         cfg["gateway"]["state_dir"] = str(tmp / name)
         cfg["gateway"]["node"] = name
@@ -43,7 +48,7 @@ def node(tmp: Path, name: str, redis: RedisServer, key: Path) -> Any:
 
 
 @pytest.fixture
-async def nodes(make_gateway: GatewayFactory, redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[tuple[Gateway, Gateway]]:
+async def nodes(make_gateway: GatewayFactory, redis_server: Store, tmp_path: Path) -> AsyncIterator[tuple[Gateway, Gateway]]:
     key = tmp_path / "token.key"
     key.write_bytes(os.urandom(32))
     os.chmod(key, 0o600)
@@ -144,7 +149,7 @@ async def test_one_view_and_disconnects_across_nodes(nodes: tuple[Gateway, Gatew
             await proc.wait()
 
 
-async def test_a_silent_node_drops_out_and_redis_down_is_degraded(nodes: tuple[Gateway, Gateway], redis_server: RedisServer) -> None:
+async def test_a_silent_node_drops_out_and_redis_down_is_degraded(nodes: tuple[Gateway, Gateway], redis_server: Store) -> None:
     """Node B stops heartbeating (as if killed): within node_ttl node A lists it no more. Then Redis stops: A still
     serves SSH, answers with its own sessions and degraded = true (and /readyz says so); Redis back: it converges."""
     a, b = nodes
@@ -305,7 +310,7 @@ async def test_a_node_that_dies_has_its_sessions_reported_lost(nodes: tuple[Gate
 
 
 async def test_a_node_that_stops_cleanly_is_not_reported_lost(
-    nodes: tuple[Gateway, Gateway], make_gateway: GatewayFactory, redis_server: RedisServer, tmp_path: Path
+    nodes: tuple[Gateway, Gateway], make_gateway: GatewayFactory, redis_server: Store, tmp_path: Path
 ) -> None:
     """A third node that joins and then stops cleanly (its sessions drained) leaves every view at once, and node A logs
     it as left, not lost."""
@@ -356,7 +361,7 @@ async def test_one_node_without_a_cluster_is_a_cluster_of_one(make_gateway: Gate
 
 
 async def test_locks_survive_a_redis_that_restarts_empty(
-    nodes: tuple[Gateway, Gateway], make_gateway: GatewayFactory, redis_server: RedisServer, tmp_path: Path
+    nodes: tuple[Gateway, Gateway], make_gateway: GatewayFactory, redis_server: Store, tmp_path: Path
 ) -> None:
     """A lock is made on node A; Redis restarts without its data; the nodes put the lock back, so node C, which
     starts after, refuses alice too."""

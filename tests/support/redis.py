@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -44,16 +45,63 @@ class RedisServer:
 
     def stop(self) -> None:
         """End it by its PID (TERM, then KILL). Idempotent."""
-        if self.process is None or self.process.poll() is not None:
-            return
+        _stop(self.process)
+
+
+def _stop(process: subprocess.Popen[bytes] | None) -> None:
+    if process is None or process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(process.pid, signal.SIGTERM)
+    try:
+        process.wait(5)
+    except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(5)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(5)
+            os.kill(process.pid, signal.SIGKILL)
+        process.wait(5)
+
+
+@dataclass
+class HubServer:
+    """The workers' hub (gateway/hub.py) as its own process, in RedisServer's shape: the cluster's tests run against
+    it as against redis-server (a restart comes back empty, as a Redis without persistence does)."""
+
+    dir: Path
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.dir / 'hub.sock'}"
+
+    def start(self) -> None:
+        with ready_socket() as ready:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "gateway.hub", str(self.dir / "hub.sock")],
+                stdin=subprocess.DEVNULL, stdout=(self.dir / "hub.log").open("ab"), stderr=subprocess.STDOUT,
+                env={**os.environ, **ready.env()},
+            )  # fmt: skip
+            try:
+                ready.wait_sync(self.process, START_TIMEOUT)
+            except RuntimeError as exc:
+                raise RuntimeError(f"hub: {exc}: {(self.dir / 'hub.log').read_text()[-2000:]}") from None
+
+    def stop(self) -> None:
+        _stop(self.process)
+
+
+Store = RedisServer | HubServer  # what the cluster's tests run against
+
+
+@contextlib.contextmanager
+def running_hub() -> Iterator[HubServer]:
+    d = Path(tempfile.mkdtemp(prefix="bh-"))  # short: a socket path must fit in 108 bytes
+    server = HubServer(d)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @contextlib.contextmanager

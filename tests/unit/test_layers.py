@@ -41,6 +41,10 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "gateway.sessions": (*LOW, "gateway.sessions"),
     "gateway.policy": LOW,
     "gateway.metrics": (*LOW, "gateway.sessions", "gateway"),
+    "gateway.metrics_merge": (),
+    "gateway.hub": ("gateway.sdnotify",),
+    # The supervisor of several workers: it binds (net), runs the hub and knows a worker's config; never the app.
+    "gateway.workers": (*LOW, "gateway.hub", "gateway.net", "gateway.sdnotify"),
     "gateway.protocols.lifecycle": (*LOW, "gateway.net", "gateway.sessions", "gateway.policy"),
     "gateway.protocols.upstream_ssh": (*LOW, "gateway.net"),
     "gateway.protocols.ssh_disconnect": (),
@@ -57,6 +61,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "gateway.doors",
         "gateway.control",
         "gateway.metrics",
+        "gateway.metrics_merge",
+        "gateway.workers",
         "gateway.sdnotify",
         "gateway.logs",
         "gateway.locks",
@@ -66,7 +72,16 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "gateway.userca",
     ),
     "gateway.demo": (*LOW, "gateway.app", "gateway.logs", "gateway.net", "gateway.tokens"),
-    "gateway.cli": (*LOW, "gateway", "gateway.app", "gateway.logs", "gateway.sdnotify", "gateway.client", "gateway.demo"),
+    "gateway.cli": (
+        *LOW,
+        "gateway",
+        "gateway.app",
+        "gateway.logs",
+        "gateway.sdnotify",
+        "gateway.client",
+        "gateway.demo",
+        "gateway.workers",
+    ),
 }
 
 
