@@ -253,7 +253,9 @@ def load_files(cfg: Config, state_dir: Path, log: FilteringBoundLogger) -> Files
 
 
 # What a reload cannot change: the sockets are bound and the state dir is open. A change is logged and waits for a restart.
-RESTART_ONLY = ("gateway.node", "gateway.state_dir", "gateway.notice_prefix", "public.listen", "control.listen", "oidc", "ca")
+RESTART_ONLY = (
+    "gateway.node", "gateway.state_dir", "gateway.notice_prefix", "gateway.workers", "public.listen", "control.listen", "oidc", "ca",
+)  # fmt: skip
 
 
 def _restart_only_changes(old: Config, new: Config) -> list[str]:
@@ -261,6 +263,7 @@ def _restart_only_changes(old: Config, new: Config) -> list[str]:
         "gateway.node": (old.gateway.node, new.gateway.node),
         "gateway.state_dir": (old.gateway.state_dir, new.gateway.state_dir),
         "gateway.notice_prefix": (old.gateway.notice_prefix, new.gateway.notice_prefix),
+        "gateway.workers": (old.gateway.workers, new.gateway.workers),
         "public.listen": (old.public.listen, new.public.listen),
         "control.listen": (old.control.listen, new.control.listen),
         "oidc": (old.oidc, new.oidc),

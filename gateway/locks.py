@@ -239,7 +239,7 @@ class LockStore:
             ],
             "tokens_revoked_before": self._revoked_before,
         }
-        tmp = self._path.with_name(self._path.name + ".tmp")
+        tmp = self._path.with_name(f"{self._path.name}.{os.getpid()}.tmp")  # workers share the state dir
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1)

@@ -188,7 +188,7 @@ class Identities:
         if self._path is None:
             return
         data = {u: {"groups": list(g), "until": t} for u, (g, t) in self._by_user.items()}
-        tmp = self._path.with_name(self._path.name + ".tmp")
+        tmp = self._path.with_name(f"{self._path.name}.{os.getpid()}.tmp")  # workers share the state dir
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(data, f)
