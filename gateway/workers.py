@@ -172,7 +172,9 @@ class Supervisor:
             loop.add_signal_handler(signal.SIGHUP, self.request_reload)
             for w in self._workers:
                 await self._spawn(w)
-            if not await self._all_ready(START_TIMEOUT):
+            if not await self._all_ready(START_TIMEOUT, stop):
+                if stop.is_set():  # SIGTERM while the workers start: they are stopped as from serving
+                    return 0
                 self.log.error("gateway_start_failed", reason=StartupError.reason, error="a worker did not start")
                 return 1
             self._tasks = [asyncio.create_task(self._supervise(w), name=f"worker-{w.index}") for w in self._workers]
@@ -252,10 +254,11 @@ class Supervisor:
                     w.reloading = False
                     w.reloaded.set()
 
-    async def _all_ready(self, timeout: float) -> bool:
-        """Every worker said READY=1 (True), or one exited first or the time ran out (False)."""
+    async def _all_ready(self, timeout: float, stop: asyncio.Event) -> bool:
+        """Every worker said READY=1 (True), or one exited first, `stop` was set or the time ran out (False)."""
         waits = [asyncio.ensure_future(w.ready.wait()) for w in self._workers]
         exits = [asyncio.ensure_future(w.process.wait()) for w in self._workers if w.process is not None]
+        exits.append(asyncio.ensure_future(stop.wait()))
         try:
             async with asyncio.timeout(timeout):
                 pending = set(waits)

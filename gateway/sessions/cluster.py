@@ -136,9 +136,7 @@ class RedisCluster:
             self._events.end()
             await asyncio.wait([self._tasks[2]], timeout=self.timeout)
             self._registry.unsubscribe(self._events)
-        for t in [*self._tasks, *self._serving, *self._sending]:
-            t.cancel()
-        await asyncio.gather(*self._tasks, *self._serving, *self._sending, return_exceptions=True)
+        await _cancel_all([*self._tasks, *self._serving, *self._sending], self.timeout)
         if self._redis is not None:
             with contextlib.suppress(redis.RedisError, OSError, TimeoutError):
                 async with asyncio.timeout(self.timeout):
@@ -635,6 +633,26 @@ class RedisCluster:
             answer = {"result": "disconnected" if gone else "failed"}
         self._log.info("cluster_disconnect_served", session_id=sid, result=answer["result"])
         return answer
+
+
+async def _cancel_all(tasks: list[asyncio.Task[None]], every: float) -> None:
+    """Cancel `tasks` and wait for them, cancelling again while any is left (bounded: 20 tries).
+
+    On Python 3.11 a cancel that lands in the same loop turn as an `asyncio.timeout` deadline (ours, or redis-py's
+    socket timeout) comes out as TimeoutError, which the loops here catch as a Redis failure and carry on from: one
+    cancel was seen to leave the heartbeat asleep and the stop waiting forever (`bastion serve` stopped right after
+    it started). 3.12 fixed asyncio.timeout; asking again is correct on both.
+    """
+    for _ in range(20):
+        pending = [t for t in tasks if not t.done()]
+        if not pending:
+            break
+        for t in pending:
+            t.cancel()
+        await asyncio.wait(pending, timeout=every)
+    for t in tasks:
+        if t.done() and not t.cancelled():
+            t.exception()  # retrieved, so the loop does not log it as never retrieved
 
 
 def _heartbeat(raw: object) -> tuple[str, list[dict[str, Any]], str] | None:
