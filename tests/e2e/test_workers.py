@@ -135,10 +135,30 @@ async def test_a_worker_that_dies_is_restarted_and_its_sessions_are_lost(tmp_pat
             again, s = await open_cat(d, victim["source_ip"])
             assert s["node"] == victim["node"]
             assert survivor_child.proc.returncode is None  # the other worker's session went on
+            status, metrics = await control(d, "GET", "/metrics")
+            assert re.search(r"^bastion_worker_restarts_total 1\.0$", metrics, re.M), metrics[-3000:]
             for child in (again, survivor_child):
                 assert child.proc.stdin is not None
                 child.proc.stdin.close()
                 assert await child.wait(20) == 0
+
+
+async def test_a_worker_that_hangs_is_killed_and_started_again(tmp_path: Path, keys: Keys, vm: SSHD) -> None:
+    """A worker that stops answering (SIGSTOP: a stuck event loop looks the same from outside) stops petting its
+    watchdog; the supervisor kills it within twice the watchdog interval and starts it again."""
+    async with gateway(tmp_path, keys, vm) as d:
+        pid = worker_pids(d)[1]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            [silent] = await d.wait_event("worker_unresponsive", timeout=40)
+            assert (silent["worker"], silent["pid"]) == (1, pid)
+            [exited] = await d.wait_event("worker_exited", timeout=10)
+            assert (exited["worker"], exited["status"]) == (1, "signal SIGKILL")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        await d.wait_event("gateway_started", count=3)
+        assert worker_pids(d)[1] != pid
 
 
 async def _answering_node(d: Daemon) -> str:
