@@ -135,7 +135,7 @@ async def test_a_worker_that_dies_is_restarted_and_its_sessions_are_lost(tmp_pat
             again, s = await open_cat(d, victim["source_ip"])
             assert s["node"] == victim["node"]
             assert survivor_child.proc.returncode is None  # the other worker's session went on
-            status, metrics = await control(d, "GET", "/metrics")
+            _, metrics = await control(d, "GET", "/metrics")
             assert re.search(r"^bastion_worker_restarts_total 1\.0$", metrics, re.M), metrics[-3000:]
             for child in (again, survivor_child):
                 assert child.proc.stdin is not None
