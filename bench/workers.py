@@ -24,7 +24,7 @@ reverses every round so that load drift hits all alike. Measured:
 Every OpenSSH client uses aes128-gcm and curve25519-sha256; both sshds run with `SetEnv SHLVL=1` (root's .bashrc
 would cost 100 ms per login). Four workers on a two-core box show the cost of oversubscription.
 
-Run: .venv/bin/python bench/workers.py [--rounds 3] [--seconds 3] [--mb 50] [--workers 1,2,4]
+Run: .venv/bin/python bench/workers.py [--rounds 3] [--seconds 2.5] [--mb 50] [--workers 1,2,4]
 """
 
 from __future__ import annotations
@@ -255,6 +255,7 @@ class Samples:
     logins_per_s: list[float] = field(default_factory=list)
     login_failures: list[int] = field(default_factory=list)
     cpu_ms_per_login: list[float] = field(default_factory=list)
+    busy_cores_logins: list[float] = field(default_factory=list)  # the gateway's CPU seconds per second of the logins
     mb_per_s: list[float] = field(default_factory=list)
     cpu_ms_per_mb: list[float] = field(default_factory=list)
     rss_mib: list[float] = field(default_factory=list)
@@ -347,7 +348,8 @@ class Bench:
         opened0 = gw.sessions_per_node()
         cpu0 = gw.cpu()
         lg = login_loops(argv, self.args.clients, self.args.seconds)
-        cpu_login = (gw.cpu() - cpu0) * 1000 / max(1, lg.ok)
+        cpu = gw.cpu() - cpu0
+        cpu_login = cpu * 1000 / max(1, lg.ok)
         nodes = {k: v - opened0.get(k, 0) for k, v in gw.sessions_per_node().items()}
         cpu0 = gw.cpu()
         up = uploads(argv, self.args.streams, self.args.mb * MB, self.chunk, self.args.per_run)
@@ -356,12 +358,14 @@ class Bench:
         s.logins_per_s.append(lg.per_s)
         s.login_failures.append(lg.failed)
         s.cpu_ms_per_login.append(cpu_login)
+        s.busy_cores_logins.append(cpu / lg.seconds)
         s.mb_per_s.append(up)
         s.cpu_ms_per_mb.append(cpu_mb)
         s.sessions_per_worker.append(nodes)
         where = " ".join(f"{k.rsplit('.', 1)[-1]}:{v}" for k, v in nodes.items())
         return (
-            f"{label(gw.workers)} logins {lg.per_s:6.1f}/s ({lg.ok} ok, {lg.failed} failed, {cpu_login:.1f} ms CPU each; {where})"
+            f"{label(gw.workers)} logins {lg.per_s:6.1f}/s ({lg.ok} ok, {lg.failed} failed,"
+            f" {cpu_login:.1f} ms CPU each, {cpu / lg.seconds:.2f} cores; {where})"
             f"  upload {up:6.1f} MB/s ({cpu_mb:.2f} ms CPU/MB)  RSS {rss:.0f} MiB {lg.last_error}"
         )
 
@@ -403,6 +407,7 @@ def report(args: argparse.Namespace, gws: dict[int, Samples], base: dict[str, Sa
     for n, s in gws.items():
         print(
             f"{label(n)}   logins {spread(s.logins_per_s)}/s, {spread(s.cpu_ms_per_login)} ms CPU/login"
+            f" ({spread(s.busy_cores_logins, '.2f')} cores busy)"
             f" | upload {spread(s.mb_per_s)} MB/s, {spread(s.cpu_ms_per_mb, '.2f')} ms CPU/MB | idle RSS {spread(s.rss_mib, '.0f')} MiB"
             f" | start {spread(s.start_s)} s"
         )
@@ -480,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Logins per second and aggregate upload with 1, 2 and 4 gateway workers.")
     p.add_argument("--workers", type=counts, default=[1, 2, 4], help="worker counts, comma-separated (default 1,2,4)")
     p.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
-    p.add_argument("--seconds", type=float, default=3.0, help="seconds of each login measurement (default 3)")
+    p.add_argument("--seconds", type=float, default=2.5, help="seconds of each login measurement (default 2.5)")
     p.add_argument("--clients", type=int, default=8, help="concurrent login loops, one source address each (default 8)")
     p.add_argument("--streams", type=int, default=4, help="concurrent uploads, one source address each (default 4)")
     p.add_argument("--mb", type=int, default=50, help="MB per upload stream (default 50)")
