@@ -259,6 +259,7 @@ class Samples:
     mb_per_s: list[float] = field(default_factory=list)
     cpu_ms_per_mb: list[float] = field(default_factory=list)
     rss_mib: list[float] = field(default_factory=list)
+    rss_supervisor_mib: list[float] = field(default_factory=list)  # with workers > 1, the supervisor's part of rss_mib
     start_s: list[float] = field(default_factory=list)  # from exec to READY=1 (every worker's)
     sessions_per_worker: list[dict[str, int]] = field(default_factory=list)
 
@@ -344,6 +345,8 @@ class Bench:
         self.trust(gw)
         argv = self.via(gw)
         rss = gw.rss_mib()
+        if gw.workers > 1:
+            s.rss_supervisor_mib.append(rss_kib(gw.pids[0]) / 1024)
         login_loops(argv, self.args.clients, LOGIN_TIMEOUT, per_loop=1)  # every worker has served a login
         opened0 = gw.sessions_per_node()
         cpu0 = gw.cpu()
@@ -390,6 +393,7 @@ def scaling(gws: dict[int, Samples], base: dict[str, Samples]) -> dict[str, dict
             one = gws[1]
             r |= {
                 "logins_vs_1": lps / med(one.logins_per_s),
+                "cpu_per_login_vs_1": med(s.cpu_ms_per_login) / med(one.cpu_ms_per_login),
                 "upload_vs_1": up / med(one.mb_per_s),
                 "cpu_per_mb_vs_1": cpu / med(one.cpu_ms_per_mb),
             }
@@ -409,7 +413,8 @@ def report(args: argparse.Namespace, gws: dict[int, Samples], base: dict[str, Sa
             f"{label(n)}   logins {spread(s.logins_per_s)}/s, {spread(s.cpu_ms_per_login)} ms CPU/login"
             f" ({spread(s.busy_cores_logins, '.2f')} cores busy)"
             f" | upload {spread(s.mb_per_s)} MB/s, {spread(s.cpu_ms_per_mb, '.2f')} ms CPU/MB | idle RSS {spread(s.rss_mib, '.0f')} MiB"
-            f" | start {spread(s.start_s)} s"
+            + (f" (supervisor {med(s.rss_supervisor_mib):.0f})" if s.rss_supervisor_mib else "")
+            + f" | start {spread(s.start_s)} s"
         )
         print("            " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios[str(n)].items()))
     print(f"load before {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, after {end[0]:.2f} {end[1]:.2f} {end[2]:.2f}; {cores()}; {wall:.0f} s")
