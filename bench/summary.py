@@ -169,6 +169,38 @@ def _floods(d: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def _workers(d: dict[str, Any]) -> list[Row]:
+    """bench/workers.py: per worker count, logins/s against sshd direct and the hop, aggregate upload and CPU per MB
+    against the hop; and each count against one worker, all from the same rounds."""
+    direct, hop = d["baselines"]["direct"], d["baselines"]["hop"]
+    gws = {int(n): g for n, g in d["gateway"].items()}
+    m = statistics.median
+    streams = d.get("streams", "")
+    rows: list[Row] = []
+    for n, g in sorted(gws.items()):
+        w = f"{n} worker{'s' if n != 1 else ''}"
+        lps, up, cpu = g["logins_per_s"], g["mb_per_s"], g["cpu_ms_per_mb"]
+        rows += [
+            (f"terminating SSH logins/s, {w}", f"{m(lps):.0f}{_spread(lps)}", f"sshd direct {m(direct['logins_per_s']):.0f}",
+             f"{m(lps) / m(direct['logins_per_s']):.2f}", ""),
+            ("  same", "", f"OpenSSH hop {m(hop['logins_per_s']):.0f}", f"{m(lps) / m(hop['logins_per_s']):.2f}", ""),
+            (f"terminating SSH upload, {streams} streams, {w} (MB/s)", f"{m(up):.0f}{_spread(up)}",
+             f"OpenSSH hop {m(hop['mb_per_s']):.0f}", f"{m(up) / m(hop['mb_per_s']):.2f}", ""),
+            (f"  CPU ms per MB, {w}", f"{m(cpu):.2f}", f"OpenSSH hop {m(hop['cpu_ms_per_mb']):.2f}",
+             f"{m(cpu) / m(hop['cpu_ms_per_mb']):.2f}", ""),
+        ]  # fmt: skip
+    if 1 in gws:
+        one = gws[1]
+        for n, g in sorted(gws.items()):
+            for key, what in (("logins_per_s", "logins/s"), ("mb_per_s", "upload MB/s")):
+                if n != 1:
+                    mine, base = m(g[key]), m(one[key])
+                    rows.append((f"{what}, {n} workers vs 1", f"{n} workers {mine:.0f}", f"1 worker {base:.0f}", f"{mine / base:.2f}", ""))
+    if rows:
+        rows[0] = (*rows[0][:4], d.get("timestamp", ""))
+    return rows
+
+
 def _generic(d: dict[str, Any]) -> list[Row]:
     """A benchmark that writes its own `rows`: [{path, gateway, baseline, ratio}]."""
     return [(str(r["path"]), str(r["gateway"]), str(r["baseline"]), str(r["ratio"]), d.get("timestamp", "")) for r in d.get("rows", [])]
@@ -182,6 +214,7 @@ EXTRACT: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "ssh_terminate": _ssh_terminate,
     "scale": _scale,
     "floods": _floods,
+    "workers": _workers,
 }
 
 

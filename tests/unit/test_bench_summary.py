@@ -51,3 +51,30 @@ def test_the_table_reads_each_results_file_and_names_the_missing(tmp_path: Path)
     [line] = [x for x in out.splitlines() if "at 1000 sessions: GET /v1/sessions p50 ms (new)" in x]
     assert line.split("|")[2].strip() == "22.0"  # the last --src tree, its median
     assert "not run: " in out and "cluster" in out.split("not run: ")[1]
+
+
+def test_the_workers_rows_compare_each_count_with_the_baselines_and_with_one_worker(tmp_path: Path) -> None:
+    """bench/workers.py's results give, per worker count, logins/s against sshd direct and the hop, upload and CPU per
+    MB against the hop, and each count over one worker's, from the medians of the same rounds."""
+    baselines = {
+        "direct": {"logins_per_s": [30.0, 40.0, 50.0]},
+        "hop": {"logins_per_s": [20.0], "mb_per_s": [100.0], "cpu_ms_per_mb": [8.0]},
+    }
+    gateway = {
+        "1": {"logins_per_s": [20.0, 30.0, 40.0], "mb_per_s": [150.0], "cpu_ms_per_mb": [4.0]},
+        "2": {"logins_per_s": [45.0], "mb_per_s": [120.0], "cpu_ms_per_mb": [6.0]},
+    }
+    doc = {"timestamp": "T5", "streams": 4, "baselines": baselines, "gateway": gateway}
+    (tmp_path / "workers.json").write_text(json.dumps(doc))
+    lines = _summary().table(tmp_path).splitlines()
+
+    def row(path: str) -> list[str]:
+        [line] = [x for x in lines if x.startswith(f"| {path} ")]
+        return [c.strip() for c in line.split("|")[2:-1]]  # the cells after the path
+
+    assert row("terminating SSH logins/s, 1 worker") == ["30 (20-40)", "sshd direct 40", "0.75", "T5"]
+    assert row("terminating SSH upload, 4 streams, 2 workers (MB/s)")[:3] == ["120", "OpenSSH hop 100", "1.20"]
+    assert row("  CPU ms per MB, 2 workers")[:3] == ["6.00", "OpenSSH hop 8.00", "0.75"]
+    assert row("logins/s, 2 workers vs 1")[:3] == ["2 workers 45", "1 worker 30", "1.50"]
+    assert row("upload MB/s, 2 workers vs 1")[2] == "0.80"
+    assert not [x for x in lines if "logins/s, 1 workers vs 1" in x or "1 worker vs 1" in x]
