@@ -40,3 +40,12 @@ def test_apply_patches_once() -> None:
     assert asyncssh_fast.apply() is True
     assert asyncssh_fast.applied()
     assert SSHConnection.__dict__["_recv_packet"] is patched
+
+
+def test_padding_bytes_are_random_and_never_reused() -> None:
+    """Send-side padding comes from a pooled os.urandom buffer: consecutive takes are fresh bytes, across refills."""
+    pad = asyncssh_fast._Padding()
+    taken = b"".join(pad.take(n) for n in [4, 19, 255, 4, 7] * 200)
+    assert len(taken) == 289 * 200
+    chunks = {taken[i : i + 16] for i in range(0, len(taken) - 16, 16)}
+    assert len(chunks) == len(taken) // 16  # 16 random bytes repeating would mean reuse
