@@ -28,24 +28,26 @@ the peer's window and packet size with nothing queued, which is the relay's case
 bulk chunks; the patched `write` sends such a chunk as one packet at once and leaves every other case to asyncssh.
 
 Per packet, asyncssh's receive path builds an `SSHPacket`, walks the dispatch rules, looks the handler up in a table,
-formats the packet log line (dropped below debug level 3), checks the result with `inspect.isawaitable`, and resets the
-keepalive timer (a cancel and a new `call_later`) once per read. For MSG_CHANNEL_DATA and MSG_CHANNEL_WINDOW_ADJUST on
-an open channel of an authenticated connection, the patched `_recv_packet` hands the decrypted bytes to the channel's
-own `_accept_data` / `_flush_send_buf` directly, after the checks asyncssh's handlers make (channel state, the receive
-window, the exact packet layout); any packet that fails one of them, any other packet type, compression, packet
-logging (debug level 2 or 3) or a channel class with its own handler goes through asyncssh's own code, given the bytes
-already decrypted. The send side of channel data does the same in one place: the packet is built with one join (no
-separate payload, `String` and padding copies), AES-GCM runs on a cached `AESGCM` object (asyncssh builds one per
-packet) and its output goes to the transport as is (no `header + ciphertext` and `packet + mac` copies), padding comes
-from a pooled `os.urandom` buffer (one getrandom per 4 KiB, not one per packet). A write bigger than the peer's packet
-size that fits its window is cut into packets at once and written with one `writelines`. Rekey-by-bytes and -by-time,
-key exchange in progress, compression, CBC and packet logging all leave the packet to asyncssh's `send_packet`. The
-packet log formatting is skipped below debug level 3 (where asyncssh's logger drops it), and a read only records its
-time for the keepalive timer, which re-arms itself when it fires early instead of being replaced on every read.
+formats the packet log line (dropped below debug level 3), checks the result with `inspect.isawaitable`, and resets
+the keepalive timer (a cancel and a new `call_later`) once per read. For MSG_CHANNEL_DATA and
+MSG_CHANNEL_WINDOW_ADJUST on an open channel of an authenticated connection, the patched `_recv_packet` hands the
+decrypted bytes to the channel's own `_accept_data` / `_flush_send_buf` directly, after the checks asyncssh's handlers
+make (channel state, the receive window, the exact packet layout); any packet that fails one of them, any other packet
+type, compression, packet logging (debug level 2 or 3) or a channel class with its own handler goes through asyncssh's
+own code, given the bytes already decrypted. With AES-GCM the packet length is read from the buffer (it is in the
+clear) and the body handled in the same pass, without asyncssh's header method and the cipher's `decrypt_header`. The
+send side of channel data does the same in one place: the packet is built with one join (no separate payload, `String`
+and padding copies), AES-GCM runs on a cached `AESGCM` object (asyncssh builds one per packet) and its output goes to
+the transport as is (no `header + ciphertext` and `packet + mac` copies), padding comes from a pooled `os.urandom`
+buffer (one getrandom per 4 KiB, not one per packet). A write bigger than the peer's packet size that fits its window
+is cut into packets at once and written with one `writelines`. Rekey-by-bytes and -by-time, key exchange in progress,
+compression, CBC and packet logging all leave the packet to asyncssh's `send_packet`. The packet log formatting is
+skipped below debug level 3 (where asyncssh's logger drops it), and a read only records its time for the keepalive
+timer, which re-arms itself when it fires early instead of being replaced on every read.
 
 The patch leans on private names of exactly one asyncssh version: `apply()` changes nothing on any other (`PINNED`), and
 `tests/unit/test_asyncssh_fast.py` fails when pyproject's pin moves, so a new version is read before the patch is
-carried forward. It is the shape of a change offered upstream (an offset instead of a slice per packet).
+carried forward. `docs/upstream/` holds the same change as a diff against asyncssh 2.24.1's source.
 """
 
 from __future__ import annotations
@@ -147,6 +149,7 @@ def apply(version: str | None = None) -> bool:
         return handler
 
     slow_packet = windowed(orig_packet, lambda self: 4 + self._pktlen + self._recv_macsize - self._recv_blocksize)
+    slow_pkthdr = windowed(orig_pkthdr, lambda self: self._recv_blocksize)
     chan_cls: Any = SSHChannel
     orig_process_data = chan_cls._packet_handlers[MSG_CHANNEL_DATA]
     orig_window_adjust = chan_cls._packet_handlers[MSG_CHANNEL_WINDOW_ADJUST]
@@ -223,6 +226,23 @@ def apply(version: str | None = None) -> bool:
         finally:
             if type(self._recv_encryption) is _Decrypted:  # NEWKEYS may have installed the next cipher
                 self._recv_encryption = enc
+
+    def recv_pkthdr(self: Any) -> bool:
+        if type(self._recv_encryption) is not GCMEncryption:
+            return slow_pkthdr(self)
+        full: bytes = self._inpbuf
+        pos: int = self._fast_pos
+        end = pos + self._recv_blocksize
+        if len(full) < end:
+            return False
+        # GCMEncryption.decrypt_header: the length is the block's first 4 bytes, in the clear (it is the AAD)
+        pktlen = int.from_bytes(full[pos : pos + 4], "big")
+        if pktlen > self._max_recv_pktlen:
+            raise asyncssh.ProtocolError("Max packet size exceeded")
+        self._packet, self._pktlen, self._fast_pos = full[pos:end], pktlen, end
+        self._recv_handler = self._recv_packet
+        recv_packet(self)  # the body is usually in the same read: one pass of the loop for both
+        return True
 
     batch = threading.local()  # per event-loop thread: the connections written to during the current read
 
@@ -426,7 +446,7 @@ def apply(version: str | None = None) -> bool:
     cls.send_packet = send_packet
     cls._keepalive_timer_callback = keepalive
     cls._fast_pos = 0  # class default: connections made before apply() (none, in the gateway) start at 0
-    cls._recv_pkthdr = windowed(orig_pkthdr, lambda self: self._recv_blocksize)
+    cls._recv_pkthdr = recv_pkthdr
     cls._recv_packet = recv_packet
     cls._recv_data = recv_data
     setattr(cls, _MARK, True)
