@@ -390,6 +390,16 @@ async def test_packet_log_lines_are_only_formatted_when_logged(monkeypatch: pyte
         await proc.wait()
 
 
+async def test_openssh_chacha20_through_the_gateway(gw: Any) -> None:
+    """OpenSSH's first-choice cipher, chacha20-poly1305, on the user's leg: small writes (one run of the cipher for
+    the Poly1305 key and the data) and 2 MB with a re-key every 64 KiB come back whole through a terminating
+    session."""
+    for data in (b"keystroke\n" * 10, os.urandom(2 * 1024 * 1024)):
+        argv = gw.ssh_argv("alice+web01", "-c", "chacha20-poly1305@openssh.com", "-o", "RekeyLimit=64K")
+        r = await gw.run(*argv, "cat", stdin=data)
+        assert r.rc == 0 and r.out == data, r.errtext
+
+
 async def test_openssh_rekeying_often_through_a_jump_forward(make_gateway: GatewayFactory, echo: Echo) -> None:
     """`ssh -L` through the gateway with the real OpenSSH client re-keying every 64 KiB: 8 MB go to a VM's echo
     port and come back whole (the fast receive and send paths across many key exchanges)."""
