@@ -1,6 +1,6 @@
 """asyncssh's own cost per packet, with the gateway's patch (`gateway.protocols.asyncssh_fast`) of one source tree.
 
-An asyncssh client and an echo server in one process (uvloop, AES-GCM, 127.0.0.1), so that the figure is only
+An asyncssh client and an echo server in one process (uvloop, `--cipher`, AES-GCM by default, 127.0.0.1), so that the figure is only
 asyncssh and the patch, with no relay and no OpenSSH. One echo is four packets: the client sends, the server
 receives and sends, the client receives. After a warm-up the bench measures the user and system CPU per one-byte
 echo, and the user CPU per MB for 1 MiB writes echoed back. Each tree runs in its own process, alternating
@@ -26,7 +26,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 
 
-async def _measure(echoes: int, mb: int) -> dict[str, float]:
+async def _measure(echoes: int, mb: int, cipher: str) -> dict[str, float]:
     import asyncssh  # in the child: the tree is first on its path
 
     from gateway.protocols import asyncssh_fast
@@ -61,7 +61,7 @@ async def _measure(echoes: int, mb: int) -> dict[str, float]:
     try:
         async with asyncssh.connect(
             "127.0.0.1", port, known_hosts=None, username="u", client_keys=None, agent_path=None, config=None,
-            encryption_algs=["aes128-gcm@openssh.com"], preferred_auth="none", keepalive_interval=30,
+            encryption_algs=[cipher], preferred_auth="none", keepalive_interval=30,
         ) as conn:  # fmt: skip
             proc = await conn.create_process(encoding=None)
             async with asyncio.timeout(300):
@@ -91,17 +91,17 @@ async def _measure(echoes: int, mb: int) -> dict[str, float]:
     }
 
 
-def child(echoes: int, mb: int) -> int:
+def child(echoes: int, mb: int, cipher: str) -> int:
     import uvloop
 
-    print(json.dumps(uvloop.run(_measure(echoes, mb))))
+    print(json.dumps(uvloop.run(_measure(echoes, mb, cipher))))
     return 0
 
 
-def run_tree(tree: Path, echoes: int, mb: int) -> dict[str, float]:
+def run_tree(tree: Path, echoes: int, mb: int, cipher: str) -> dict[str, float]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(tree) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    argv = [sys.executable, str(Path(__file__).resolve()), "--child", "--echoes", str(echoes), "--mb", str(mb)]
+    argv = [sys.executable, str(Path(__file__).resolve()), "--child", "--echoes", str(echoes), "--mb", str(mb), "--cipher", cipher]
     out = subprocess.run(argv, cwd=tree, env=env, capture_output=True, text=True, timeout=600, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{tree}: {out.stderr[-600:]}")
@@ -114,19 +114,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--echoes", type=int, default=10000)
     p.add_argument("--mb", type=int, default=50, help="MiB echoed back in 1 MiB writes")
+    p.add_argument("--cipher", default="aes128-gcm@openssh.com", help="the connection's cipher (default aes128-gcm)")
     p.add_argument("--tree", action="append", default=[], help="NAME=PATH: another source tree to measure")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if not 1 <= args.rounds <= 50 or not 100 <= args.echoes <= 1_000_000 or not 1 <= args.mb <= 10_000:
         p.error("need 1 <= --rounds <= 50, 100 <= --echoes <= 1000000, 1 <= --mb <= 10000")
     if args.child:
-        return child(args.echoes, args.mb)
+        return child(args.echoes, args.mb, args.cipher)
     trees = [("gateway", REPO)] + [(n, Path(t).resolve()) for n, _, t in (x.partition("=") for x in args.tree)]
     results: dict[str, list[dict[str, float]]] = {n: [] for n, _ in trees}
-    print(f"asyncssh_echo: {args.echoes} echoes and {args.mb} MiB per round, {args.rounds} rounds, load {os.getloadavg()[0]:.2f}")
+    load = os.getloadavg()[0]
+    print(f"asyncssh_echo: {args.cipher}, {args.echoes} echoes and {args.mb} MiB per round, {args.rounds} rounds, load {load:.2f}")
     for r in range(1, args.rounds + 1):
         for name, tree in trees:
-            res = run_tree(tree, args.echoes, args.mb)
+            res = run_tree(tree, args.echoes, args.mb, args.cipher)
             results[name].append(res)
             print(f"  round {r} {name:<8} echo {res['echo_user_us']:6.1f} µs user {res['echo_sys_us']:5.1f} sys"
                   f" {res['echo_wall_us']:6.1f} wall | bulk {res['bulk_user_ms_per_mb']:.2f} ms user/MB")  # fmt: skip
