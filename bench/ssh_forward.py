@@ -12,7 +12,11 @@ The time from connect to reply is the sample. The two paths are measured
 alternately (gateway, sshd, gateway, sshd, ...) so slow drift on a shared
 machine hits both about equally; compare the ratio, not the absolute numbers.
 
-Run: .venv/bin/python bench/ssh_forward.py [--mb 200] [--rounds 5]
+With `--tree NAME=PATH` the gateway of another source tree (e.g. a `git archive` of an earlier commit) is measured
+too, in the same rounds: gateway, sshd, NAME, gateway, sshd, NAME, ... Each gateway's CPU per MB is its process's
+user+system time over the transfer.
+
+Run: .venv/bin/python bench/ssh_forward.py [--mb 200] [--rounds 5] [--tree base=/tmp/base]
 """
 
 from __future__ import annotations
@@ -52,9 +56,6 @@ MB = 1_000_000  # MB and MB/s are decimal: 10**6 bytes
 CHUNK = MB  # one preallocated send buffer, reused for every sendall
 DEFAULT_CIPHER = "aes128-gcm@openssh.com"
 RESULTS = REPO / "bench" / "results" / "ssh_forward.json"
-TARGETS = ("gateway", "sshd")
-
-
 # --------------------------------------------------------------------------- sink
 
 
@@ -206,13 +207,17 @@ class GatewayProc:
     log: Path
 
 
-def start_gateway(workdir: Path, **config: Any) -> GatewayProc:
-    """`python -m gateway serve` in its own process; retried on a lost port race."""
-    return start_gateway_with(workdir, lambda state_dir, port: gateway_toml(state_dir=state_dir, port=port, **config))
+def start_gateway(workdir: Path, tree: Path = REPO, **config: Any) -> GatewayProc:
+    """`python -m gateway serve` (of source tree `tree`) in its own process; retried on a lost port race."""
+    return start_gateway_with(workdir, lambda state_dir, port: gateway_toml(state_dir=state_dir, port=port, **config), tree)
 
 
-def start_gateway_with(workdir: Path, make_toml: Callable[[Path, int], str]) -> GatewayProc:
+def start_gateway_with(workdir: Path, make_toml: Callable[[Path, int], str], tree: Path = REPO) -> GatewayProc:
     """Start `python -m gateway serve` with the config `make_toml(state_dir, public_port)`, retried on a lost port race."""
+    from bench.floods import gateway_python  # here: bench.floods imports this module
+
+    argv, env = gateway_python(tree)
+    workdir.mkdir(parents=True, exist_ok=True)
     state_dir = workdir / "gw-state"
     cfg = workdir / "gateway.toml"
     log = workdir / "gateway.log"
@@ -222,8 +227,9 @@ def start_gateway_with(workdir: Path, make_toml: Callable[[Path, int], str]) -> 
         cfg.write_text(make_toml(state_dir, port))
         with log.open("ab") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "serve", "--config", str(cfg), "--log-format", "json"],
-                cwd=REPO,
+                [*argv, "-m", "gateway", "serve", "--config", str(cfg), "--log-format", "json"],
+                cwd=tree,
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,
@@ -250,6 +256,8 @@ class Forward:
     log: Path
     samples: list[float] = field(default_factory=list)  # MB/s
     seconds: list[float] = field(default_factory=list)
+    cpu_pid: int | None = None  # a gateway: its CPU per MB is measured
+    cpu: list[float] = field(default_factory=list)  # ms per MB
 
     def negotiated(self) -> dict[str, str]:
         """Algorithms from `ssh -v`, to prove both paths ran the same cipher."""
@@ -364,6 +372,13 @@ def on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds through `finally`, so children are ended
 
 
+def cpu_of(pid: int) -> float:
+    """User + system CPU seconds of `pid`."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def versions() -> dict[str, str]:
     ssh_v = subprocess.run(["ssh", "-V"], capture_output=True, text=True, timeout=10, check=False)
     return {
@@ -391,7 +406,7 @@ def run(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-ssh-forward-"))
     sink: subprocess.Popen[bytes] | None = None
     sshd: SSHD | None = None
-    gw: GatewayProc | None = None
+    gws: list[GatewayProc] = []
     forwards: list[Forward] = []
     try:
         keys = tmp / "keys"
@@ -400,19 +415,22 @@ def run(args: argparse.Namespace) -> int:
 
         sink, sink_port = start_sink(tmp, lifetime=args.timeout + 60)
         sshd = start_sshd(tmp / "sshd", [alice.public])
-        gw = start_gateway(tmp, sshd=sshd, vm_login_key=vm_login, alice=alice, sink_port=sink_port)
+        trees = [("gateway", REPO)] + [(n, Path(t).resolve()) for n, _, t in (x.partition("=") for x in args.tree)]
+        for name, tree in trees:
+            work = tmp if name == "gateway" else tmp / name
+            gws.append(start_gateway(work, tree, sshd=sshd, vm_login_key=vm_login, alice=alice, sink_port=sink_port))
 
         kh = tmp / "known_hosts"
-        kh.write_text(f"[{HOST}]:{gw.port} {gw.host_key}\n[{HOST}]:{sshd.port} {sshd.host_key.public}\n")
+        kh.write_text("".join(f"[{HOST}]:{g.port} {g.host_key}\n" for g in gws) + f"[{HOST}]:{sshd.port} {sshd.host_key.public}\n")
         common: dict[str, Any] = {"identity": alice.private, "known_hosts": kh, "cipher": args.cipher, "dest_port": sink_port}
-        forwards = [
-            start_forward("gateway", tmp, port=gw.port, login="alice", dest="sink01", **common),
-            start_forward("sshd", tmp, port=sshd.port, login=sshd.login, dest=HOST, **common),
-        ]
+        for (name, _), g in zip(trees, gws, strict=True):
+            forwards.append(start_forward(name, tmp, port=g.port, login="alice", dest="sink01", **common))
+            forwards[-1].cpu_pid = g.proc.pid
+        forwards.insert(1, start_forward("sshd", tmp, port=sshd.port, login=sshd.login, dest=HOST, **common))
 
         algos = {f.name: f.negotiated() for f in forwards}
         used = {a.get("cipher_c2s", "?") for a in algos.values()} | {a.get("cipher_s2c", "?") for a in algos.values()}
-        print(f"ssh_forward: {args.mb} MB per transfer, {args.rounds} rounds, alternating {' / '.join(TARGETS)}")
+        print(f"ssh_forward: {args.mb} MB per transfer, {args.rounds} rounds, alternating {' / '.join(f.name for f in forwards)}")
         print(f"cores: {ncores['cpu_count']} (usable {ncores['usable']})", end=" | ")
         print(f"cipher requested: {args.cipher} | negotiated: {', '.join(sorted(used))}")
         for f in forwards:
@@ -427,15 +445,21 @@ def run(args: argparse.Namespace) -> int:
             print(f"  warm-up {f.name:<8} {warm // MB:>4} MB  {rate:8.1f} MB/s")
 
         print()
-        print(f"{'round':>5}  {'gateway MB/s':>12}  {'(s)':>7}  {'sshd MB/s':>10}  {'(s)':>7}  {'ratio':>6}")
+        sshd_fwd = forwards[1]
         for r in range(1, args.rounds + 1):
-            for f in forwards:  # gateway, sshd, gateway, sshd, ...
+            for f in forwards:  # gateway, sshd, [trees], gateway, sshd, ...
+                cpu0 = cpu_of(f.cpu_pid) if f.cpu_pid is not None else 0.0
                 secs, rate = measure(f, nbytes, chunk, overall, per_transfer)
                 f.samples.append(rate)
                 f.seconds.append(secs)
-            g, s = forwards
-            row = f"{g.samples[-1]:>12.1f}  {g.seconds[-1]:>7.3f}  {s.samples[-1]:>10.1f}  {s.seconds[-1]:>7.3f}"
-            print(f"{r:>5}  {row}  {g.samples[-1] / s.samples[-1]:>6.2f}")
+                if f.cpu_pid is not None:
+                    f.cpu.append((cpu_of(f.cpu_pid) - cpu0) * 1000 / (nbytes / MB))
+            cells = []
+            for f in forwards:
+                cpu = f" {f.cpu[-1]:.2f} ms/MB" if f.cpu_pid is not None else ""
+                ratio = f" ({f.samples[-1] / sshd_fwd.samples[-1]:.2f}x)" if f is not sshd_fwd else ""
+                cells.append(f"{f.name} {f.samples[-1]:7.1f} MB/s{ratio}{cpu}")
+            print(f"  round {r}: " + " | ".join(cells))
 
         med = {f.name: statistics.median(f.samples) for f in forwards}
         ratio = med["gateway"] / med["sshd"]
@@ -445,6 +469,11 @@ def run(args: argparse.Namespace) -> int:
             f" | ratio {ratio:.2f} (gateway/sshd, higher is better)"
         )
         print(headline)
+        for f in forwards:
+            if f.cpu_pid is not None:
+                extra = f", {med[f.name] / med['sshd']:.2f}x sshd" if f.name != "gateway" else ""
+                cpu = f"{statistics.median(f.cpu):.2f} ms/MB [{min(f.cpu):.2f}-{max(f.cpu):.2f}]"
+                print(f"  {f.name:<8} {med[f.name]:7.1f} MB/s{extra}, CPU {cpu}")
         print(f"cipher {args.cipher}, {ncores['cpu_count']} cores, {args.mb} MB x {args.rounds} rounds")
 
         summary = {
@@ -461,6 +490,7 @@ def run(args: argparse.Namespace) -> int:
             "samples_mb_per_s": {f.name: [round(x, 2) for x in f.samples] for f in forwards},
             "seconds": {f.name: [round(x, 4) for x in f.seconds] for f in forwards},
             "median_mb_per_s": {k: round(v, 2) for k, v in med.items()},
+            "cpu_ms_per_mb": {f.name: [round(x, 3) for x in f.cpu] for f in forwards if f.cpu_pid is not None},
             "ratio_gateway_over_sshd": round(ratio, 4),
             "summary": headline,
         }
@@ -471,8 +501,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for f in forwards:
             stop_process(f.proc)
-        if gw is not None:
-            stop_process(gw.proc, grace=10.0)
+        for g in gws:
+            stop_process(g.proc, grace=10.0)
         if sshd is not None:
             sshd.stop()
         stop_process(sink)
@@ -489,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cipher", default=DEFAULT_CIPHER, help=f"ssh -c CIPHER for both paths (default {DEFAULT_CIPHER})")
     p.add_argument("--timeout", type=int, default=900, help="hard limit for the whole run in seconds (default 900)")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs, configs) for debugging")
+    p.add_argument("--tree", action="append", default=[], help="NAME=PATH: also measure the gateway of another source tree")
     p.add_argument("--sink-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--sink-lifetime", type=float, default=600.0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -13,7 +13,9 @@ picks its own VM leg's algorithms (that is what is measured). Per path and round
 - download: `head -c N /dev/zero` on the VM, read from `ssh`'s stdout, MB/s from the first byte to EOF;
 - CPU per MB: the gateway process's user+system time over the transfer; for the hop, the hop sshd's own time
   plus its reaped children (the session process and the `ssh` it ran), read once the session was reaped;
-- echo: `cat` on the VM through pipes (no PTY), one byte written and read back `--echoes` times; p50 and p99.
+- echo: `cat` on the VM through pipes (no PTY), one byte written and read back `--echoes` times; p50 and p99, and
+  the CPU per echo (the gateway's without its login; the hop sshd's with its reaped children, login included, so
+  not comparable: compare gateways, e.g. against `--tree`).
 
 Paths run alternately (gateway, hop, [base], gateway, hop, ...); compare ratios from the same run.
 
@@ -49,13 +51,13 @@ RESULTS = REPO / "bench" / "results" / "ssh_terminate.json"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_of(pid: int, *, children: bool = False) -> float:
-    """User + system CPU seconds of `pid` (plus its reaped children's with `children`)."""
+def cpu_of(pid: int, *, children: bool = False, user: bool = False) -> float:
+    """User + system CPU seconds of `pid` (plus its reaped children's with `children`; only user time with `user`)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12])
+    ticks = int(fields[11]) + (0 if user else int(fields[12]))
     if children:
-        ticks += int(fields[13]) + int(fields[14])
+        ticks += int(fields[13]) + (0 if user else int(fields[14]))
     return ticks / CLK_TCK
 
 
@@ -112,6 +114,8 @@ class Path_:
     cpu_down: list[float] = field(default_factory=list)
     p50: list[float] = field(default_factory=list)  # microseconds
     p99: list[float] = field(default_factory=list)
+    cpu_echo: list[float] = field(default_factory=list)  # CPU µs per echo
+    user_echo: list[float] = field(default_factory=list)  # of which user space
 
     def command(self, remote: str) -> list[str]:
         if not self.wrap:
@@ -175,8 +179,12 @@ def bulk(path: Path_, upload: bool, chunk: memoryview, nbytes: int, timeout: flo
     return nbytes / MB / secs, cpu / (nbytes / MB)
 
 
-def echo(path: Path_, count: int, timeout: float) -> tuple[float, float]:
-    """p50 and p99 (µs) of one byte written to `cat` on the VM and read back."""
+def echo(path: Path_, count: int, timeout: float) -> tuple[float, float, float, float]:
+    """p50 and p99 (µs) of one byte written to `cat` on the VM and read back, and the CPU µs per echo: a gateway's
+    from the first echo on (its login left out); the hop's is only known once its session is reaped, login included.
+    The last is the user-space part of that CPU (the Python, for a gateway)."""
+    cpu0 = cpu_of(path.cpu_pid, children=path.cpu_children)
+    user0 = cpu_of(path.cpu_pid, children=path.cpu_children, user=True)
     proc = subprocess.Popen(path.command("cat"), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert proc.stdin is not None and proc.stdout is not None
     wfd, rfd = proc.stdin.fileno(), proc.stdout.fileno()
@@ -186,6 +194,8 @@ def echo(path: Path_, count: int, timeout: float) -> tuple[float, float]:
         os.write(wfd, b"x")
         if os.read(rfd, 1) != b"x":  # the first echo includes the login
             raise RuntimeError(f"{path.name}: no echo")
+        if not path.cpu_children:
+            cpu0, user0 = cpu_of(path.cpu_pid), cpu_of(path.cpu_pid, user=True)
         for _ in range(count):
             t0 = time.perf_counter()
             os.write(wfd, b"y")
@@ -199,8 +209,11 @@ def echo(path: Path_, count: int, timeout: float) -> tuple[float, float]:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             stop_process(proc)  # type: ignore[arg-type]
+    path.settle(time.monotonic() + 10)
+    cpu = (cpu_of(path.cpu_pid, children=path.cpu_children) - cpu0) / count * 1e6
+    user = (cpu_of(path.cpu_pid, children=path.cpu_children, user=True) - user0) / count * 1e6
     samples.sort()
-    return statistics.median(samples), samples[min(len(samples) - 1, int(len(samples) * 0.99))]
+    return statistics.median(samples), samples[min(len(samples) - 1, int(len(samples) * 0.99))], cpu, user
 
 
 def start_gw(tree: Path, workdir: Path, vm: SSHD, vm_login: KeyPair, alice: KeyPair) -> tuple[subprocess.Popen[bytes], int, str]:
@@ -267,15 +280,17 @@ def run(args: argparse.Namespace) -> int:
             for p in paths:
                 up, cu = bulk(p, True, chunk, nbytes, args.per_run)
                 down, cd = bulk(p, False, chunk, nbytes, args.per_run)
-                p50, p99 = echo(p, args.echoes, args.per_run)
+                p50, p99, ce, ue = echo(p, args.echoes, args.per_run)
                 p.up.append(up)
                 p.down.append(down)
                 p.cpu_up.append(cu * 1000)
                 p.cpu_down.append(cd * 1000)
                 p.p50.append(p50)
                 p.p99.append(p99)
+                p.cpu_echo.append(ce)
+                p.user_echo.append(ue)
                 print(f"  round {r} {p.name:<8} up {up:7.1f} MB/s ({cu * 1000:.2f} ms CPU/MB)  down {down:7.1f} MB/s ({cd * 1000:.2f})"
-                      f"  echo p50 {p50:6.0f} µs p99 {p99:6.0f}")  # fmt: skip
+                      f"  echo p50 {p50:6.0f} µs p99 {p99:6.0f} ({ce:.0f} µs CPU, {ue:.0f} user)")  # fmt: skip
         print()
         hopp = paths[1]
         summary: dict[str, object] = {
@@ -287,7 +302,7 @@ def run(args: argparse.Namespace) -> int:
         for p in paths:
             print(
                 f"{p.name:<8} up {med(p.up)} MB/s, {med(p.cpu_up)} ms CPU/MB | down {med(p.down)} MB/s, {med(p.cpu_down)} ms CPU/MB"
-                f" | echo p50 {med(p.p50)} µs, p99 {med(p.p99)} µs"
+                f" | echo p50 {med(p.p50)} µs, p99 {med(p.p99)} µs, {med(p.cpu_echo)} µs CPU/echo ({med(p.user_echo)} user)"
             )
             ratios = {
                 "up": statistics.median(p.up) / statistics.median(hopp.up),
@@ -299,7 +314,8 @@ def run(args: argparse.Namespace) -> int:
             if p is not hopp:
                 print("         vs hop: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
             summary[p.name] = {"up": p.up, "down": p.down, "cpu_up_ms_per_mb": p.cpu_up, "cpu_down_ms_per_mb": p.cpu_down,
-                               "p50_us": p.p50, "p99_us": p.p99, "ratios_vs_hop": ratios}  # fmt: skip
+                               "p50_us": p.p50, "p99_us": p.p99, "cpu_us_per_echo": p.cpu_echo,
+                               "user_us_per_echo": p.user_echo, "ratios_vs_hop": ratios}  # fmt: skip
         end = os.getloadavg()
         print(f"load at end {end[0]:.2f} {end[1]:.2f} {end[2]:.2f}")
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
