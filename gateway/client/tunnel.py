@@ -622,6 +622,7 @@ class Tunnel:
                         server_hostname=host,
                         ssl_handshake_timeout=_CONNECT_TIMEOUT,
                     )
+                    tls = self._handshaken(link)
                     link.request(url, token)
                     await link.upgraded
             except ssl.SSLCertVerificationError as exc:
@@ -636,14 +637,20 @@ class Tunnel:
                 if link.transport is not None:
                     link.transport.abort()
                 raise
-            tls = link.transport.get_extra_info("ssl_object") if link.transport is not None else None
-            if isinstance(tls, ssl.SSLObject):
-                if tls.session_reused:
-                    self.resumed += 1
-                if tls.session is not None:
-                    self._ssl.session = tls.session  # the gateway's newest ticket for the next tunnel
+            if tls is not None and tls.session is not None:
+                # In TLS 1.3 the gateway's tickets follow its handshake; they have arrived by its answer.
+                self._ssl.session = tls.session
             return link
         raise TunnelError("unreachable")
+
+    def _handshaken(self, link: _Link) -> ssl.SSLObject | None:
+        """The TLS object of a new link; counts a resumed handshake."""
+        tls = link.transport.get_extra_info("ssl_object") if link.transport is not None else None
+        if not isinstance(tls, ssl.SSLObject):
+            return None
+        if tls.session_reused:
+            self.resumed += 1
+        return tls
 
     async def _serve(self, local: _Local) -> None:
         assert local.transport is not None

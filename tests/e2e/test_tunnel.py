@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import signal
 import socket
@@ -312,3 +313,49 @@ async def test_a_plain_get_of_an_allowed_tunnel_dials_nothing(make_gateway: Gate
         with pytest.raises(BlockingIOError):
             watcher.accept()
         assert not gw.logs.events("session_opened")
+
+
+async def test_a_new_tunnel_resumes_the_tls_session_and_still_sends_its_token(make_gateway: GatewayFactory, echo: Echo) -> None:
+    """The helper's second tunnel resumes the TLS session of its first (no new certificate check, no new server
+    signature), and the gateway still checks a token on it: two sessions, each opened by the token's user."""
+    from gateway.client.tunnel import TokenSource, Tunnel
+
+    async with make_gateway(with_tcp_vm(echo.port)) as gw:
+        token = (await gw.ssh("alice", "token")).text.strip()
+        out = io.StringIO()
+        tunnel = Tunnel(f"127.0.0.1:{gw.port}", "echo01", echo.port, TokenSource(fixed=token), ca_file=str(gw.ca_file), out=out)
+        host, port = await tunnel.start("127.0.0.1", 0)
+        try:
+            assert await roundtrip(port, b"first") == b"first"
+            assert tunnel.resumed == 0
+            assert await roundtrip(port, b"second") == b"second"
+            assert tunnel.resumed == 1
+        finally:
+            await tunnel.stop()
+        await wait_for(lambda: len(gw.logs.events("session_closed")) == 2, gw.logs.changed)
+        assert [e["user"] for e in gw.logs.events("session_opened")] == ["alice", "alice"]
+
+
+async def test_a_refused_token_on_a_resumed_session_is_still_refused(make_gateway: GatewayFactory, echo: Echo) -> None:
+    """TLS resumption skips the handshake's certificate work, never the token: a helper whose TLS session came
+    from a good tunnel but whose next token is bad gets 401 on that tunnel."""
+    from gateway.client.tunnel import TokenSource, Tunnel
+
+    async with make_gateway(with_tcp_vm(echo.port)) as gw:
+        token = (await gw.ssh("alice", "token")).text.strip()
+        out = io.StringIO()
+        tokens = TokenSource(fixed=token)
+        tunnel = Tunnel(f"127.0.0.1:{gw.port}", "echo01", echo.port, tokens, ca_file=str(gw.ca_file), out=out)
+        _, port = await tunnel.start("127.0.0.1", 0)
+        try:
+            assert await roundtrip(port, b"good") == b"good"
+            tokens.fixed = "v1.bad.token"
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            async with asyncio.timeout(20):
+                with contextlib.suppress(ConnectionResetError):
+                    assert await r.read() == b""
+            w.close()
+            assert "the gateway refused the tunnel (401)" in out.getvalue()
+            assert tunnel.resumed == 1
+        finally:
+            await tunnel.stop()
