@@ -56,6 +56,7 @@ _MAX_BODY = 64 * 1024  # a refusal's JSON body
 _CONNECT_TIMEOUT = 15.0
 _PING_INTERVAL = 30.0  # with no frame from the gateway for this long, ping it ...
 _PONG_TIMEOUT = 15.0  # ... and end the tunnel if nothing comes back within this
+_SESSION_REFRESH = 60.0  # seconds between takes of the gateway's newest TLS session
 _OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
 
@@ -533,6 +534,7 @@ class Tunnel:
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self._http: aiohttp.ClientSession | None = None
+        self._session_at = 0.0
         self.resumed = 0  # tunnels whose TLS handshake resumed a session (a test reads it)
 
     def say(self, text: str) -> None:
@@ -637,9 +639,12 @@ class Tunnel:
                 if link.transport is not None:
                     link.transport.abort()
                 raise
-            if tls is not None and tls.session is not None:
-                # In TLS 1.3 the gateway's tickets follow its handshake; they have arrived by its answer.
+            if tls is not None and (not tls.session_reused or time.monotonic() - self._session_at > _SESSION_REFRESH):
+                # In TLS 1.3 the gateway's tickets follow its handshake; they have arrived by its answer. Reading
+                # `session` costs about as much as a handshake (CPython copies it through DER), so it is read
+                # after a full handshake and then once a minute, well within a ticket's lifetime (OpenSSL: 300 s).
                 self._ssl.session = tls.session
+                self._session_at = time.monotonic()
             return link
         raise TunnelError("unreachable")
 
