@@ -324,7 +324,7 @@ async def test_a_new_tunnel_resumes_the_tls_session_and_still_sends_its_token(ma
         token = (await gw.ssh("alice", "token")).text.strip()
         out = io.StringIO()
         tunnel = Tunnel(f"127.0.0.1:{gw.port}", "echo01", echo.port, TokenSource(fixed=token), ca_file=str(gw.ca_file), out=out)
-        host, port = await tunnel.start("127.0.0.1", 0)
+        _, port = await tunnel.start("127.0.0.1", 0)
         try:
             assert await roundtrip(port, b"first") == b"first"
             assert tunnel.resumed == 0
