@@ -12,7 +12,7 @@ close with code 4001 is a disconnect (by an operator, a limit or a restart): its
 reason is printed. A connection lost without a close frame is an error too.
 
 The relay is two asyncio Protocols per tunnel (the local TCP connection, the TLS connection to the
-gateway) and a small RFC 6455 client: every local read becomes one masked binary frame, a binary
+gateway) and a small RFC 6455 client: every local read becomes masked binary frames of at most 64 KiB, a binary
 frame's payload goes to the local socket as it arrives (never held until the frame is whole), and only
 control and text frames are buffered (bounded by `max_message`). The TLS context (and its verification)
 is made once; each tunnel offers the last TLS session the gateway gave, so a new tunnel's handshake is
@@ -469,7 +469,7 @@ def _same(link: _Link) -> _Link:
 
 
 class _Local(asyncio.Protocol):
-    """One accepted local connection. Reads are paused until its tunnel is up; then each read is one frame.
+    """One accepted local connection. Reads are paused until its tunnel is up; then each read goes out as frames.
 
     uvloop starts reading right after `connection_made()` even when it paused: what that first read brings (at
     most one read) waits in `early`, and reading pauses again, until the tunnel is up.
