@@ -21,7 +21,20 @@ so slow drift on a shared machine hits all of them about equally; compare the ra
 not the absolute numbers. The sink, the transfer and the ssh -L code come from
 bench/ssh_forward.py.
 
-Run: .venv/bin/python bench/tunnel.py [--mb 200] [--rounds 5]
+With `--base SRC` (another source tree, e.g. `git archive BASE | tar -x -C /tmp/base`), a sixth path,
+tunnel-base, runs the gateway and the helper from SRC (a second pair of processes, same venv), alternating with
+the rest, so a change is compared with its base in one run.
+
+CPU per MB and per new connection comes from the processes' own counters (/proc/PID/stat, utime + stime)
+over each path's measured transfers: the gateway plus the helper for a tunnel, both haproxy processes for
+haproxy-tls (the origin also carries the plain haproxy path, which is idle while haproxy-tls runs).
+Where processes land on the two cores changes the throughput ratio, not the CPU ratio.
+
+TLS sessions: haproxy's TLS origin resumes its TLS sessions to the terminator by default (it keeps the last
+session per server), and the helper offers its last session too; both hops do one full handshake and then
+resumptions, so the connection rate compares like with like.
+
+Run: .venv/bin/python bench/tunnel.py [--mb 200] [--rounds 5] [--base SRC]
 """
 
 from __future__ import annotations
@@ -49,6 +62,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench import ssh_forward  # noqa: E402
 from bench.ssh_forward import (  # noqa: E402
     CHUNK,
     DEFAULT_CIPHER,
@@ -75,7 +89,8 @@ VM = "sink01"
 RESULTS = REPO / "bench" / "results" / "tunnel.json"
 PATHS = ("direct", "tunnel", "ssh-L", "haproxy", "haproxy-tls")
 WHAT = {  # the process each path needs alive
-    "direct": "the sink", "tunnel": "bastion tunnel", "ssh-L": "ssh -L", "haproxy": "haproxy", "haproxy-tls": "haproxy (TLS origin)",
+    "direct": "the sink", "tunnel": "bastion tunnel", "tunnel-base": "bastion tunnel (--base)",
+    "ssh-L": "ssh -L", "haproxy": "haproxy", "haproxy-tls": "haproxy (TLS origin)",
 }  # fmt: skip
 HAPROXY = """global
     maxconn 1000
@@ -185,15 +200,21 @@ def gateway_toml(*, state_dir: Path, port: int, alice: KeyPair, token_sha256: st
 
 
 def start_gateway(
-    workdir: Path, *, alice: KeyPair, token_sha256: str, sink_port: int, rdp_port: int | None = None
+    workdir: Path, *, alice: KeyPair, token_sha256: str, sink_port: int, rdp_port: int | None = None, src: Path = REPO
 ) -> tuple[GatewayProc, Path]:
-    """`python -m gateway serve` in its own process (see bench.ssh_forward). Returns it and its tls.crt."""
-    gw = start_gateway_with(
-        workdir,
-        lambda state_dir, port: gateway_toml(
-            state_dir=state_dir, port=port, alice=alice, token_sha256=token_sha256, sink_port=sink_port, rdp_port=rdp_port
-        ),
-    )
+    """`python -m gateway serve` in its own process (see bench.ssh_forward), from the source tree `src`.
+    Returns it and its tls.crt."""
+    saved = ssh_forward.REPO
+    ssh_forward.REPO = src  # the gateway's working directory: `python -m gateway` imports the tree found there
+    try:
+        gw = start_gateway_with(
+            workdir,
+            lambda state_dir, port: gateway_toml(
+                state_dir=state_dir, port=port, alice=alice, token_sha256=token_sha256, sink_port=sink_port, rdp_port=rdp_port
+            ),
+        )
+    finally:
+        ssh_forward.REPO = saved
     return gw, workdir / "gw-state" / "tls.crt"  # written before the port is bound
 
 
@@ -216,7 +237,9 @@ def wait_for_line(proc: subprocess.Popen[bytes], log: Path, offset: int, needle:
     raise TimeoutError(f"{what} did not print {needle.decode()!r} after {timeout}s\n{tail(log)}")
 
 
-def start_helper(workdir: Path, *, gw_port: int, ca_file: Path, token: str, sink_port: int) -> Forward:
+def start_helper(
+    workdir: Path, *, gw_port: int, ca_file: Path, token: str, sink_port: int, src: Path = REPO, name: str = "tunnel"
+) -> Forward:
     """`python -m gateway tunnel` in its own process, as a user runs it; retried on a lost port race."""
     log = workdir / "tunnel-helper.log"
     # The token goes in the helper's documented environment variable (same as --token), so it is not in `ps`.
@@ -231,18 +254,27 @@ def start_helper(workdir: Path, *, gw_port: int, ca_file: Path, token: str, sink
         ]  # fmt: skip
         offset = log.stat().st_size if log.exists() else 0
         with log.open("ab") as out:
-            proc = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+            proc = subprocess.Popen(argv, cwd=src, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
         try:
             wait_for_line(proc, log, offset, b"listening on", "bastion tunnel")
         except (RuntimeError, TimeoutError) as exc:
             stop_process(proc)
             last = exc
             continue
-        return Forward("tunnel", local, proc, log)
+        return Forward(name, local, proc, log)
     raise RuntimeError(f"bastion tunnel did not start: {last}")
 
 
 # --------------------------------------------------------------------------- measuring
+
+
+def cpu_seconds(procs: list[subprocess.Popen[bytes]]) -> float:
+    """utime + stime of running processes we started, in seconds."""
+    total = 0
+    for proc in procs:
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def measure(path: Forward, nbytes: int, chunk: memoryview, overall: float, per_transfer: float) -> tuple[float, float]:
@@ -292,6 +324,8 @@ def run(args: argparse.Namespace) -> int:
     sink: subprocess.Popen[bytes] | None = None
     gw: GatewayProc | None = None
     helper: Forward | None = None
+    base_gw: GatewayProc | None = None
+    base_helper: Forward | None = None
     ssh_l: Forward | None = None
     haproxy: Forward | None = None
     haproxy_term: subprocess.Popen[bytes] | None = None
@@ -317,9 +351,29 @@ def run(args: argparse.Namespace) -> int:
         haproxy, haproxy_tls, haproxy_term = start_haproxies(tmp, sink_port)
         paths = [direct, helper, ssh_l, haproxy, haproxy_tls]
         assert tuple(p.name for p in paths) == PATHS
+        # The processes whose CPU each path costs (the sink's is the same for all and left out).
+        cpu_of: dict[str, list[subprocess.Popen[bytes]]] = {
+            "tunnel": [gw.proc, helper.proc],
+            "haproxy-tls": [haproxy_tls.proc, haproxy_term],
+        }
+        if args.base:
+            src = Path(args.base).resolve()
+            (tmp / "base").mkdir()
+            base_gw, base_ca = start_gateway(
+                tmp / "base", alice=alice, token_sha256=hashlib.sha256(token.encode()).hexdigest(), sink_port=sink_port, src=src
+            )
+            base_helper = start_helper(
+                tmp / "base", gw_port=base_gw.port, ca_file=base_ca, token=token, sink_port=sink_port, src=src, name="tunnel-base"
+            )
+            paths.insert(2, base_helper)
+            cpu_of["tunnel-base"] = [base_gw.proc, base_helper.proc]
+            print(f"tunnel-base: gateway and helper from {src}")
+        names = [p.name for p in paths]
+        cpu_bulk = dict.fromkeys(cpu_of, 0.0)
+        cpu_conn = dict.fromkeys(cpu_of, 0.0)
 
         algos = ssh_l.negotiated()
-        print(f"tunnel: {args.mb} MB per transfer, {args.rounds} rounds, alternating {' / '.join(PATHS)}")
+        print(f"tunnel: {args.mb} MB per transfer, {args.rounds} rounds, alternating {' / '.join(names)}")
         print(f"cores: {ncores['cpu_count']} (usable {ncores['usable']})", end=" | ")
         print(f"ssh-L cipher requested: {args.cipher} | negotiated: {algos.get('cipher_c2s', '?')}, kex {algos.get('kex', '?')}")
         print(f"  tunnel: wss://{HOST}:{gw.port}/v1/tunnel?vm={VM}&port={sink_port} (TLS, self-signed, static token)")
@@ -337,7 +391,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"{'round':>5}{cols}  {'tun/dir':>7}  {'tun/ssh':>7}  {'tun/tls':>7}")
         for r in range(1, args.rounds + 1):
             for p in paths:  # direct, tunnel, ssh-L, direct, ...
+                c0 = cpu_seconds(cpu_of[p.name]) if p.name in cpu_of else 0.0
                 secs, rate = measure(p, nbytes, chunk, overall, per_transfer)
+                if p.name in cpu_of:
+                    cpu_bulk[p.name] += cpu_seconds(cpu_of[p.name]) - c0
                 p.samples.append(rate)
                 p.seconds.append(secs)
             row = "".join(f"  {p.samples[-1]:>12.1f}  {p.seconds[-1]:>6.3f}" for p in paths)
@@ -351,10 +408,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"\nnew connections per second ({args.conns} in a row per path and round)")
             for r in range(1, args.rounds + 1):
                 for p in paths:
+                    c0 = cpu_seconds(cpu_of[p.name]) if p.name in cpu_of else 0.0
                     t0 = time.perf_counter()
                     for _ in range(args.conns):
                         measure(p, 1, chunk, overall, per_transfer)
                     conn_rates[p.name].append(args.conns / (time.perf_counter() - t0))
+                    if p.name in cpu_of:
+                        cpu_conn[p.name] += cpu_seconds(cpu_of[p.name]) - c0
                 print(f"{r:>5}" + "".join(f"  {p.name} {conn_rates[p.name][-1]:8.0f}/s" for p in paths))
         conn_med = {k: statistics.median(v) for k, v in conn_rates.items() if v}
 
@@ -372,8 +432,17 @@ def run(args: argparse.Namespace) -> int:
                 f" || new conns/s: tunnel {conn_med['tunnel']:.0f}, haproxy {conn_med['haproxy']:.0f},"
                 f" haproxy-tls {conn_med['haproxy-tls']:.0f} | tunnel/haproxy-tls {conn_med['tunnel'] / conn_med['haproxy-tls']:.2f}"
             )
+        if "tunnel-base" in med:
+            headline += f" | tunnel/tunnel-base {med['tunnel'] / med['tunnel-base']:.2f}"
+            if conn_med:
+                headline += f", new conns/s tunnel/tunnel-base {conn_med['tunnel'] / conn_med['tunnel-base']:.2f}"
+        ms_per_mb = {k: round(v * 1000 / (args.mb * args.rounds), 3) for k, v in cpu_bulk.items()}
+        ms_per_conn = {k: round(v * 1000 / (args.conns * args.rounds), 3) for k, v in cpu_conn.items()} if args.conns else {}
         print()
         print(headline)
+        print("CPU ms per MB (both processes of a path): " + ", ".join(f"{k} {v}" for k, v in ms_per_mb.items()))
+        if ms_per_conn:
+            print("CPU ms per new connection: " + ", ".join(f"{k} {v}" for k, v in ms_per_conn.items()))
         print(f"medians of {args.rounds} rounds x {args.mb} MB, {ncores['cpu_count']} cores; ssh-L cipher {args.cipher}; higher is better")
 
         summary = {
@@ -383,10 +452,14 @@ def run(args: argparse.Namespace) -> int:
             "bytes_per_transfer": nbytes,
             "rounds": args.rounds,
             "warmup_mb": warm // MB,
-            "order": "alternating, " + " / ".join(PATHS) + " in each round",
+            "order": "alternating, " + " / ".join(names) + " in each round",
+            "base_src": str(Path(args.base).resolve()) if args.base else None,
+            "cpu_ms_per_mb": ms_per_mb,
+            "cpu_ms_per_conn": ms_per_conn,
             "paths": {
                 "direct": "TCP straight to the sink",
                 "tunnel": "bastion tunnel (own process) -> wss /v1/tunnel -> gateway (own process) -> sink",
+                "tunnel-base": "the same, gateway and helper from --base",
                 "ssh-L": "ssh -L -> gateway jump mode (same gateway process) -> sink",
                 "haproxy": "haproxy TCP mode (own process, nbthread 1) -> sink",
                 "haproxy-tls": "haproxy (TCP in, TLS out) -> haproxy (TLS in, TCP out) -> sink: two processes, one TLS hop",
@@ -415,6 +488,8 @@ def run(args: argparse.Namespace) -> int:
             stop_all(
                 [
                     ("bastion tunnel", helper.proc if helper else None, 5.0),
+                    ("bastion tunnel (base)", base_helper.proc if base_helper else None, 5.0),
+                    ("gateway (base)", base_gw.proc if base_gw else None, 10.0),
                     ("ssh -L", ssh_l.proc if ssh_l else None, 5.0),
                     ("haproxy", haproxy.proc if haproxy else None, 5.0),
                     ("haproxy (TLS end)", haproxy_term, 5.0),
@@ -435,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--conns", type=int, default=200, help="new connections per path and round for the connection rate (0: skip)")
     p.add_argument("--cipher", default=DEFAULT_CIPHER, help=f"ssh -c CIPHER for the ssh-L path (default {DEFAULT_CIPHER})")
     p.add_argument("--timeout", type=int, default=900, help="hard limit for the whole run in seconds (default 900)")
+    p.add_argument("--base", metavar="SRC", help="also run a tunnel-base path: gateway and helper from this source tree")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs, configs) for debugging")
     args = p.parse_args(argv)
     if not 1 <= args.mb <= 100_000 or not 1 <= args.rounds <= 1000 or args.timeout < 10:

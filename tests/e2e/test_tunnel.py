@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import signal
 import socket
@@ -312,3 +313,101 @@ async def test_a_plain_get_of_an_allowed_tunnel_dials_nothing(make_gateway: Gate
         with pytest.raises(BlockingIOError):
             watcher.accept()
         assert not gw.logs.events("session_opened")
+
+
+async def test_a_new_tunnel_resumes_the_tls_session_and_still_sends_its_token(make_gateway: GatewayFactory, echo: Echo) -> None:
+    """The helper's second tunnel resumes the TLS session of its first (no new certificate check, no new server
+    signature), and the gateway still checks a token on it: two sessions, each opened by the token's user."""
+    from gateway.client.tunnel import TokenSource, Tunnel
+
+    async with make_gateway(with_tcp_vm(echo.port)) as gw:
+        token = (await gw.ssh("alice", "token")).text.strip()
+        out = io.StringIO()
+        tunnel = Tunnel(f"127.0.0.1:{gw.port}", "echo01", echo.port, TokenSource(fixed=token), ca_file=str(gw.ca_file), out=out)
+        _, port = await tunnel.start("127.0.0.1", 0)
+        try:
+            assert await roundtrip(port, b"first") == b"first"
+            assert tunnel.resumed == 0
+            assert await roundtrip(port, b"second") == b"second"
+            assert tunnel.resumed == 1
+        finally:
+            await tunnel.stop()
+        await wait_for(lambda: len(gw.logs.events("session_closed")) == 2, gw.logs.changed)
+        assert [e["user"] for e in gw.logs.events("session_opened")] == ["alice", "alice"]
+
+
+async def test_a_refused_token_on_a_resumed_session_is_still_refused(make_gateway: GatewayFactory, echo: Echo) -> None:
+    """TLS resumption skips the handshake's certificate work, never the token: a helper whose TLS session came
+    from a good tunnel but whose next token is bad gets 401 on that tunnel."""
+    from gateway.client.tunnel import TokenSource, Tunnel
+
+    async with make_gateway(with_tcp_vm(echo.port)) as gw:
+        token = (await gw.ssh("alice", "token")).text.strip()
+        out = io.StringIO()
+        tokens = TokenSource(fixed=token)
+        tunnel = Tunnel(f"127.0.0.1:{gw.port}", "echo01", echo.port, tokens, ca_file=str(gw.ca_file), out=out)
+        _, port = await tunnel.start("127.0.0.1", 0)
+        try:
+            assert await roundtrip(port, b"good") == b"good"
+            tokens.fixed = "v1.bad.token"
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            async with asyncio.timeout(20):
+                with contextlib.suppress(ConnectionResetError):
+                    assert await r.read() == b""
+            w.close()
+            assert "the gateway refused the tunnel (401)" in out.getvalue()
+            assert tunnel.resumed == 1
+        finally:
+            await tunnel.stop()
+
+
+def masked(op: int, payload: bytes, *, fin: bool = True) -> bytes:
+    key = os.urandom(4)
+    n = len(payload)
+    head = bytes([(0x80 if fin else 0) | op])
+    head += bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack("!H", n)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+async def test_the_gateway_reads_fragments_answers_pings_and_ends_on_close(make_gateway: GatewayFactory, echo: Echo) -> None:
+    """A hand-written client over TLS: a binary message in three fragments (one header split across writes)
+    reaches the VM whole, a ping is answered with a pong carrying its payload, and a CLOSE 1000 ends the session
+    as client_closed with every byte counted."""
+    async with make_gateway(with_tcp_vm(echo.port)) as gw:
+        token = (await gw.ssh("alice", "token")).text.strip()
+        ctx = ssl.create_default_context(cafile=str(gw.ca_file))
+        r, w = await asyncio.open_connection("127.0.0.1", gw.port, ssl=ctx, server_hostname="127.0.0.1")
+        w.write(
+            f"GET /v1/tunnel?vm=echo01&port={echo.port} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            f"Authorization: Bearer {token}\r\n\r\n".encode()
+        )
+        async with asyncio.timeout(20):
+            head = await r.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101") and b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head
+        first = masked(0x2, b"frag-", fin=False)
+        w.write(first[:3])
+        await w.drain()
+        w.write(first[3:] + masked(0x0, b"ment" * 100, fin=False) + masked(0x9, b"ping!") + masked(0x0, b"-end"))
+        expected = b"frag-" + b"ment" * 100 + b"-end"
+        got, pong = bytearray(), b""
+        async with asyncio.timeout(20):
+            while len(got) < len(expected) or not pong:
+                b0, b1 = await r.readexactly(2)
+                n = b1 & 0x7F
+                if n == 126:
+                    n = int.from_bytes(await r.readexactly(2))
+                payload = await r.readexactly(n)
+                if b0 & 0x0F == 0x2:
+                    got += payload
+                elif b0 & 0x0F == 0xA:
+                    pong = payload
+        assert bytes(got) == expected and pong == b"ping!"
+        w.write(masked(0x8, (1000).to_bytes(2)))
+        async with asyncio.timeout(20):
+            b0, b1 = await r.readexactly(2)
+            assert b0 & 0x0F == 0x8 and int.from_bytes(await r.readexactly(b1 & 0x7F)) == 1000
+        w.close()
+        await wait_for(lambda: bool(gw.logs.events("session_closed")), gw.logs.changed)
+        [line] = gw.logs.events("session_closed")
+        assert line["reason"] == "client_closed" and line["bytes_up"] == len(expected) == line["bytes_down"]
