@@ -159,6 +159,7 @@ def gateway_toml(*, state_dir: Path, port: int, alice: KeyPair, token_sha256: st
         f"node = {toml_value('bench')}",
         f"state_dir = {toml_value(str(state_dir))}",
         f"connect_timeout = {toml_value('5s')}",
+        "workers = 1",  # one process: its CPU is the gateway's (bench/workers.py measures several)
         "",
         "[public]",
         f"listen = {toml_value([f'{HOST}:{port}'])}",
