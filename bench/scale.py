@@ -136,6 +136,7 @@ async def _lister_main(spec: dict[str, Any]) -> None:
     out: dict[str, Any] = {}
     for path, calls in spec["calls"]:
         secs: list[float] = []
+        api.heads.clear()
         data = b""
         for _ in range(calls):
             status, data, took = await api.call("GET", path)
@@ -143,7 +144,7 @@ async def _lister_main(spec: dict[str, Any]) -> None:
                 raise RuntimeError(f"GET {path}: {status}")
             secs.append(took)
         rows = len(json.loads(data)["sessions"]) if path == "/v1/sessions" else None
-        out[path] = {"secs": secs, "size": len(data), "rows": rows}
+        out[path] = {"secs": secs, "heads": list(api.heads), "size": len(data), "rows": rows}
     print(json.dumps(out), flush=True)
 
 
@@ -409,6 +410,7 @@ class Api:
         self.base, self.ca, self.token = base, ca, token
         self.ctx = ssl.create_default_context(cafile=ca)
         self.headers = {"Authorization": f"Bearer {token}"}
+        self.heads: list[float] = []  # per call: seconds until the answer's headers arrived (the body is built by then)
 
     @classmethod
     def of(cls, gw: Gateway) -> Api:
@@ -421,6 +423,7 @@ class Api:
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.ctx, force_close=True)) as http,
             http.request(method, self.base + path, json=body, headers=self.headers, timeout=aiohttp.ClientTimeout(total=120)) as r,
         ):
+            self.heads.append(time.perf_counter() - t0)
             data = await r.read()
             return r.status, data, time.perf_counter() - t0
 
@@ -474,14 +477,15 @@ async def one_setup(src: Path, label: str, n: int, args: argparse.Namespace, env
         out["rss_start_mib"] = round(rss0 / 1024, 1)
         await jump.open(n, args.per_conn)
         await until_count(api, lambda k: k >= n + 1, f"{n + 1} sessions")
+        await api.call("GET", "/v1/sessions")  # what a polled gateway holds: each row's cached text included
         rss1 = gw.rss_kib()
         out["jump_kib_per_session"] = round((rss1 - rss0) / n, 1)
         if args.ws:
             tunnels = await open_tunnels(http, gw, sink_port, args.ws)
             await until_count(api, lambda k: k >= n + 1 + args.ws, f"{n + 1 + args.ws} sessions")
+            await api.call("GET", "/v1/sessions")
             rss2 = gw.rss_kib()
             out["ws_kib_per_session"] = round((rss2 - rss1) / args.ws, 1)
-        await api.call("GET", "/v1/sessions")  # the rows' cached text is built once, outside the timed calls
         out["rss_mib"] = round(gw.rss_kib() / 1024, 1)
         # This process holds every client end (a million objects at 9,000): its own full collections would stall the
         # prober and be charged to the gateway. Freeze them; unfrozen again after the setup.
@@ -505,6 +509,7 @@ async def one_setup(src: Path, label: str, n: int, args: argparse.Namespace, env
         out |= {
             "list_p50_ms": round(statistics.median(lists["secs"]) * 1000, 1),
             "list_p99_ms": round(pct(lists["secs"], 0.99) * 1000, 1),
+            "list_headers_p50_ms": round(statistics.median(lists["heads"]) * 1000, 1),
             "list_bytes": lists["size"],
             "metrics_p50_ms": round(statistics.median(metrics["secs"]) * 1000, 1),
             "metrics_p99_ms": round(pct(metrics["secs"], 0.99) * 1000, 1),
@@ -558,6 +563,10 @@ async def terminating_setup(src: Path, label: str, n: int, args: argparse.Namesp
         await term.open(n, args.term_parallel)
         await until_count(api, lambda k: k >= n, f"{n} terminating sessions")
         secs, cpu = time.perf_counter() - t0, gw.cpu_s() - cpu0
+        status, data, took = await api.call("GET", "/v1/sessions")
+        if status != 200 or len(json.loads(data)["sessions"]) != n:
+            raise RuntimeError(f"GET /v1/sessions: {status}, not {n} rows")
+        out["term_list_ms"] = round(took * 1000, 1)
         rss1 = gw.rss_kib()
         out |= {
             "term_kib_per_session": round((rss1 - rss0) / n, 1),
@@ -565,10 +574,6 @@ async def terminating_setup(src: Path, label: str, n: int, args: argparse.Namesp
             "term_cpu_ms_per_open": round(cpu / n * 1000, 2),
             "term_rss_mib": round(rss1 / 1024, 1),
         }
-        status, data, took = await api.call("GET", "/v1/sessions")
-        if status != 200 or len(json.loads(data)["sessions"]) != n:
-            raise RuntimeError(f"GET /v1/sessions: {status}, not {n} rows")
-        out["term_list_ms"] = round(took * 1000, 1)
         await term.close()
         await until_count(api, lambda k: k == 0, "no session")
         out["term_rss_after_close_mib"] = round(gw.rss_kib() / 1024, 1)
@@ -585,6 +590,7 @@ FIELDS = (
     "rss_mib",
     "list_p50_ms",
     "list_p99_ms",
+    "list_headers_p50_ms",
     "metrics_p50_ms",
     "metrics_p99_ms",
     "rtt_idle_max_ms",

@@ -352,29 +352,38 @@ class ControlAPI:
         if q.get("protocol") is not None and q["protocol"] not in PROTOCOLS:
             raise ApiError(400, "bad_request", f"unknown protocol {q['protocol'][:64]!r} (one of: {', '.join(PROTOCOLS)})")
         user, vm, protocol = q.get("user"), q.get("vm"), q.get("protocol")
+        filtered = user is not None or vm is not None or protocol is not None
         keys: list[str] = []  # started_at as the answer shows it, the key the rows are sorted by
         rows: list[str] = []  # each row's JSON
         ordered = True  # the rows are in started_at order so far (sessions open in time order)
+        yielded = False  # sessions may have left since the copy below was taken
         now = _micros(self._clock.now())
         turn = _Turns()
+        live = self._registry.live
         for s in self._registry.sessions():
             if turn.due():
                 await turn.give_back()  # let relays run; sessions that left meanwhile are skipped below
                 now = _micros(self._clock.now())
-            spec = s.spec
-            if (
-                (user is not None and spec.user != user)
-                or (vm is not None and spec.vm != vm)
-                or (protocol is not None and spec.protocol != protocol)
-            ):
+                yielded = True
+            if filtered:
+                spec = s.spec
+                if (
+                    (user is not None and spec.user != user)
+                    or (vm is not None and spec.vm != vm)
+                    or (protocol is not None and spec.protocol != protocol)
+                ):
+                    continue
+            if yielded and live(s.id) is not s:
                 continue
-            if self._registry.live(s.id) is not s:
-                continue
-            key, row = _row(s, now)
+            static = s.view_cache
+            if not isinstance(static, _Static):
+                static = _Static(s)
+                s.view_cache = static
+            key = static.started
             if keys and key < keys[-1]:
                 ordered = False
             keys.append(key)
-            rows.append(row)
+            rows.append(static.row(s, now))
         answer: dict[str, Any] = {"node": self._node}
         if self._cluster is not None:
             view = await self._cluster.view()
@@ -393,18 +402,18 @@ class ControlAPI:
             await turn.give_back()
         del keys
         pieces: list[bytes] = []
-        part: list[str] = ['{"sessions": [']
-        size = 0
+        first, size, last = 0, 0, len(rows) - 1
         for i, row in enumerate(rows):
-            part.append(row if not i else ", " + row)
             size += len(row) + 2
-            if size >= WRITE_CHUNK:
-                pieces.append("".join(part).encode())
-                part, size = [], 0
+            if size >= WRITE_CHUNK or i == last:
+                # The first slice opens the list; each later one starts with the separator from the row before it.
+                pieces.append(((", " if pieces else '{"sessions": [') + ", ".join(rows[first : i + 1])).encode())
+                first, size = i + 1, 0
                 if turn.due():
                     await turn.give_back()
-        part.append("], " + json.dumps(answer)[1:])
-        pieces.append("".join(part).encode())
+        if not pieces:
+            pieces.append(b'{"sessions": [')
+        pieces.append(("], " + json.dumps(answer)[1:]).encode())
         return pieces
 
     def _remote(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -677,7 +686,7 @@ class _Static:
     """A session's row text up to its duration: the fields that never change after open, encoded once, in
     `SessionInfo.as_dict()`'s order, and its bytes and state, encoded again only when they moved."""
 
-    __slots__ = ("head", "mark", "middle", "started", "started_us", "tail", "text")
+    __slots__ = ("down", "ended", "head", "middle", "pending", "started", "started_us", "tail", "text", "up")
 
     def __init__(self, s: Session) -> None:
         spec = s.spec
@@ -698,22 +707,23 @@ class _Static:
         self.head = json.dumps(first)[:-1] + ', "bytes_up": '
         self.middle = f', "node": {json.dumps(s.node)}, "state": "'
         self.tail = f', "connection_id": {json.dumps(spec.connection_id)}, "client_name": {json.dumps(spec.client_name)}, "duration_s": '
-        self.mark: tuple[int, int, object, bool] | None = None  # (bytes up, bytes down, pending, ended) `text` is of
+        # The bytes and state `text` was encoded with (-1: not yet).
+        self.up, self.down, self.ended = -1, -1, False
+        self.pending: object = None
         self.text = ""
 
     def row(self, s: Session, now_us: int) -> str:
         """Byte for byte `json.dumps(ControlAPI._view(s.snapshot()))` at the time `now_us` (`_micros(clock.now())`)."""
-        pending, ended = s.pending, s.ended
-        mark = (s.bytes_up, s.bytes_down, pending, ended)
-        if mark != self.mark:
+        up, down, pending, ended = s.bytes_up, s.bytes_down, s.pending, s.ended
+        if up != self.up or down != self.down or pending is not self.pending or ended is not self.ended:
             if ended:
                 state, ends = "closed", "null"
             elif pending is not None:
                 state, ends = "terminating", f'"{iso(pending.ends_at)}"'
             else:
                 state, ends = "active", "null"
-            self.text = f'{self.head}{s.bytes_up}, "bytes_down": {s.bytes_down}{self.middle}{state}", "ends_at": {ends}{self.tail}'
-            self.mark = mark
+            self.text = f'{self.head}{up}, "bytes_down": {down}{self.middle}{state}", "ends_at": {ends}{self.tail}'
+            self.up, self.down, self.pending, self.ended = up, down, pending, ended
         # timedelta.total_seconds() is the same integer microseconds over 10**6: the same float, without a timedelta.
         duration = round(max(0.0, (now_us - self.started_us) / 1_000_000), 3)
         return f"{self.text}{duration!r}}}"
@@ -744,15 +754,6 @@ _MICROSECOND = timedelta(microseconds=1)
 
 def _micros(t: datetime) -> int:
     return (t - _EPOCH) // _MICROSECOND
-
-
-def _row(s: Session, now_us: int) -> tuple[str, str]:
-    """(started_at, the row's JSON) of a session of this node."""
-    static = s.view_cache
-    if not isinstance(static, _Static):
-        static = _Static(s)
-        s.view_cache = static
-    return static.started, static.row(s, now_us)
 
 
 def _sse(kind: str, data: dict[str, Any]) -> bytes:
