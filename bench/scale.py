@@ -1,23 +1,32 @@
 """Scale: one `bastion serve` process holding N idle sessions, and what the control port costs the relays then.
 
-Per N (--sizes, default 1000 5000) and per gateway source tree (--src, default this checkout; give a second
+Per N (--sizes, default 1000 9000) and per gateway source tree (--src, default this checkout; give a second
 tree, e.g. the code before a change exported with `git archive`, to compare both in one run, measured in
 alternating order), one fresh gateway process:
 
 - holds N idle jump sessions (`ssh -J`'s direct-tcpip channels, from asyncssh clients in this process, up to
   --per-conn channels per SSH connection) and --ws WebSocket tunnels (`wss://.../v1/tunnel`), all to an echo
-  "VM" in its own process; RSS per session is the growth of the gateway's VmRSS over each batch;
-- `GET /v1/sessions` --calls times, one new HTTPS connection per call: p50, p99 (the largest of the calls
-  when there are fewer than 100), the answer's size;
-- `GET /metrics` --calls times, the same way;
+  "VM" in its own process; RSS per session is the growth of the gateway's VmRSS over each batch (read after a
+  list, so each row's cached text is counted);
+- `GET /v1/sessions` --calls times, then `GET /metrics` --calls times, one new HTTPS connection per call, from a
+  child process (the operator's client is not the user's): p50, p99 (the largest of the calls when there are
+  fewer than 100), the time to the answer's headers, the answer's size;
 - the largest round trip of 64 bytes echoed through one more open jump channel, in a loop, while the lists
   are fetched (and, as the floor, over the same number of round trips with nothing else going on);
-- a bulk `POST /v1/sessions/disconnect` of 1,000 ids: wall time, every result must be `disconnected`.
+- a bulk `POST /v1/sessions/disconnect` of 1,000 ids: wall time, every result must be `disconnected`;
+- then every session but the prober's closed: the gateway's RSS after a mass close.
+
+For the sizes of --term-sizes (default 1000), a second fresh gateway holds N idle terminating SSH sessions
+(`ssh alice+idle01@gw idle`: the user's SSH connection to the gateway and the gateway's to the VM, 2 N
+connections in the gateway). The VM is one asyncssh server in its own process (its host key pinned in the
+gateway's inventory, the gateway logging in with its own key, as with any VM): an honest stand-in for measuring
+the gateway's memory, where one sshd per session would be 9,000 processes. Reported: KiB per session, the
+gateway's CPU per session opened, opens per second, RSS at N and after closing all.
 
 It prints one JSON line per setup, the load average at start and end, a table of medians over --rounds per N and
 tree and, with two trees, their ratios (last tree / first; below 1 is better). Results go to bench/results/scale.json.
 
-Run: .venv/bin/python bench/scale.py [--sizes 1000 5000 9000] [--src /tmp/base] [--calls 30]
+Run: .venv/bin/python bench/scale.py [--sizes 1000 5000 9000] [--term-sizes 1000 5000 9000] [--src /tmp/base] [--calls 30]
 """
 
 from __future__ import annotations
@@ -666,7 +675,7 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000])
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 9000])
     p.add_argument("--src", nargs="+", default=[str(REPO)], help="gateway source trees to compare (default: this checkout)")
     p.add_argument("--ws", type=int, default=1000, help="WebSocket tunnels held besides the N jump sessions")
     p.add_argument("--per-conn", type=int, default=500, help="jump channels per SSH connection")
