@@ -402,9 +402,12 @@ async def close_all(conns: list[asyncssh.SSHClientConnection]) -> None:
 
 
 async def until_count(api: Api, done: Callable[[int], bool], what: str) -> None:
-    """Until the gateway's session count (`GET /v1/cluster`, no list) satisfies `done`; at most a minute."""
+    """Until the gateway's session count (`GET /v1/cluster`, no list) satisfies `done`; at most 600 polls."""
     for _ in range(600):
-        status, body = await api.get_json("/v1/cluster")
+        try:
+            status, body = await api.get_json("/v1/cluster")
+        except aiohttp.ClientError:  # a control connection refused while the gateway is saturated by logins: ask again
+            status, body = 0, None
         if status == 200 and done(int(body["sessions"])):
             return
         await asyncio.sleep(0.1)
