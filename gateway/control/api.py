@@ -17,6 +17,7 @@ import hashlib
 import hmac
 import json
 import math
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -42,8 +43,9 @@ MAX_BODY = 64 * 1024  # room for a bulk disconnect of MAX_IDS ids with a reason
 MAX_REASON = 400
 MAX_IDS = 1000
 DISCONNECT_DEADLINE = 10.0  # a session told to end now has this long to leave (its notice, then its relay closed)
-LIST_CHUNK = 256  # rows of GET /v1/sessions built between two turns of the event loop
-WRITE_CHUNK = 256 * 1024  # bytes of an answer handed to TLS at once
+LIST_CHUNK = 256  # at most this many rows of GET /v1/sessions are built between two turns of the event loop
+LIST_SLICE_S = 0.001  # and at most about this much time (a CPU budget per turn, not a deadline)
+WRITE_CHUNK = 64 * 1024  # bytes of the session list encoded, and handed to TLS, at once
 REMOTE_AT_ONCE = 32  # disconnects asked of other nodes at once by one bulk request (each holds a Redis connection)
 MAX_GRACE = 3600.0
 SSE_WRITE_DEADLINE = 30.0  # an event stream whose client has not taken a write for this long is dropped
@@ -319,26 +321,33 @@ class ControlAPI:
         return web.json_response({"name": op.name, "role": op.role, "node": self._node})
 
     async def list_sessions(self, request: web.Request) -> web.StreamResponse:
-        """The JSON answer is written in slices of `WRITE_CHUNK` bytes, each drained: TLS encrypts a slice per turn of
-        the loop, not a list of 9,000 sessions (megabytes) at once."""
-        body = await self._session_list(request.query)
+        """The JSON answer goes out in the slices `_session_body()` built (about `WRITE_CHUNK` bytes each), one slice
+        per turn of the loop: TLS encrypts 64 KiB between two relay packets, never a list of 9,000 sessions at once."""
+        pieces = await self._session_body(request.query)
         resp = web.StreamResponse()
         resp.content_type = "application/json"
         resp.charset = "utf-8"
-        resp.content_length = len(body)
+        resp.content_length = sum(len(p) for p in pieces)
         await resp.prepare(request)
-        view = memoryview(body)
-        for at in range(0, len(body), WRITE_CHUNK):
-            await resp.write(view[at : at + WRITE_CHUNK])
+        for piece in pieces:
+            await resp.write(piece)  # waits only when the transport's buffer is full
+            await asyncio.sleep(0)  # and gives the loop back either way
         await resp.write_eof()
         return resp
 
     async def _session_list(self, q: Mapping[str, str]) -> bytes:
-        """The same JSON as `json.dumps({"sessions": [_view(s)...], "node": ...})`, built without a dict per session.
+        """The whole answer of `GET /v1/sessions` with the filters `q`, in one piece."""
+        return b"".join(await self._session_body(q))
 
-        Each row is text from the session's cached encoding of the fields that never change, plus its bytes, state and
-        duration; the loop is given back every `LIST_CHUNK` rows, so relays run while a list of 9,000 is built. Nothing
-        per row outlives the call but text, so polling the list leaves the collector nothing to walk.
+    async def _session_body(self, q: Mapping[str, str]) -> list[bytes]:
+        """The same JSON as `json.dumps({"sessions": [_view(s)...], "node": ...})`, built without a dict per session,
+        in slices of about `WRITE_CHUNK` bytes.
+
+        Each row is the session's cached text up to its duration (re-encoded only when its bytes or state moved) plus
+        the duration. The loop is given back whenever `LIST_SLICE_S` of work or `LIST_CHUNK` rows went by, while the
+        rows are read and again while they are encoded, so relays run while a list of 9,000 is built: no stretch
+        joins or encodes megabytes at once. Nothing per row outlives the call but text, so polling the list leaves
+        the collector nothing to walk.
         """
         unknown = set(q) - {"user", "vm", "protocol"}
         if unknown:
@@ -346,25 +355,38 @@ class ControlAPI:
         if q.get("protocol") is not None and q["protocol"] not in PROTOCOLS:
             raise ApiError(400, "bad_request", f"unknown protocol {q['protocol'][:64]!r} (one of: {', '.join(PROTOCOLS)})")
         user, vm, protocol = q.get("user"), q.get("vm"), q.get("protocol")
+        filtered = user is not None or vm is not None or protocol is not None
         keys: list[str] = []  # started_at as the answer shows it, the key the rows are sorted by
         rows: list[str] = []  # each row's JSON
+        ordered = True  # the rows are in started_at order so far (sessions open in time order)
+        yielded = False  # sessions may have left since the copy below was taken
         now = _micros(self._clock.now())
-        for i, s in enumerate(self._registry.sessions()):
-            if i and not i % LIST_CHUNK:
-                await asyncio.sleep(0)  # let relays run; sessions that left meanwhile are skipped below
+        turn = _Turns()
+        live = self._registry.live
+        for s in self._registry.sessions():
+            if turn.due():
+                await turn.give_back()  # let relays run; sessions that left meanwhile are skipped below
                 now = _micros(self._clock.now())
-            spec = s.spec
-            if (
-                (user is not None and spec.user != user)
-                or (vm is not None and spec.vm != vm)
-                or (protocol is not None and spec.protocol != protocol)
-            ):
+                yielded = True
+            if filtered:
+                spec = s.spec
+                if (
+                    (user is not None and spec.user != user)
+                    or (vm is not None and spec.vm != vm)
+                    or (protocol is not None and spec.protocol != protocol)
+                ):
+                    continue
+            if yielded and live(s.id) is not s:
                 continue
-            if self._registry.live(s.id) is not s:
-                continue
-            key, row = _row(s, now)
+            static = s.view_cache
+            if not isinstance(static, _Static):
+                static = _Static(s)
+                s.view_cache = static
+            key = static.started
+            if keys and key < keys[-1]:
+                ordered = False
             keys.append(key)
-            rows.append(row)
+            rows.append(static.row(s, now))
         answer: dict[str, Any] = {"node": self._node}
         if self._cluster is not None:
             view = await self._cluster.view()
@@ -373,14 +395,29 @@ class ControlAPI:
                     remote = self._remote(r)
                     keys.append(remote["started_at"])
                     rows.append(json.dumps(remote))
+                    ordered = False
             answer |= {"degraded": view.degraded, "nodes": view.nodes}
-        # Sessions open in time order, so the rows are sorted already unless the wall clock stepped back or other
-        # nodes' rows were added; then a stable sort by started_at, as before.
-        if any(keys[i] > keys[i + 1] for i in range(len(keys) - 1)):
+        # Sorted already unless the wall clock stepped back or other nodes' rows were added; then a stable sort by
+        # started_at, as before.
+        if not ordered:
             order = sorted(range(len(rows)), key=keys.__getitem__)
             rows = [rows[i] for i in order]
-        tail = json.dumps(answer)[1:]
-        return f'{{"sessions": [{", ".join(rows)}], {tail}'.encode()
+            await turn.give_back()
+        del keys
+        pieces: list[bytes] = []
+        first, size, last = 0, 0, len(rows) - 1
+        for i, row in enumerate(rows):
+            size += len(row) + 2
+            if size >= WRITE_CHUNK or i == last:
+                # The first slice opens the list; each later one starts with the separator from the row before it.
+                pieces.append(((", " if pieces else '{"sessions": [') + ", ".join(rows[first : i + 1])).encode())
+                first, size = i + 1, 0
+                if turn.due():
+                    await turn.give_back()
+        if not pieces:
+            pieces.append(b'{"sessions": [')
+        pieces.append(("], " + json.dumps(answer)[1:]).encode())
+        return pieces
 
     def _remote(self, row: dict[str, Any]) -> dict[str, Any]:
         """Another node's session as this node shows its own (the duration from its start, on this node's clock)."""
@@ -649,9 +686,10 @@ def _static(name: str) -> bytes:
 
 
 class _Static:
-    """The JSON of a session's fields that never change after open, encoded once, in `SessionInfo.as_dict()`'s order."""
+    """A session's row text up to its duration: the fields that never change after open, encoded once, in
+    `SessionInfo.as_dict()`'s order, and its bytes and state, encoded again only when they moved."""
 
-    __slots__ = ("head", "middle", "started", "started_us", "tail")
+    __slots__ = ("down", "ended", "head", "middle", "pending", "started", "started_us", "tail", "text", "up")
 
     def __init__(self, s: Session) -> None:
         spec = s.spec
@@ -672,19 +710,45 @@ class _Static:
         self.head = json.dumps(first)[:-1] + ', "bytes_up": '
         self.middle = f', "node": {json.dumps(s.node)}, "state": "'
         self.tail = f', "connection_id": {json.dumps(spec.connection_id)}, "client_name": {json.dumps(spec.client_name)}, "duration_s": '
+        # The bytes and state `text` was encoded with (-1: not yet).
+        self.up, self.down, self.ended = -1, -1, False
+        self.pending: object = None
+        self.text = ""
 
     def row(self, s: Session, now_us: int) -> str:
         """Byte for byte `json.dumps(ControlAPI._view(s.snapshot()))` at the time `now_us` (`_micros(clock.now())`)."""
-        pending = s.pending
-        if s.ended:
-            state, ends = "closed", "null"
-        elif pending is not None:
-            state, ends = "terminating", f'"{iso(pending.ends_at)}"'
-        else:
-            state, ends = "active", "null"
+        up, down, pending, ended = s.bytes_up, s.bytes_down, s.pending, s.ended
+        if up != self.up or down != self.down or pending is not self.pending or ended is not self.ended:
+            if ended:
+                state, ends = "closed", "null"
+            elif pending is not None:
+                state, ends = "terminating", f'"{iso(pending.ends_at)}"'
+            else:
+                state, ends = "active", "null"
+            self.text = f'{self.head}{up}, "bytes_down": {down}{self.middle}{state}", "ends_at": {ends}{self.tail}'
+            self.up, self.down, self.pending, self.ended = up, down, pending, ended
         # timedelta.total_seconds() is the same integer microseconds over 10**6: the same float, without a timedelta.
         duration = round(max(0.0, (now_us - self.started_us) / 1_000_000), 3)
-        return f'{self.head}{s.bytes_up}, "bytes_down": {s.bytes_down}{self.middle}{state}", "ends_at": {ends}{self.tail}{duration!r}}}'
+        return f"{self.text}{duration!r}}}"
+
+
+class _Turns:
+    """When a long loop gives the event loop back: after `LIST_SLICE_S` of work or `LIST_CHUNK` steps, whichever first."""
+
+    __slots__ = ("_since", "_steps")
+
+    def __init__(self) -> None:
+        self._since = time.perf_counter()
+        self._steps = 0
+
+    def due(self) -> bool:
+        self._steps += 1
+        return self._steps >= LIST_CHUNK or time.perf_counter() - self._since >= LIST_SLICE_S
+
+    async def give_back(self) -> None:
+        await asyncio.sleep(0)
+        self._since = time.perf_counter()
+        self._steps = 0
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -693,15 +757,6 @@ _MICROSECOND = timedelta(microseconds=1)
 
 def _micros(t: datetime) -> int:
     return (t - _EPOCH) // _MICROSECOND
-
-
-def _row(s: Session, now_us: int) -> tuple[str, str]:
-    """(started_at, the row's JSON) of a session of this node."""
-    static = s.view_cache
-    if not isinstance(static, _Static):
-        static = _Static(s)
-        s.view_cache = static
-    return static.started, static.row(s, now_us)
 
 
 def _sse(kind: str, data: dict[str, Any]) -> bytes:

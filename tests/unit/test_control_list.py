@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
 import json
 
 from aiohttp.test_utils import make_mocked_request
 
-from gateway.control.api import LIST_CHUNK, ControlAPI
+from gateway.control.api import LIST_CHUNK, WRITE_CHUNK, ControlAPI
 from gateway.kinds import Protocol, Reason
 from gateway.sessions.model import SessionSpec
 from tests.unit.test_registry import make_harness
@@ -73,3 +75,72 @@ async def test_bytes_and_state_are_read_on_every_list() -> None:
     assert (second["bytes_down"], second["state"], second["duration_s"]) == (99, "terminating", first["duration_s"] + 2)
     assert second["ends_at"] is not None
     assert (third["state"], third["ends_at"], third["bytes_down"]) == ("closed", None, 99)
+
+
+class _RecordingWriter:
+    """The response's payload writer: what the handler hands to the transport, and how often the loop turned meanwhile."""
+
+    def __init__(self, turns: list[int]) -> None:
+        self._turns = turns
+        self.writes: list[tuple[int, int]] = []  # (bytes, loop turns seen so far)
+        self.body = bytearray()
+        self.buffer_size = 0
+        self.output_size = 0
+        self.length: int | None = None
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append((len(data), self._turns[0]))
+        self.body += data
+
+    async def write_headers(self, status_line: str, headers: object) -> None:
+        pass
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        self.body += data
+
+    async def drain(self) -> None:
+        pass
+
+    def enable_chunking(self) -> None:
+        pass
+
+    def enable_compression(self, encoding: str = "deflate", strategy: object = None) -> None:
+        pass
+
+    def send_headers(self) -> None:
+        pass
+
+    def set_eof(self) -> None:
+        pass
+
+
+async def test_a_long_list_goes_out_in_small_slices_with_the_loop_given_back() -> None:
+    """1,500 sessions: the answer reaches the transport in slices of about WRITE_CHUNK bytes (never the whole list or
+    a quarter of a MiB at once), and other tasks run between any two slices, so relays are not held up by TLS."""
+    h = make_harness()
+    api = ControlAPI(h.registry, (), h.clock, h.registry._log, node="gw1")
+    turns = [0]
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        while not stop.is_set():
+            turns[0] += 1
+            await asyncio.sleep(0)
+
+    async with contextlib.AsyncExitStack() as stack:
+        for i in range(1500):
+            await stack.enter_async_context(h.registry.open(jump_spec("alice", f"vm{i % 2}", i)))
+        expected = await api._session_list({})
+        writer = _RecordingWriter(turns)
+        request = make_mocked_request("GET", "/v1/sessions", writer=writer)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(ticker(), name="ticker")
+            await api.list_sessions(request)
+            stop.set()
+    assert bytes(writer.body) == expected
+    sizes = [n for n, _ in writer.writes]
+    longest_row = max(len(json.dumps(r)) for r in json.loads(expected)["sessions"])
+    assert len(sizes) > 2
+    assert max(sizes) <= WRITE_CHUNK + longest_row + 2
+    seen = [t for _, t in writer.writes]
+    assert all(b > a for a, b in itertools.pairwise(seen)), seen
