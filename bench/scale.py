@@ -208,6 +208,7 @@ def config(state_dir: Path, port: int, alice: KeyPair, sink_port: int, n: int, v
             "[gateway]",
             f"node = {toml_value('bench')}",
             f"state_dir = {toml_value(str(state_dir))}",
+            "workers = 1",  # one process: its RSS and its loop are what is measured
             "[public]",
             f"listen = {toml_value([f'{HOST}:{port}'])}",
             f"max_connections_per_source = {toml_value(max(1000, 2 * n))}",
