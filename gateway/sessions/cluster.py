@@ -165,10 +165,7 @@ class RedisCluster:
     async def _beat(self) -> None:
         assert self._redis is not None
         while True:
-            payload = json.dumps(
-                {"node": self.node, "at": iso(self._clock.now()), "sessions": [s.as_dict() for s in self._registry.list()]},
-                separators=(",", ":"),
-            )
+            payload = await self._heartbeat_payload()
             was_degraded = self.degraded
             try:
                 async with asyncio.timeout(self.timeout):
@@ -184,6 +181,19 @@ class RedisCluster:
                     self._log.exception("cluster_watch_failed")
             self.changed.set()
             await self._clock.sleep(self.heartbeat)
+
+    async def _heartbeat_payload(self) -> str:
+        """This node's heartbeat document, encoded 256 rows at a time with the loop given back between them (9,000
+        rows in one stretch stopped every relay for tens of milliseconds, every heartbeat)."""
+        head = json.dumps({"node": self.node, "at": iso(self._clock.now())}, separators=(",", ":"))
+        rows: list[str] = []
+        ids = self._registry.ids()
+        for i in range(0, len(ids), _BEAT_SLICE):
+            if i:
+                await asyncio.sleep(0)
+            infos = [self._registry.get(sid) for sid in ids[i : i + _BEAT_SLICE]]
+            rows.extend(json.dumps(s.as_dict(), separators=(",", ":")) for s in infos if s is not None)  # None: closed meanwhile
+        return head[:-1] + ',"sessions":[' + ",".join(rows) + "]}"
 
     async def _read(self) -> dict[str, tuple[str, list[dict[str, Any]]]]:
         """Every node's last heartbeat and sessions, this one's included. Raises on Redis errors (bounded by `timeout`)."""
@@ -665,6 +675,9 @@ def _heartbeat(raw: object) -> tuple[str, list[dict[str, Any]], str] | None:
     except (ValueError, KeyError, TypeError):
         return None
     return at, [r for r in rows if isinstance(r, dict)], node
+
+
+_BEAT_SLICE = 256
 
 
 def _age(now: datetime, at: str) -> float | None:

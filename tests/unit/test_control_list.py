@@ -144,3 +144,35 @@ async def test_a_long_list_goes_out_in_small_slices_with_the_loop_given_back() -
     assert max(sizes) <= WRITE_CHUNK + longest_row + 2
     seen = [t for _, t in writer.writes]
     assert all(b > a for a, b in itertools.pairwise(seen)), seen
+
+
+async def test_a_heartbeat_of_many_sessions_gives_the_loop_back() -> None:
+    """A cluster node's (or worker's) heartbeat of 1,500 sessions is the same document as one json.dumps of every row,
+    and other tasks run while it is encoded (one stretch of 9,000 rows held every relay up, every heartbeat)."""
+    from gateway.sessions.cluster import RedisCluster
+
+    h = make_harness()
+    cluster = RedisCluster(
+        h.registry, "gw1.w1", "unix:///nowhere", heartbeat=1.0, node_ttl=3.0, timeout=1.0, log=h.registry._log, clock=h.clock
+    )
+    turns = [0]
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        while not stop.is_set():
+            turns[0] += 1
+            await asyncio.sleep(0)
+
+    async with contextlib.AsyncExitStack() as stack:
+        for i in range(1500):
+            await stack.enter_async_context(h.registry.open(jump_spec("alice", f"vm{i % 2}", i)))
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(ticker(), name="ticker")
+            before = turns[0]
+            payload = await cluster._heartbeat_payload()
+            during = turns[0] - before
+            stop.set()
+        doc = json.loads(payload)
+        assert doc["node"] == "gw1.w1" and "at" in doc
+        assert doc["sessions"] == [s.as_dict() for s in h.registry.list()]
+    assert during >= 1500 // 256
