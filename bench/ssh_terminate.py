@@ -68,14 +68,14 @@ def live_children(pid: int) -> int:
     return n
 
 
-def gateway_toml(state_dir: Path, port: int, vm: SSHD, vm_login: KeyPair, alice: KeyPair) -> str:
+def gateway_toml(state_dir: Path, port: int, vm: SSHD, vm_login: KeyPair, alice: KeyPair, *, workers: int = 1) -> str:
     login = vm.login
     lines = [
         "[gateway]",
         f"node = {toml_value('bench')}",
         f"state_dir = {toml_value(str(state_dir))}",
         f"connect_timeout = {toml_value('5s')}",
-        "workers = 1",  # one process: its CPU is the gateway's (bench/workers.py measures several)
+        f"workers = {workers}",  # one process by default: its CPU is the gateway's (bench/workers.py measures several)
         "[public]",
         f"listen = {toml_value([f'{HOST}:{port}'])}",
         "[control]",

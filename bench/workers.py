@@ -68,8 +68,8 @@ def source(k: int) -> str:
 def worker_toml(state: Path, port: int, vm: SSHD, vm_login: KeyPair, alice: KeyPair, workers: int) -> str:
     """ssh_terminate's gateway with `workers = N`, a short drain, and no per-user session rate: these logins are
     all alice's, and the token bucket (10 a second) would measure itself, not the workers."""
-    text = gateway_toml(state, port, vm, vm_login, alice)
-    text = text.replace("[gateway]\n", f'[gateway]\nworkers = {workers}\nshutdown_grace = "2s"\n', 1)
+    text = gateway_toml(state, port, vm, vm_login, alice, workers=workers)
+    text = text.replace("[gateway]\n", '[gateway]\nshutdown_grace = "2s"\n', 1)
     return text + '[sessions]\nrate_per_user = "off"\nmax_per_user = 1000\n'
 
 
