@@ -20,10 +20,12 @@ import statistics
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results" / "asyncssh_echo.json"
 
 
 async def _measure(echoes: int, mb: int, cipher: str) -> dict[str, float]:
@@ -145,6 +147,19 @@ def main(argv: list[str] | None = None) -> int:
             )
         print(line)
     print(f"load at end {os.getloadavg()[0]:.2f}")
+    g = med["gateway"]
+    others = [n for n in med if n != "gateway"]
+    base = f"tree {others[0]} " if others else "no baseline (a diagnostic)"
+    rows = [
+        {"path": "asyncssh alone, user CPU per echo (µs)", "gateway": f"{g['echo_user_us']:.1f}",
+         "baseline": base + (f"{med[others[0]]['echo_user_us']:.1f}" if others else ""),
+         "ratio": f"{g['echo_user_us'] / med[others[0]]['echo_user_us']:.2f}" if others else "-"},
+        {"path": "asyncssh alone, user CPU per MB (ms)", "gateway": f"{g['bulk_user_ms_per_mb']:.2f}",
+         "baseline": base + (f"{med[others[0]]['bulk_user_ms_per_mb']:.2f}" if others else ""),
+         "ratio": f"{g['bulk_user_ms_per_mb'] / med[others[0]]['bulk_user_ms_per_mb']:.2f}" if others else "-"},
+    ]  # fmt: skip
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"timestamp": datetime.now(UTC).isoformat(timespec="seconds"), "medians": med, "rows": rows}, indent=2))
     return 0
 
 
