@@ -31,21 +31,28 @@ class RedisServer:
 
     def start(self) -> None:
         """Start (or restart) it on the same port; returns once it says READY=1 (systemd's protocol, bounded)."""
-        with ready_socket() as ready:
-            self.process = subprocess.Popen(
-                ["/usr/bin/redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
-                 "--dir", str(self.dir), "--protected-mode", "yes", "--supervised", "systemd"],
-                stdin=subprocess.DEVNULL, stdout=(self.dir / "redis.log").open("ab"), stderr=subprocess.STDOUT,
-                env={**os.environ, **ready.env()},
-            )  # fmt: skip
-            try:
-                ready.wait_sync(self.process, START_TIMEOUT)
-            except RuntimeError as exc:
-                raise RuntimeError(f"redis-server: {exc}: {(self.dir / 'redis.log').read_text()[-2000:]}") from None
+        argv = ["/usr/bin/redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
+                "--dir", str(self.dir), "--protected-mode", "yes", "--supervised", "systemd"]  # fmt: skip
+        self.process = _start_ready(argv, self.dir, "redis-server")
 
     def stop(self) -> None:
         """End it by its PID (TERM, then KILL). Idempotent."""
         _stop(self.process)
+
+
+def _start_ready(argv: list[str], dir: Path, name: str) -> subprocess.Popen[bytes]:
+    """Start `argv` logging to DIR/NAME.log; returns once it says READY=1 (systemd's protocol, bounded)."""
+    log = dir / f"{name}.log"
+    with ready_socket() as ready:
+        process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log.open("ab"), stderr=subprocess.STDOUT, env={**os.environ, **ready.env()}
+        )
+        try:
+            ready.wait_sync(process, START_TIMEOUT)
+        except RuntimeError as exc:
+            _stop(process)
+            raise RuntimeError(f"{name}: {exc}: {log.read_text()[-2000:]}") from None
+    return process
 
 
 def _stop(process: subprocess.Popen[bytes] | None) -> None:
@@ -74,16 +81,7 @@ class HubServer:
         return f"unix://{self.dir / 'hub.sock'}"
 
     def start(self) -> None:
-        with ready_socket() as ready:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "gateway.hub", str(self.dir / "hub.sock")],
-                stdin=subprocess.DEVNULL, stdout=(self.dir / "hub.log").open("ab"), stderr=subprocess.STDOUT,
-                env={**os.environ, **ready.env()},
-            )  # fmt: skip
-            try:
-                ready.wait_sync(self.process, START_TIMEOUT)
-            except RuntimeError as exc:
-                raise RuntimeError(f"hub: {exc}: {(self.dir / 'hub.log').read_text()[-2000:]}") from None
+        self.process = _start_ready([sys.executable, "-m", "gateway.hub", str(self.dir / "hub.sock")], self.dir, "hub")
 
     def stop(self) -> None:
         _stop(self.process)

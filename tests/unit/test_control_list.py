@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+from collections.abc import AsyncIterator
 
 from aiohttp.test_utils import make_mocked_request
 
@@ -114,11 +115,9 @@ class _RecordingWriter:
         pass
 
 
-async def test_a_long_list_goes_out_in_small_slices_with_the_loop_given_back() -> None:
-    """1,500 sessions: the answer reaches the transport in slices of about WRITE_CHUNK bytes (never the whole list or
-    a quarter of a MiB at once), and other tasks run between any two slices, so relays are not held up by TLS."""
-    h = make_harness()
-    api = ControlAPI(h.registry, (), h.clock, h.registry._log, node="gw1")
+@contextlib.asynccontextmanager
+async def loop_turns() -> AsyncIterator[list[int]]:
+    """[n]: how many times another task has run so far (it runs once per turn of the loop until the block ends)."""
     turns = [0]
     stop = asyncio.Event()
 
@@ -127,16 +126,28 @@ async def test_a_long_list_goes_out_in_small_slices_with_the_loop_given_back() -
             turns[0] += 1
             await asyncio.sleep(0)
 
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(ticker(), name="ticker")
+        try:
+            yield turns
+        finally:
+            stop.set()
+
+
+async def test_a_long_list_goes_out_in_small_slices_with_the_loop_given_back() -> None:
+    """1,500 sessions: the answer reaches the transport in slices of about WRITE_CHUNK bytes (never the whole list or
+    a quarter of a MiB at once), and other tasks run between any two slices, so relays are not held up by TLS."""
+    h = make_harness()
+    api = ControlAPI(h.registry, (), h.clock, h.registry._log, node="gw1")
+
     async with contextlib.AsyncExitStack() as stack:
         for i in range(1500):
             await stack.enter_async_context(h.registry.open(jump_spec("alice", f"vm{i % 2}", i)))
         expected = await api._session_list({})
-        writer = _RecordingWriter(turns)
-        request = make_mocked_request("GET", "/v1/sessions", writer=writer)
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(ticker(), name="ticker")
+        async with loop_turns() as turns:
+            writer = _RecordingWriter(turns)
+            request = make_mocked_request("GET", "/v1/sessions", writer=writer)
             await api.list_sessions(request)
-            stop.set()
     assert bytes(writer.body) == expected
     sizes = [n for n, _ in writer.writes]
     longest_row = max(len(json.dumps(r)) for r in json.loads(expected)["sessions"])
@@ -155,23 +166,14 @@ async def test_a_heartbeat_of_many_sessions_gives_the_loop_back() -> None:
     cluster = RedisCluster(
         h.registry, "gw1.w1", "unix:///nowhere", heartbeat=1.0, node_ttl=3.0, timeout=1.0, log=h.registry._log, clock=h.clock
     )
-    turns = [0]
-    stop = asyncio.Event()
-
-    async def ticker() -> None:
-        while not stop.is_set():
-            turns[0] += 1
-            await asyncio.sleep(0)
 
     async with contextlib.AsyncExitStack() as stack:
         for i in range(1500):
             await stack.enter_async_context(h.registry.open(jump_spec("alice", f"vm{i % 2}", i)))
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(ticker(), name="ticker")
+        async with loop_turns() as turns:
             before = turns[0]
             payload = await cluster._heartbeat_payload()
             during = turns[0] - before
-            stop.set()
         doc = json.loads(payload)
         assert doc["node"] == "gw1.w1" and "at" in doc
         assert doc["sessions"] == [s.as_dict() for s in h.registry.list()]
