@@ -151,6 +151,8 @@ class Supervisor:
         self.hub: Hub | None = None
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._reloads: set[asyncio.Task[None]] = set()
+        self._serving = False  # every worker said READY=1 once
         self.restarts = 0
 
     def __repr__(self) -> str:
@@ -177,6 +179,7 @@ class Supervisor:
                     return 0
                 self.log.error("gateway_start_failed", reason=StartupError.reason, error="a worker did not start")
                 return 1
+            self._serving = True
             self._tasks = [asyncio.create_task(self._supervise(w), name=f"worker-{w.index}") for w in self._workers]
             self._tasks.append(asyncio.create_task(self._watch_pings(), name="worker-watchdogs"))
             self.notifier.ready(f"serving with {self.count} workers")
@@ -277,19 +280,26 @@ class Supervisor:
     # Running.
 
     def request_reload(self) -> None:
-        """SIGHUP: every worker reloads its config (each reads the file itself); READY once all of them have."""
+        """SIGHUP: every serving worker reloads its config (each reads the file itself; one still starting reads the new
+        file anyway); READY once all of them have. Before every worker first served it is ignored, as one gateway
+        ignores it: a worker that has not set its SIGHUP handler yet would die of the signal."""
+        if not self._serving:
+            self.log.warning("config_reload_ignored", reason="not serving")
+            return
         self.log.info("workers_reload_requested", workers=self.count)
         self.notifier.reloading()
-        for w in self._workers:
+        asked = [w for w in self._workers if w.ready.is_set() and w.process is not None and w.process.returncode is None]
+        for w in asked:
             w.reloaded.clear()
             self._signal(w, signal.SIGHUP)
-        task = asyncio.create_task(self._reloaded(), name="workers-reload")
-        self._tasks.append(task)
+        task = asyncio.create_task(self._reloaded(asked), name="workers-reload")
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
 
-    async def _reloaded(self) -> None:
+    async def _reloaded(self, asked: list[_Worker]) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(30.0):
-                await asyncio.gather(*(w.reloaded.wait() for w in self._workers))
+                await asyncio.gather(*(w.reloaded.wait() for w in asked))
         self.notifier.ready(f"serving with {self.count} workers")
 
     def _signal(self, w: _Worker, sig: int) -> None:
@@ -335,12 +345,14 @@ class Supervisor:
             self.hub.put("bastion:supervisor", json.dumps(doc))
 
     async def _watch_pings(self) -> None:
-        """A worker that stopped petting its watchdog (a hung loop) is killed; `_supervise` starts it again."""
-        limit = 2 * WATCHDOG_USEC / 1_000_000
+        """A worker that stopped petting its watchdog (a hung loop) is killed; `_supervise` starts it again. One that is
+        (re)starting pets nothing until it serves: it gets START_TIMEOUT (a loaded machine took 11 s to start four)."""
+        serving = 2 * WATCHDOG_USEC / 1_000_000
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(limit / 4)
+            await asyncio.sleep(serving / 4)
             for w in self._workers:
+                limit = serving if w.ready.is_set() else START_TIMEOUT
                 if w.process is not None and w.process.returncode is None and loop.time() - w.last_ping > limit:
                     self.log.error("worker_unresponsive", worker=w.index, pid=w.process.pid, silent=round(loop.time() - w.last_ping, 1))
                     self._signal(w, signal.SIGKILL)
@@ -355,9 +367,9 @@ class Supervisor:
 
     async def _stop_all(self) -> None:
         self._stopping = True
-        for t in self._tasks:
+        for t in [*self._tasks, *self._reloads]:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._reloads, return_exceptions=True)
         live = [w for w in self._workers if w.process is not None and w.process.returncode is None]
         if live:
             self.notifier.stopping(f"stopping {len(live)} workers")
