@@ -24,6 +24,7 @@ import aiohttp
 from tests.e2e.conftest import OPERATOR_TOKEN, Keys
 from tests.e2e.test_daemon import Child, Daemon, recv_notify, running_daemon
 from tests.support.peers import SSHD
+from tests.support.redis import running_redis
 from tests.support.sse import event_stream
 
 SOURCES = ("127.0.0.1", "127.0.0.2")
@@ -159,6 +160,28 @@ async def test_a_worker_that_hangs_is_killed_and_started_again(tmp_path: Path, k
                 os.kill(pid, signal.SIGCONT)
         await d.wait_event("gateway_started", count=3)
         assert worker_pids(d)[1] != pid
+
+
+async def test_with_a_redis_cluster_each_worker_is_a_node_of_it(tmp_path: Path, keys: Keys, vm: SSHD) -> None:
+    """With [cluster] naming a real redis-server, the workers are nodes of that cluster (no hub): both appear in the
+    cluster summary, and one control port lists the sessions of both."""
+    with running_redis() as redis:
+
+        def clustered(cfg: dict[str, Any]) -> None:
+            two_workers(cfg)
+            cfg["cluster"] = {"redis_url": redis.url, "heartbeat": "0.5s", "node_ttl": "2s", "timeout": "0.5s"}
+
+        async with running_daemon(tmp_path, keys, vm, clustered) as d:
+            await d.wait_event("workers_started")
+            cats = [await open_cat(d, src) for src in SOURCES]
+            listed = await listed_all(d, {s["session_id"] for _, s in cats})
+            assert {"test-node.w1", "test-node.w2"} <= set(listed["nodes"])
+            status, summary = await control(d, "GET", "/v1/cluster")
+            assert status == 200 and {n["node"] for n in summary["nodes"]} == {"test-node.w1", "test-node.w2"}, summary
+            for child, _ in cats:
+                assert child.proc.stdin is not None
+                child.proc.stdin.close()
+                assert await child.wait(20) == 0
 
 
 async def _answering_node(d: Daemon) -> str:
