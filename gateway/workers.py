@@ -243,13 +243,11 @@ class Supervisor:
         while True:
             try:
                 data = w.notify.recv(4096)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
+            except OSError:  # drained (BlockingIOError), or the socket is gone
                 return
             lines = set(data.decode("utf-8", "replace").split("\n"))
             w.last_ping = asyncio.get_running_loop().time()
-            if "RELOADING=1" in lines or any(line.startswith("RELOADING=1") for line in lines):
+            if "RELOADING=1" in lines:
                 w.reloading = True
             if "READY=1" in lines:
                 w.ready.set()
@@ -324,8 +322,9 @@ class Supervisor:
                 last = self.hub.get("bastion:node:" + node)  # its last heartbeat: every session the view showed
                 self.hub.delete("bastion:node:" + node)
                 self.hub.publish("bastion:events", json.dumps({"origin": node, "lost": True, "last": last}))
-            backoff = BACKOFF_MIN if lived >= HEALTHY_AFTER else min(BACKOFF_MAX, backoff * 2)
-            await asyncio.sleep(backoff if lived < HEALTHY_AFTER else BACKOFF_MIN)
+            delay = BACKOFF_MIN if lived >= HEALTHY_AFTER else backoff  # 1 s, 2 s, 4 s ... 30 s; 1 s again once healthy
+            backoff = min(BACKOFF_MAX, delay * 2)
+            await asyncio.sleep(delay)
             if self._stopping:
                 return
             w.restarts += 1
