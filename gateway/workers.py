@@ -319,8 +319,9 @@ class Supervisor:
             self.log.error("worker_exited", worker=w.index, pid=w.process.pid, status=status, lived=round(lived, 1))
             if self.hub is not None:  # the others report its sessions lost now, not when its key expires
                 node = worker_node(self.cfg.gateway.node, w.index)
-                last = self.hub.get("bastion:node:" + node)  # its last heartbeat: every session the view showed
-                self.hub.delete("bastion:node:" + node)
+                last = self.hub.get("bastion:rows:" + node)  # its last heartbeat: every session the view showed
+                self.hub.delete("bastion:rows:" + node)
+                self.hub.delete("bastion:alive:" + node)
                 self.hub.publish("bastion:events", json.dumps({"origin": node, "lost": True, "last": last}))
             delay = BACKOFF_MIN if lived >= HEALTHY_AFTER else backoff  # 1 s, 2 s, 4 s ... 30 s; 1 s again once healthy
             backoff = min(BACKOFF_MAX, delay * 2)

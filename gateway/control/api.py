@@ -391,6 +391,8 @@ class ControlAPI:
         if self._cluster is not None:
             view = await self._cluster.view()
             for r in view.sessions:
+                if turn.due():
+                    await turn.give_back()
                 if all(q.get(k) is None or r.get(k) == q[k] for k in ("user", "vm", "protocol")):
                     remote = self._remote(r)
                     keys.append(remote["started_at"])

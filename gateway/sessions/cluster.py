@@ -1,12 +1,15 @@
 """Several gateways, one view: each node publishes its sessions to Redis and answers disconnects for them.
 
-Each node's registry stays the source of truth for its own sessions. Every `heartbeat` the node writes its
-whole session list to `bastion:node:<node>` with a TTL of `node_ttl`, so a node that dies (SIGKILL, a cut
-cable) drops out of every other node's view within `node_ttl`, and a list from any node is complete within one
-heartbeat. Its registry's events (opened, updated, closed, progress) go out as they happen on `bastion:events`,
-so every node's event stream carries every node's sessions. Each heartbeat a node also reads the others' keys: a
-node whose key expired without saying it left (SIGKILL) is reported lost, and each of its sessions is closed in
-every event stream with reason `node_lost`, logged and counted. A disconnect for a session on another node is
+Each node's registry stays the source of truth for its own sessions. Every `heartbeat` the node writes two keys:
+`bastion:alive:<node>` (a few bytes: when, how many sessions) with a TTL of `node_ttl`, and its whole session
+list to `bastion:rows:<node>` (one JSON line per session) with twice that TTL. A node that dies (SIGKILL, a cut
+cable) drops out of every other node's view within `node_ttl`, since a list shows only the rows of live nodes, and
+a list from any node is complete within one heartbeat. Its registry's events (opened, updated, closed, progress)
+go out as they happen on `bastion:events`, so every node's event stream carries every node's sessions. Each
+heartbeat a node also reads the others' liveness keys, never their rows (at thousands of sessions a node, reading
+every row every second was the cluster's biggest shared cost): a node whose key expired without saying it left
+(SIGKILL) is reported lost, its rows (which outlive its liveness key) are read once, and each of its sessions is
+closed in every event stream with reason `node_lost`, logged and counted. A disconnect for a session on another node is
 published on `bastion:control:<node>`; the owner ends it with its own registry (the user reads the notice as
 usual) and answers on a reply channel. Every Redis call has a deadline (`timeout`): when Redis is unreachable the
 node goes on serving its users, answers from local state and says `degraded`; it converges by itself when Redis
@@ -34,7 +37,8 @@ from gateway.sessions.registry import SessionRegistry, StreamEnded, Subscription
 
 _LOCKS = "bastion:locks"  # a hash (id -> lock) and the channel of changes (locks and revoked tokens)
 _REVOKED = "bastion:revoked"  # a hash: token id -> when it expires
-_NODE = "bastion:node:"
+_ALIVE = "bastion:alive:"  # {"node", "at", "sessions": count}, TTL node_ttl: the node is alive while it exists
+_ROWS = "bastion:rows:"  # a head line {"node", "at", "sessions"} then one JSON line per session, TTL 2 node_ttl
 _CONTROL = "bastion:control:"
 _REPLY = "bastion:reply:"
 _EVENTS = "bastion:events"  # every node's registry events, batched: {"origin", "events": [...]} | {"origin", "resync"|"left"}
@@ -96,7 +100,7 @@ class RedisCluster:
         self.render_metrics: Callable[[], bytes] | None = None
         self._events: Subscription | None = None  # this node's registry events, forwarded to the others
         self._resync_due = False  # an event could not be published: the others start over from a snapshot
-        self._known: dict[str, tuple[str, list[dict[str, Any]]]] = {}  # node -> (last heartbeat, sessions), last watch
+        self._known: dict[str, tuple[str, int]] = {}  # node -> (last heartbeat, its session count), last watch
         self._left: set[str] = set()  # nodes that said they stopped (not lost)
         self._lost_nodes: set[str] = set()
         self.lost: deque[dict[str, Any]] = deque(maxlen=MAX_LOST)  # newest last: {node, detected_at, last_heartbeat, sessions}
@@ -141,7 +145,7 @@ class RedisCluster:
             with contextlib.suppress(redis.RedisError, OSError, TimeoutError):
                 async with asyncio.timeout(self.timeout):
                     await self._redis.publish(_EVENTS, json.dumps({"origin": self.node, "left": True}))
-                    await self._redis.delete(_NODE + self.node)  # a clean stop leaves at once, not after node_ttl
+                    await self._redis.delete(_ALIVE + self.node, _ROWS + self.node)  # a clean stop leaves at once
             with contextlib.suppress(redis.RedisError, OSError, TimeoutError):
                 async with asyncio.timeout(self.timeout):
                     await self._redis.aclose()
@@ -165,11 +169,16 @@ class RedisCluster:
     async def _beat(self) -> None:
         assert self._redis is not None
         while True:
-            payload = await self._heartbeat_payload()
+            at, count, rows = await self._heartbeat_payload()
+            alive = json.dumps({"node": self.node, "at": at, "sessions": count}, separators=(",", ":"))
             was_degraded = self.degraded
             try:
                 async with asyncio.timeout(self.timeout):
-                    await self._redis.set(_NODE + self.node, payload, px=int(self.node_ttl * 1000))
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        # The rows first: a node that reads this liveness key finds rows at least as new.
+                        pipe.set(_ROWS + self.node, rows, px=int(2 * self.node_ttl * 1000))
+                        pipe.set(_ALIVE + self.node, alive, px=int(self.node_ttl * 1000))
+                        await pipe.execute()
             except (redis.RedisError, OSError, TimeoutError) as exc:
                 self._down("heartbeat", exc)
             else:
@@ -182,31 +191,49 @@ class RedisCluster:
             self.changed.set()
             await self._clock.sleep(self.heartbeat)
 
-    async def _heartbeat_payload(self) -> str:
-        """This node's heartbeat document, encoded 256 rows at a time with the loop given back between them (9,000
-        rows in one stretch stopped every relay for tens of milliseconds, every heartbeat)."""
-        head = json.dumps({"node": self.node, "at": iso(self._clock.now())}, separators=(",", ":"))
+    async def _heartbeat_payload(self) -> tuple[str, int, str]:
+        """(when, how many sessions, the rows document): encoded 256 rows at a time with the loop given back between
+        them (9,000 rows in one stretch stopped every relay for tens of milliseconds, every heartbeat)."""
+        at = iso(self._clock.now())
         rows: list[str] = []
         ids = self._registry.ids()
         for i in range(0, len(ids), _BEAT_SLICE):
             if i:
                 await asyncio.sleep(0)
             infos = [self._registry.get(sid) for sid in ids[i : i + _BEAT_SLICE]]
-            rows.extend(json.dumps(s.as_dict(), separators=(",", ":")) for s in infos if s is not None)  # None: closed meanwhile
-        return head[:-1] + ',"sessions":[' + ",".join(rows) + "]}"
+            # Compact JSON never holds a raw newline (json.dumps escapes it): one line per row. None: closed meanwhile.
+            rows.extend(json.dumps(s.as_dict(), separators=(",", ":")) for s in infos if s is not None)
+        head = json.dumps({"node": self.node, "at": at, "sessions": len(rows)}, separators=(",", ":"))
+        return at, len(rows), "\n".join([head, *rows])
 
-    async def _read(self) -> dict[str, tuple[str, list[dict[str, Any]]]]:
-        """Every node's last heartbeat and sessions, this one's included. Raises on Redis errors (bounded by `timeout`)."""
+    async def _alive(self) -> dict[str, tuple[str, int]]:
+        """Every live node's last heartbeat and session count, this one's included: its liveness key only, never its
+        rows. Raises on Redis errors (bounded by `timeout`)."""
         assert self._redis is not None
         async with asyncio.timeout(self.timeout):
-            keys = [k async for k in self._redis.scan_iter(match=_NODE + "*", count=500)]
+            keys = [k async for k in self._redis.scan_iter(match=_ALIVE + "*", count=500)]
             values = await self._redis.mget(keys) if keys else []
-        out: dict[str, tuple[str, list[dict[str, Any]]]] = {}
+        out: dict[str, tuple[str, int]] = {}
         for raw in values:
-            if raw is None:
-                continue  # expired between SCAN and MGET
-            if (beat := _heartbeat(raw)) is not None:
-                out[beat[2]] = beat[:2]
+            if raw is not None and (beat := _alive_doc(raw)) is not None:  # None: expired between SCAN and MGET
+                out[beat[0]] = beat[1:]
+        return out
+
+    async def _rows(self, nodes: list[str]) -> list[tuple[str, list[dict[str, Any]]] | None]:
+        """These nodes' last rows documents as (at, sessions), None where there is none. Parsed 256 rows at a time
+        with the loop given back (another node's 9,000 rows in one stretch would stop every relay here)."""
+        assert self._redis is not None
+        if not nodes:
+            return []
+        async with asyncio.timeout(self.timeout):
+            values = await self._redis.mget([_ROWS + n for n in nodes])
+        out: list[tuple[str, list[dict[str, Any]]] | None] = []
+        budget = MAX_REMOTE
+        for raw in values:
+            doc = await _rows_doc(raw, budget)
+            if doc is not None:
+                budget -= len(doc[1])
+            out.append(doc)
         return out
 
     async def view(self) -> RemoteView:
@@ -214,40 +241,48 @@ class RedisCluster:
         if self._redis is None:
             return RemoteView([], {}, True)
         try:
-            read = await self._read()
+            alive = await self._alive()
+            others = sorted(n for n in alive if n != self.node)
+            docs = await self._rows(others)
         except (redis.RedisError, OSError, TimeoutError) as exc:
             self._down("view", exc)
             return RemoteView([], {self.node: iso(self._clock.now())}, True)
-        sessions = [r for node, (_, rows) in read.items() if node != self.node for r in rows]
-        return RemoteView(sessions[:MAX_REMOTE], {node: at for node, (at, _) in read.items()}, self.degraded)
+        sessions = [r for doc in docs if doc is not None for r in doc[1]]
+        return RemoteView(sessions[:MAX_REMOTE], {node: at for node, (at, _) in alive.items()}, self.degraded)
 
     async def _watch(self, *, resync: bool) -> None:
         """After each heartbeat: which nodes joined, left, or were lost (their key expired without a word)."""
         try:
-            read = await self._read()
+            read = await self._alive()
         except (redis.RedisError, OSError, TimeoutError) as exc:
             self._down("watch", exc)
             return
         self.cluster_nodes = len(read)
-        self.cluster_sessions = sum(len(rows) for _, rows in read.values())
+        self.cluster_sessions = sum(count for _, count in read.values())
         # Until this node has been connected for node_ttl, a missing key may only mean Redis was away (or restarted
         # empty) and the others have not beaten since: those nodes are kept, not reported lost.
         settled = self._clock.monotonic() - self._up_since >= self.node_ttl
-        waiting: dict[str, tuple[str, list[dict[str, Any]]]] = {}
-        for node in self._known.keys() - read.keys() - {self.node}:
-            at, rows = self._known[node]
+        waiting: dict[str, tuple[str, int]] = {}
+        for node in sorted(self._known.keys() - read.keys() - {self.node}):
+            at, count = self._known[node]
             if node in self._left:
                 self._left.discard(node)
                 self._log.info("cluster_node_left", node=node)
             elif settled:
-                self._lost(node, at, rows)
+                # Its rows outlive its liveness key (2 node_ttl): every session it had at its last heartbeat.
+                try:
+                    [doc] = await self._rows([node])
+                except (redis.RedisError, OSError, TimeoutError) as exc:
+                    self._down("watch", exc)
+                    doc = None
+                self._lost(node, at, count, doc[1] if doc is not None else None)
             else:
                 waiting[node] = self._known[node]
         joined = read.keys() - self._known.keys() - {self.node}
         for node in joined:
             if node in self._lost_nodes:
                 self._lost_nodes.discard(node)
-                self._log.warning("cluster_node_returned", node=node, sessions=len(read[node][1]))
+                self._log.warning("cluster_node_returned", node=node, sessions=read[node][1])
             elif self._known:
                 self._log.info("cluster_node_joined", node=node)
         self._known = {**read, **waiting}
@@ -255,14 +290,20 @@ class RedisCluster:
         if resync or joined:  # events may have been missed: every stream starts over from a snapshot
             self._registry.resync()
 
-    def _lost(self, node: str, last_heartbeat: str, rows: list[dict[str, Any]]) -> None:
-        ids = [str(r.get("id")) for r in rows]
+    def _lost(self, node: str, last_heartbeat: str, count: int, rows: list[dict[str, Any]] | None) -> None:
+        """Report `node` lost with its sessions: `rows` from its last heartbeat, or None when they could not be read
+        (then only their number is known, and every event stream starts over from a snapshot without them)."""
+        ids = [str(r.get("id")) for r in rows] if rows is not None else []
+        sessions = len(ids) if rows is not None else count
         self.nodes_lost += 1
-        self.sessions_lost += len(ids)
+        self.sessions_lost += sessions
         self._lost_nodes.add(node)
-        record = {"node": node, "detected_at": iso(self._clock.now()), "last_heartbeat": last_heartbeat, "sessions": len(ids)}
+        record = {"node": node, "detected_at": iso(self._clock.now()), "last_heartbeat": last_heartbeat, "sessions": sessions}
         self.lost.append(record)
-        self._log.warning("cluster_node_lost", node=node, last_heartbeat=last_heartbeat, sessions=len(ids), session_ids=ids[:100])
+        self._log.warning("cluster_node_lost", node=node, last_heartbeat=last_heartbeat, sessions=sessions, session_ids=ids[:100])
+        if rows is None:
+            self._registry.resync()
+            return
         for row in rows[:MAX_REMOTE]:
             self._registry.relay("closed", {"session": row, "reason": "node_lost"})
 
@@ -271,15 +312,15 @@ class RedisCluster:
         now = self._clock.now()
         nodes: list[dict[str, Any]] = []
         degraded = self.degraded
-        read: dict[str, tuple[str, list[dict[str, Any]]]] = {}
+        read: dict[str, tuple[str, int]] = {}
         if self._redis is not None:
             try:
-                read = await self._read()
+                read = await self._alive()
             except (redis.RedisError, OSError, TimeoutError) as exc:
                 self._down("summary", exc)
                 degraded = True
-        for node, (at, rows) in sorted(read.items()):
-            nodes.append({"node": node, "self": node == self.node, "sessions": len(rows), "last_heartbeat": at, "age_s": _age(now, at)})
+        for node, (at, count) in sorted(read.items()):
+            nodes.append({"node": node, "self": node == self.node, "sessions": count, "last_heartbeat": at, "age_s": _age(now, at)})
         if self.node not in read:  # degraded, or before the first heartbeat: this node from its own state
             nodes.insert(0, {"node": self.node, "self": True, "sessions": len(self._registry.ids()), "last_heartbeat": None, "age_s": None})
         return {
@@ -359,12 +400,13 @@ class RedisCluster:
             self._left.add(str(doc.get("origin"))[:64])
             return
         if doc.get("lost") is True:  # the workers' supervisor saw this worker die: no need to wait for its key to expire
-            node = str(doc.get("origin"))
+            node = str(doc.get("origin"))[:128]
             known = self._known.pop(node, None)
-            beat = _heartbeat(doc.get("last"))
-            at, rows = beat[:2] if beat is not None else known or ("", [])
-            if known is not None or rows:
-                self._lost(node, at, rows)
+            beat = _rows_doc_now(doc.get("last"), MAX_REMOTE)
+            if beat is not None:
+                self._lost(node, beat[0], len(beat[1]), beat[1])
+            elif known is not None:
+                self._lost(node, known[0], known[1], None)
             return
         if doc.get("resync") is True:
             self._registry.resync()
@@ -665,16 +707,60 @@ async def _cancel_all(tasks: list[asyncio.Task[None]], every: float) -> None:
             t.exception()  # retrieved, so the loop does not log it as never retrieved
 
 
-def _heartbeat(raw: object) -> tuple[str, list[dict[str, Any]], str] | None:
-    """A node's heartbeat document as (at, sessions, node); None if it is not one."""
-    if not isinstance(raw, str):
+def _alive_doc(raw: object) -> tuple[str, str, int] | None:
+    """A node's liveness key as (node, at, sessions); None if it is not one."""
+    if not isinstance(raw, str) or len(raw) > 4096:
         return None
     try:
         doc = json.loads(raw)
-        node, at, rows = str(doc["node"]), str(doc["at"]), list(doc["sessions"])
+        node, at, count = str(doc["node"]), str(doc["at"]), doc["sessions"]
     except (ValueError, KeyError, TypeError):
         return None
-    return at, [r for r in rows if isinstance(r, dict)], node
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        return None
+    return node, at, count
+
+
+def _rows_head(raw: object, limit: int) -> tuple[str, str, list[str]] | None:
+    """A node's rows document split: (node, at, its row lines, at most `limit`); None if it is not one."""
+    if not isinstance(raw, str):
+        return None
+    lines = raw.split("\n")
+    try:
+        head = json.loads(lines[0])
+        node, at = str(head["node"]), str(head["at"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    return node, at, lines[1 : 1 + max(0, limit)]
+
+
+def _row(line: str) -> dict[str, Any] | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
+async def _rows_doc(raw: object, limit: int) -> tuple[str, list[dict[str, Any]]] | None:
+    """A node's rows document as (at, sessions (at most `limit`)); None if it is not one. The loop is given back
+    every `_BEAT_SLICE` rows."""
+    if (split := _rows_head(raw, limit)) is None:
+        return None
+    rows: list[dict[str, Any]] = []
+    for i, line in enumerate(split[2], 1):
+        if i % _BEAT_SLICE == 0:
+            await asyncio.sleep(0)
+        if (row := _row(line)) is not None:
+            rows.append(row)
+    return split[1], rows
+
+
+def _rows_doc_now(raw: object, limit: int) -> tuple[str, list[dict[str, Any]]] | None:
+    """`_rows_doc` in one stretch (a worker's death: once, where the order of events matters more than a pause)."""
+    if (split := _rows_head(raw, limit)) is None:
+        return None
+    return split[1], [row for line in split[2] if (row := _row(line)) is not None]
 
 
 _BEAT_SLICE = 256

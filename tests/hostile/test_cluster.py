@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 
 from tests.e2e.conftest import OPERATOR_TOKEN, Gateway, GatewayFactory, wait_for
 from tests.support import sse
@@ -295,6 +296,8 @@ async def test_a_node_that_dies_has_its_sessions_reported_lost(nodes: tuple[Gate
                 t.cancel()
             lost = await next_event(lambda kind, d: kind == "closed" and d["session"]["id"] == sid)
             assert lost["reason"] == "node_lost" and lost["session"]["node"] == "node-b"
+        # Its rows outlive its liveness key (they were just read to report it), yet no list shows them any more.
+        assert not any(r["node"] == "node-b" for r in (await sessions_on(a))["sessions"])
         status, summary = await api(a, "GET", "/v1/cluster")
         assert [n["node"] for n in summary["nodes"]] == ["node-a"]
         assert [(x["node"], x["sessions"]) for x in summary["lost"]] == [("node-b", 1)]
@@ -307,6 +310,79 @@ async def test_a_node_that_dies_has_its_sessions_reported_lost(nodes: tuple[Gate
         if proc.returncode is None:
             proc.kill()
         await proc.wait()
+
+
+async def test_a_lost_node_whose_rows_are_gone_is_reported_by_its_count(nodes: tuple[Gateway, Gateway], redis_server: Store) -> None:
+    """Node B dies with a session open and its rows are gone too (say, evicted): A still reports it lost with its
+    session count from B's last liveness key, and every event stream starts over from a snapshot without that
+    session, since there is no row to close it with."""
+    a, b = nodes
+    await until(lambda: _has_nodes(a, {"node-a", "node-b"}))
+    proc = await open_cat(b)
+    try:
+
+        async def listed_on_a() -> bool:
+            return any(r["node"] == "node-b" for r in (await sessions_on(a))["sessions"])
+
+        await until(listed_on_a)
+        async with event_stream(a) as next_event:
+            await next_event(lambda kind, _: kind == "snapshot")
+            cluster = b.app._cluster
+            assert cluster is not None
+            for t in cluster._tasks:
+                t.cancel()
+            await asyncio.wait(cluster._tasks)
+            client = aioredis.from_url(redis_server.url, protocol=2)
+            try:
+                assert await client.delete("bastion:rows:node-b") == 1
+            finally:
+                await client.aclose()
+            snapshot = await next_event(lambda kind, _: kind == "snapshot")
+            assert [r["node"] for r in snapshot["sessions"]] == []
+        [line] = a.logs.events("cluster_node_lost")
+        assert line["node"] == "node-b" and line["sessions"] == 1 and line["session_ids"] == []
+        _, summary = await api(a, "GET", "/v1/cluster")
+        assert [(x["node"], x["sessions"]) for x in summary["lost"]] == [("node-b", 1)]
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+async def test_heartbeats_read_liveness_keys_not_every_node_s_rows(make_gateway: GatewayFactory, tmp_path: Path) -> None:
+    """What a real redis-server is sent (MONITOR) while two nodes beat: each writes its own rows, but no heartbeat
+    reads another node's rows (at thousands of sessions a node, that was every node parsing every row every second);
+    a list does read them."""
+    key = tmp_path / "token.key"
+    key.write_bytes(os.urandom(32))
+    os.chmod(key, 0o600)
+    with running_redis() as server:
+        monitor_client = aioredis.from_url(server.url, protocol=2)
+        try:
+            async with (
+                make_gateway(node(tmp_path, "node-a", server, key)) as a,
+                make_gateway(node(tmp_path, "node-b", server, key)),
+                monitor_client.monitor() as monitor,
+            ):
+                seen: list[str] = []
+                beats = {"node-a": 0, "node-b": 0}
+                async with asyncio.timeout(20):
+                    while min(beats.values()) < 4:  # four heartbeats of each node, watches included
+                        command = str((await monitor.next_command())["command"])
+                        seen.append(command)
+                        for n in beats:
+                            if command.startswith(f"SET bastion:alive:{n} "):
+                                beats[n] += 1
+                reads = [c for c in seen if "bastion:rows:" in c and not c.startswith("SET ")]
+                assert reads == [], reads[:5]
+                assert any(c.startswith("SET bastion:rows:node-b ") for c in seen)
+                assert (await sessions_on(a))["nodes"].keys() == {"node-a", "node-b"}
+                async with asyncio.timeout(10):
+                    while not (command := str((await monitor.next_command())["command"])).startswith("MGET bastion:rows:"):
+                        pass
+                assert command == "MGET bastion:rows:node-b"
+        finally:
+            await monitor_client.aclose()
 
 
 async def test_a_node_that_stops_cleanly_is_not_reported_lost(
