@@ -10,7 +10,7 @@ process), opened from this process against each node's own public port and kept 
 `GET /v1/sessions` on node 1 (median and p95 of --calls calls; in (b) two thirds of the rows come from
 Redis), a bulk `POST /v1/sessions/disconnect` of all N ids sent to node 1 (wall time, every result must be
 `disconnected`), the nodes' idle CPU over --idle seconds and, for (b), Redis memory per session
-(`MEMORY USAGE bastion:node:<node>`) and CPU seconds per heartbeat. The nodes are started with
+(`MEMORY USAGE bastion:rows:<node>`) and CPU seconds per heartbeat. The nodes are started with
 tests/hostile/test_cluster_processes.py's `cluster()` (its config gets this bench's edits on the way).
 
 Run: .venv/bin/python bench/cluster.py [--sessions 1000] [--calls 30] [--idle 10]
@@ -309,8 +309,8 @@ async def run_setup(
                     res["cpu_per_heartbeat_over_empty_s"] = [(c - e) / beats for c, e in zip(per, empty, strict=True)]
                     r = aioredis.from_url(redis.url)
                     try:
-                        mem = {x.name: await r.memory_usage(f"bastion:node:{x.name}", samples=0) for x in nodes}
-                        raw_len = {x.name: await r.strlen(f"bastion:node:{x.name}") for x in nodes}
+                        mem = {x.name: await r.memory_usage(f"bastion:rows:{x.name}", samples=0) for x in nodes}
+                        raw_len = {x.name: await r.strlen(f"bastion:rows:{x.name}") for x in nodes}
                     finally:
                         await r.aclose()
                     res["redis_bytes"] = mem
