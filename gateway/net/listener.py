@@ -180,7 +180,19 @@ async def peek_door(sock: socket.socket, deadline: float) -> Door:
                 if len(data) >= _PEEK:
                     return Door.UNKNOWN
     except TimeoutError:
-        return Door.SSH
+        # One more look before calling it silence: when this loop was held up past the deadline (a loaded box, a
+        # long collection), the bytes may have arrived meanwhile, and the timer fires before their wake-up runs. A
+        # TLS client judged silent here would be sent the SSH banner.
+        try:
+            data = sock.recv(_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return Door.SSH
+        except OSError:
+            return Door.UNKNOWN
+        if not data:
+            return Door.UNKNOWN
+        door = classify(data)
+        return Door.SSH if door is Door.NEED_MORE else door
     except OSError:
         return Door.UNKNOWN
     return Door.UNKNOWN

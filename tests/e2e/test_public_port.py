@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
+import time
 from typing import Any
 
 import aiohttp
@@ -133,6 +134,32 @@ class CountingSocket(socket.socket):
         return super().recv(bufsize, flags)
 
 
+async def test_a_client_hello_that_came_while_the_loop_was_held_up_is_tls() -> None:
+    """The detect deadline is the client's silence, not the gateway's: a ClientHello that arrived while this loop was
+    blocked past the deadline (a loaded box, a long collection) is TLS, not a silent SSH client to send a banner."""
+    from gateway.net.detect import Door
+    from gateway.net.listener import peek_door
+
+    hello = bytes.fromhex("160301") + (200).to_bytes(2, "big") + b"\x01" + b"\x00" * 199
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        sock, _ = server.accept()
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+
+        def held_up() -> None:
+            client.sendall(hello)
+            time.sleep(0.4)  # the loop itself is stuck past the deadline (what is being tested, not a wait)
+
+        try:
+            loop.call_soon(held_up)
+            assert await peek_door(sock, 0.2) is Door.TLS
+            assert sock.recv(3, socket.MSG_PEEK) == hello[:3]  # nothing was consumed
+        finally:
+            client.close()
+            sock.close()
+
+
 async def test_one_byte_does_not_make_the_detector_spin() -> None:
     """A client that sends `S` and stops: the detector waits for more bytes without re-peeking on a timer
     (once a wake-up every 10 ms until the deadline), then classifies when the rest arrives."""
@@ -147,7 +174,7 @@ async def test_one_byte_does_not_make_the_detector_spin() -> None:
         try:
             client.sendall(b"S")
             assert await peek_door(sock, 0.5) is Door.SSH  # the deadline: silence after a prefix is SSH
-            assert sock.peeks == 1, sock.peeks
+            assert sock.peeks == 2, sock.peeks  # one when `S` came, one more at the deadline
             assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1  # handed on as it came
             client.sendall(b"SH-2.0-x\r\n")
             assert await peek_door(sock, 5) is Door.SSH
