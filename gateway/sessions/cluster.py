@@ -100,6 +100,7 @@ class RedisCluster:
         self.render_metrics: Callable[[], bytes] | None = None
         self._events: Subscription | None = None  # this node's registry events, forwarded to the others
         self._resync_due = False  # an event could not be published: the others start over from a snapshot
+        self._beat_rows: dict[str, tuple[tuple[int, int, object, bool], str]] = {}  # id -> (what it showed, its row)
         self._known: dict[str, tuple[str, int]] = {}  # node -> (last heartbeat, its session count), last watch
         self._left: set[str] = set()  # nodes that said they stopped (not lost)
         self._lost_nodes: set[str] = set()
@@ -196,13 +197,21 @@ class RedisCluster:
         them (9,000 rows in one stretch stopped every relay for tens of milliseconds, every heartbeat)."""
         at = iso(self._clock.now())
         rows: list[str] = []
-        ids = self._registry.ids()
-        for i in range(0, len(ids), _BEAT_SLICE):
-            if i:
+        cache: dict[str, tuple[tuple[int, int, object, bool], str]] = {}  # only the sessions of this beat are kept
+        live = self._registry.live
+        for i, s in enumerate(self._registry.sessions()):
+            if i and i % _BEAT_SLICE == 0:
                 await asyncio.sleep(0)
-            infos = [self._registry.get(sid) for sid in ids[i : i + _BEAT_SLICE]]
-            # Compact JSON never holds a raw newline (json.dumps escapes it): one line per row. None: closed meanwhile.
-            rows.extend(json.dumps(s.as_dict(), separators=(",", ":")) for s in infos if s is not None)
+            if i >= _BEAT_SLICE and live(s.id) is not s:
+                continue  # closed while the loop was given back
+            # A row is encoded again only when what it shows moved (bytes, a pending end, its end): an idle session's
+            # row is the same text every beat. Compact JSON never holds a raw newline (json.dumps escapes it).
+            mark = (s.bytes_up, s.bytes_down, s.pending, s.ended)
+            hit = self._beat_rows.get(s.id)
+            text = hit[1] if hit is not None and hit[0] == mark else json.dumps(s.snapshot().as_dict(), separators=(",", ":"))
+            cache[s.id] = (mark, text)
+            rows.append(text)
+        self._beat_rows = cache
         head = json.dumps({"node": self.node, "at": at, "sessions": len(rows)}, separators=(",", ":"))
         return at, len(rows), "\n".join([head, *rows])
 

@@ -177,4 +177,15 @@ async def test_a_heartbeat_of_many_sessions_gives_the_loop_back() -> None:
         head, *lines = payload.split("\n")
         assert json.loads(head) == {"node": "gw1.w1", "at": at, "sessions": 1500} and count == 1500
         assert [json.loads(line) for line in lines] == [s.as_dict() for s in h.registry.list()]
+        # The next beat re-encodes only the rows that moved, and still shows every row as it is now.
+        live = h.registry.sessions()
+        live[3].add_up(1234)
+        live[7].add_down(99)
+        h.registry.terminate(live[11].id, "maintenance", grace=60.0)
+        _, _, again = await cluster._heartbeat_payload()
+        head, *lines = again.split("\n")
+        assert [json.loads(line) for line in lines] == [s.as_dict() for s in h.registry.list()]
+        moved = [i for i, (a, b) in enumerate(zip(payload.split("\n")[1:], lines, strict=True)) if a != b]
+        assert moved == [3, 7, 11]
+        assert json.loads(lines[11])["state"] == "terminating"
     assert during >= 1500 // 256
