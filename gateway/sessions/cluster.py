@@ -48,6 +48,8 @@ _EVENT_KINDS = ("opened", "updated", "closed", "progress")
 _MAX_BATCH = 500  # events in one published message
 MAX_LOST = 50  # lost nodes remembered for the summary
 _MAX_SERVING = 1000  # disconnects served at once; beyond, requests are dropped and the asker sees node_unreachable
+MAX_REDIS_CONNECTIONS = 128  # this node's connections to Redis at most (pub/sub subscribers and replies included)
+MAX_BULK = 1000  # session ids in one disconnect_many request (the API's own limit per bulk request)
 MAX_REMOTE = 100_000  # sessions read from other nodes at once (beyond: the list is cut and says so)
 
 
@@ -119,14 +121,19 @@ class RedisCluster:
         return f"RedisCluster(node={self.node!r}, heartbeat={self.heartbeat:g}s, node_ttl={self.node_ttl:g}s)"
 
     async def start(self) -> None:
-        self._redis = redis.from_url(
+        # A bounded pool whose callers wait (up to `timeout`) for a free connection: the default pool fails at once
+        # past 100 connections in use, which a burst of disconnects or lock changes reached.
+        pool = redis.BlockingConnectionPool.from_url(
             self._url,
+            max_connections=MAX_REDIS_CONNECTIONS,
+            timeout=self.timeout,
             password=self._password,
             socket_timeout=self.timeout,
             socket_connect_timeout=self.timeout,
             decode_responses=True,
             protocol=2,  # RESP2: what every Redis speaks, and the workers' hub (gateway/hub.py)
         )
+        self._redis = redis.Redis.from_pool(pool)
         self._events = self._registry.subscribe(local_only=True)
         self._tasks = [
             asyncio.create_task(self._beat(), name="cluster-heartbeat"),
@@ -435,6 +442,22 @@ class RedisCluster:
         ends = answer.get("ends_at")
         return str(answer.get("result", "failed")), ends if isinstance(ends, str) else None
 
+    async def disconnect_many(self, node: str, sids: list[str], reason: str, grace: float) -> dict[str, tuple[str, str | None]]:
+        """Ask `node` to end these sessions of its own in one request (a bulk disconnect: one Redis connection and one
+        wait per node, not per session): {id: (result, ends_at)}, node_unreachable for every id it did not answer."""
+        results: dict[str, tuple[str, str | None]] = dict.fromkeys(sids, ("node_unreachable", None))
+        for i in range(0, len(sids), MAX_BULK):
+            part = sids[i : i + MAX_BULK]
+            answer = await self._ask(node, {"op": "disconnect_many", "ids": part, "reason": reason, "grace": grace}, wait=12.0)
+            got = answer.get("results") if answer is not None else None
+            if not isinstance(got, dict):
+                continue
+            for sid in part:
+                one = got.get(sid)
+                if isinstance(one, list) and len(one) == 2 and isinstance(one[0], str):
+                    results[sid] = (one[0][:32], one[1] if isinstance(one[1], str) else None)
+        return results
+
     async def notice(self, node: str, sid: str | None, message: str) -> dict[str, str] | None:
         """Show `message` in `node`'s session `sid` (None: all of its sessions): results per id, None if unreachable."""
         answer = await self._ask(node, {"op": "notice", "id": sid, "message": message}, wait=0.0)
@@ -655,6 +678,8 @@ class RedisCluster:
             answer = self._notice(req)
         elif req.get("op") == "disconnect":
             answer = await self._disconnect(req)
+        elif req.get("op") == "disconnect_many":
+            answer = await self._disconnect_many(req)
         elif req.get("op") == "metrics" and self.render_metrics is not None:
             answer = {"text": self.render_metrics().decode()}
         else:
@@ -694,6 +719,34 @@ class RedisCluster:
             answer = {"result": "disconnected" if gone else "failed"}
         self._log.info("cluster_disconnect_served", session_id=sid, result=answer["result"])
         return answer
+
+    async def _disconnect_many(self, req: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            ids, reason, grace = req["ids"], str(req["reason"]), float(req["grace"])
+        except (ValueError, KeyError, TypeError):
+            return None
+        if not isinstance(ids, list) or not 0 < len(ids) <= MAX_BULK or not all(isinstance(i, str) and len(i) <= 64 for i in ids):
+            return None
+        if len(reason) > 400 or not 0 <= grace <= 3600:
+            return None
+        results: dict[str, list[str | None]] = {}
+        ending: list[str] = []
+        for sid in dict.fromkeys(ids):
+            result = self._registry.terminate(sid, reason, grace)
+            if result is None:
+                results[sid] = ["not_found", None]
+            elif result.pending.ends_mono - self._clock.monotonic() > 0:
+                results[sid] = ["pending", iso(result.pending.ends_at)]
+            else:
+                ending.append(sid)
+        still = await self._registry.wait_all_closed(ending, 10.0)  # one waiter for all of them
+        for sid in ending:
+            results[sid] = ["failed" if sid in still else "disconnected", None]
+        counts: dict[str, int] = {}
+        for outcome, _ in results.values():
+            counts[str(outcome)] = counts.get(str(outcome), 0) + 1
+        self._log.info("cluster_disconnect_served", session_ids=list(results)[:100], sessions=len(results), results=counts)
+        return {"results": results}
 
 
 async def _cancel_all(tasks: list[asyncio.Task[None]], every: float) -> None:

@@ -150,6 +150,41 @@ async def test_one_view_and_disconnects_across_nodes(nodes: tuple[Gateway, Gatew
             await proc.wait()
 
 
+async def test_a_bulk_disconnect_asks_each_other_node_once(nodes: tuple[Gateway, Gateway]) -> None:
+    """One bulk request to node A for three of B's sessions (one with a grace), one of A's and an unknown id: A asks B
+    once for all of B's (B logs one cluster_disconnect_served for three), each result is B's own answer, and the
+    users' ssh print the notice."""
+    a, b = nodes
+    procs = [await open_cat(b) for _ in range(3)] + [await open_cat(a)]
+    try:
+        await wait_for(lambda: len(b.app.registry.ids()) == 3, b.logs.changed, timeout=30)
+        await wait_for(lambda: len(a.app.registry.ids()) == 1, a.logs.changed, timeout=30)
+        on_b, [on_a] = b.app.registry.ids(), a.app.registry.ids()
+
+        async def listed() -> bool:
+            body = await sessions_on(a)
+            return {s["id"] for s in body["sessions"]} == {*on_b, on_a} and not body["degraded"]
+
+        await until(listed)
+        # A grace on the first of B's: pending with its end, as B answers it.
+        status, answer = await api(a, "POST", "/v1/sessions/disconnect", {"ids": [on_b[0]], "reason": "soon", "grace_s": 600})
+        assert status == 200 and answer["results"] == {on_b[0]: "pending"} and on_b[0] in answer["ends_at"], answer
+        status, answer = await api(a, "POST", "/v1/sessions/disconnect", {"ids": [*on_b, on_a, "f" * 16], "reason": "bulk from A"})
+        assert status == 200, answer
+        assert answer["results"] == {**dict.fromkeys(on_b, "disconnected"), on_a: "disconnected", "f" * 16: "not_found"}, answer
+        served = b.logs.events("cluster_disconnect_served")
+        assert [(e["sessions"], e["results"]) for e in served] == [(1, {"pending": 1}), (3, {"disconnected": 3})], served
+        for proc in procs:
+            async with asyncio.timeout(20):
+                _, err = await proc.communicate()
+            assert "You have been disconnected. bulk from A" in err.decode(), err
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+
 async def test_a_silent_node_drops_out_and_redis_down_is_degraded(nodes: tuple[Gateway, Gateway], redis_server: Store) -> None:
     """Node B stops heartbeating (as if killed): within node_ttl node A lists it no more. Then Redis stops: A still
     serves SSH, answers with its own sessions and degraded = true (and /readyz says so); Redis back: it converges."""
