@@ -322,7 +322,7 @@ class Supervisor:
                 last = self.hub.get("bastion:rows:" + node)  # its last heartbeat: every session the view showed
                 self.hub.delete("bastion:rows:" + node)
                 self.hub.delete("bastion:alive:" + node)
-                self.hub.publish("bastion:events", json.dumps({"origin": node, "lost": True, "last": last}))
+                self.hub.publish("bastion:nodes", json.dumps({"origin": node, "lost": True, "last": last}))
             delay = BACKOFF_MIN if lived >= HEALTHY_AFTER else backoff  # 1 s, 2 s, 4 s ... 30 s; 1 s again once healthy
             backoff = min(BACKOFF_MAX, delay * 2)
             await asyncio.sleep(delay)

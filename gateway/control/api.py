@@ -609,6 +609,8 @@ class ControlAPI:
 
         try:
             await resp.prepare(request)
+            if self._cluster is not None:
+                await self._cluster.events_ready()  # the other nodes' events from before the snapshot on
             await send(await self._snapshot())
             while True:
                 try:

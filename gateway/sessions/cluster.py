@@ -5,7 +5,9 @@ Each node's registry stays the source of truth for its own sessions. Every `hear
 list to `bastion:rows:<node>` (one JSON line per session) with twice that TTL. A node that dies (SIGKILL, a cut
 cable) drops out of every other node's view within `node_ttl`, since a list shows only the rows of live nodes, and
 a list from any node is complete within one heartbeat. Its registry's events (opened, updated, closed, progress)
-go out as they happen on `bastion:events`, so every node's event stream carries every node's sessions. Each
+go out as they happen on `bastion:events`, so every node's event stream carries every node's sessions; a node
+reads that channel only while one of its own event streams is open (an idle worker or node has no use for every
+other node's events, and at every login they cost it and Redis work). Each
 heartbeat a node also reads the others' liveness keys, never their rows (at thousands of sessions a node, reading
 every row every second was the cluster's biggest shared cost): a node whose key expired without saying it left
 (SIGKILL) is reported lost, its rows (which outlive its liveness key) are read once, and each of its sessions is
@@ -41,7 +43,8 @@ _ALIVE = "bastion:alive:"  # {"node", "at", "sessions": count}, TTL node_ttl: th
 _ROWS = "bastion:rows:"  # a head line {"node", "at", "sessions"} then one JSON line per session, TTL 2 node_ttl
 _CONTROL = "bastion:control:"
 _REPLY = "bastion:reply:"
-_EVENTS = "bastion:events"  # every node's registry events, batched: {"origin", "events": [...]} | {"origin", "resync"|"left"}
+_EVENTS = "bastion:events"  # every node's registry events, batched: {"origin", "events": [...]} | {"origin", "resync"}
+_NODES = "bastion:nodes"  # a node leaving or lost: {"origin", "left"} | {"origin", "lost", "last"} (every node listens)
 _PENALTIES = "bastion:penalties"  # per-source penalty events: {"origin", "source", "event"}
 _SPENT = "bastion:spent:"  # one-time tokens (browser sign-in links) spent on some node
 _EVENT_KINDS = ("opened", "updated", "closed", "progress")
@@ -116,6 +119,8 @@ class RedisCluster:
         # Set after every heartbeat (taken or failed) and every message from the cluster: what this node knows of the
         # others may have changed. Whoever waits on it clears it first (the tests wait on it instead of sleeping).
         self.changed = asyncio.Event()
+        self._want_events = asyncio.Event()  # an event stream is open here: read the other nodes' events
+        self.events_live = asyncio.Event()  # subscribed to them now
 
     def __repr__(self) -> str:
         return f"RedisCluster(node={self.node!r}, heartbeat={self.heartbeat:g}s, node_ttl={self.node_ttl:g}s)"
@@ -139,9 +144,13 @@ class RedisCluster:
             asyncio.create_task(self._beat(), name="cluster-heartbeat"),
             asyncio.create_task(self._serve_control(), name="cluster-control"),
             asyncio.create_task(self._forward(), name="cluster-events"),
+            asyncio.create_task(self._receive_events(), name="cluster-events-in"),
         ]
+        self._registry.on_streams = self._streams_changed
+        self._streams_changed()
 
     async def stop(self) -> None:
+        self._registry.on_streams = None
         if self._sending:  # lock changes made just before the stop still reach the cluster (bounded)
             await asyncio.wait(list(self._sending), timeout=self.timeout)
         if self._events is not None:  # the drain's closed events still reach the others
@@ -152,7 +161,7 @@ class RedisCluster:
         if self._redis is not None:
             with contextlib.suppress(redis.RedisError, OSError, TimeoutError):
                 async with asyncio.timeout(self.timeout):
-                    await self._redis.publish(_EVENTS, json.dumps({"origin": self.node, "left": True}))
+                    await self._redis.publish(_NODES, json.dumps({"origin": self.node, "left": True}))
                     await self._redis.delete(_ALIVE + self.node, _ROWS + self.node)  # a clean stop leaves at once
             with contextlib.suppress(redis.RedisError, OSError, TimeoutError):
                 async with asyncio.timeout(self.timeout):
@@ -404,8 +413,54 @@ class RedisCluster:
             else:
                 self._resync_due = False
 
-    def _event_message(self, data: str) -> None:
-        """Another node's events, to this node's event streams. A message that does not parse is dropped."""
+    def _streams_changed(self) -> None:
+        if self._registry.streams():
+            self._want_events.set()
+        # The last stream closing is noticed by the reader itself (within a second): no reconnect per page reload.
+
+    async def events_ready(self) -> None:
+        """Until this node reads the other nodes' events (bounded by `timeout`): an event stream opened here waits for
+        it before its first snapshot, so nothing published after that snapshot is missed."""
+        if self._redis is None or self.events_live.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.timeout):
+                await self.events_live.wait()
+
+    async def _receive_events(self) -> None:
+        """The other nodes' events on `bastion:events`, subscribed only while an event stream is open here. After a
+        failure while streams were open, every stream starts over from a snapshot (events were missed)."""
+        assert self._redis is not None
+        missed = False
+        while True:
+            await self._want_events.wait()
+            try:
+                pubsub = self._redis.pubsub()
+                await pubsub.subscribe(_EVENTS)
+                try:
+                    self.events_live.set()
+                    if missed:
+                        self._registry.resync()
+                        missed = False
+                    while self._registry.streams():
+                        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                        if msg is not None:
+                            self._event_message(msg["data"])
+                            self.changed.set()
+                finally:
+                    self.events_live.clear()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+                if not self._registry.streams():
+                    self._want_events.clear()
+                    if self._registry.streams():  # one opened while the subscription closed
+                        self._want_events.set()
+            except (redis.RedisError, OSError, TimeoutError) as exc:
+                self._down("events", exc)
+                missed = True
+                await self._clock.sleep(self.heartbeat)
+
+    def _node_message(self, data: str) -> None:
+        """Another node left (a clean stop) or was lost (its workers' supervisor saw it die)."""
         try:
             doc = json.loads(data)
         except ValueError:
@@ -423,6 +478,14 @@ class RedisCluster:
                 self._lost(node, beat[0], len(beat[1]), beat[1])
             elif known is not None:
                 self._lost(node, known[0], known[1], None)
+
+    def _event_message(self, data: str) -> None:
+        """Another node's events, to this node's event streams. A message that does not parse is dropped."""
+        try:
+            doc = json.loads(data)
+        except ValueError:
+            return
+        if not isinstance(doc, dict) or doc.get("origin") == self.node:
             return
         if doc.get("resync") is True:
             self._registry.resync()
@@ -626,15 +689,15 @@ class RedisCluster:
         while True:
             try:
                 pubsub = self._redis.pubsub()
-                await pubsub.subscribe(_CONTROL + self.node, _LOCKS, _EVENTS, _PENALTIES)
+                await pubsub.subscribe(_CONTROL + self.node, _LOCKS, _NODES, _PENALTIES)
                 try:
                     await self._sync_locks()
                     while True:
                         msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                         if msg is None:
                             continue
-                        if msg["channel"] == _EVENTS:
-                            self._event_message(msg["data"])
+                        if msg["channel"] == _NODES:
+                            self._node_message(msg["data"])
                         elif msg["channel"] == _PENALTIES:
                             self._penalty_message(msg["data"])
                         elif msg["channel"] == _LOCKS:

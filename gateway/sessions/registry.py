@@ -303,6 +303,7 @@ class SessionRegistry:
         self._sessions: dict[str, Session] = {}
         self._gone_waiters: dict[str, builtins.list[_GoneWaiter]] = {}  # by session id: who waits for it to leave
         self._subscribers: set[Subscription] = set()
+        self.on_streams: Callable[[], None] | None = None  # called when an event stream opens or closes (the cluster)
         self._queue_size = event_queue_size
         self._max_subscribers = max_subscribers
         self._opened = 0
@@ -568,10 +569,19 @@ class SessionRegistry:
             raise SubscriberLimit(f"at most {self._max_subscribers} event streams at once")
         sub = Subscription(self._queue_size, local_only=local_only)
         self._subscribers.add(sub)
+        if not local_only and self.on_streams is not None:
+            self.on_streams()
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
-        self._subscribers.discard(sub)
+        if sub in self._subscribers:
+            self._subscribers.discard(sub)
+            if not sub.local_only and self.on_streams is not None:
+                self.on_streams()
+
+    def streams(self) -> int:
+        """Event streams open that show other nodes' events too (the operators' pages and `bastion watch`)."""
+        return sum(not sub.local_only for sub in self._subscribers)
 
     def relay(self, kind: Literal["opened", "closed", "updated", "progress"], payload: dict[str, Any]) -> None:
         """Another node's event (with [cluster]) to every event stream here, as that node's API shows it."""

@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 
 from tests.e2e.conftest import OPERATOR_TOKEN, Gateway, GatewayFactory, wait_for
 from tests.support import sse
-from tests.support.redis import Store, running_hub, running_redis
+from tests.support.redis import RedisServer, Store, running_hub, running_redis
 from tests.support.sse import NextEvent
 
 HEARTBEAT, NODE_TTL = 0.3, 1.2
@@ -304,6 +304,45 @@ async def test_every_node_s_events_reach_every_node_s_stream(nodes: tuple[Gatewa
             if proc.returncode is None:
                 proc.kill()
             await proc.wait()
+
+
+async def test_a_node_reads_the_others_events_only_while_a_stream_is_open(nodes: tuple[Gateway, Gateway], redis_server: Store) -> None:
+    """Neither node has an event stream: neither is subscribed to the other nodes' events (at every login they cost
+    every idle node and Redis work). A stream opened on A subscribes A before its first snapshot, so B's session
+    opened right after reaches it; once the stream closes, A unsubscribes."""
+    a, b = nodes
+    ca, cb = a.app._cluster, b.app._cluster
+    assert ca is not None and cb is not None
+
+    async def subscribers() -> int | None:
+        if not isinstance(redis_server, RedisServer):
+            return None  # the hub has no PUBSUB command; the nodes' own flags below still say it
+        client = aioredis.from_url(redis_server.url, protocol=2)
+        try:
+            [(_, n)] = await client.pubsub_numsub("bastion:events")
+            return int(n)
+        finally:
+            await client.aclose()
+
+    await until(lambda: _has_nodes(a, {"node-a", "node-b"}))
+    assert not ca.events_live.is_set() and not cb.events_live.is_set()
+    assert await subscribers() in (0, None)
+    async with event_stream(a) as next_event:
+        await next_event(lambda kind, _: kind == "snapshot")
+        assert ca.events_live.is_set() and not cb.events_live.is_set()
+        assert await subscribers() in (1, None)
+        proc = await open_cat(b)
+        try:
+            opened = await next_event(lambda kind, d: kind == "opened")
+            assert opened["session"]["node"] == "node-b"
+        finally:
+            proc.kill()
+            await proc.wait()
+
+    async def unsubscribed() -> bool:
+        return not ca.events_live.is_set() and await subscribers() in (0, None)
+
+    await until(unsubscribed)
 
 
 async def test_a_node_that_dies_has_its_sessions_reported_lost(nodes: tuple[Gateway, Gateway]) -> None:
