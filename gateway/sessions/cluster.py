@@ -119,6 +119,9 @@ class RedisCluster:
         # Set after every heartbeat (taken or failed) and every message from the cluster: what this node knows of the
         # others may have changed. Whoever waits on it clears it first (the tests wait on it instead of sleeping).
         self.changed = asyncio.Event()
+        # Another node's sessions its events opened and did not close, while this node reads them: node -> id -> row.
+        self._remote_open: dict[str, dict[str, dict[str, Any]]] = {}
+        self._remote_open_count = 0
         self._want_events = asyncio.Event()  # an event stream is open here: read the other nodes' events
         self.events_live = asyncio.Event()  # subscribed to them now
 
@@ -317,7 +320,14 @@ class RedisCluster:
 
     def _lost(self, node: str, last_heartbeat: str, count: int, rows: list[dict[str, Any]] | None) -> None:
         """Report `node` lost with its sessions: `rows` from its last heartbeat, or None when they could not be read
-        (then only their number is known, and every event stream starts over from a snapshot without them)."""
+        (then only their number is known, and every event stream starts over from a snapshot without them).
+        that node. A session it opened after its last heartbeat reached the streams as `opened` but is in no row:
+        the sessions its events opened (and did not close) are closed too, so none stays on an operator's page."""
+        opened = self._remote_open.pop(node, {})  # what its events opened since this node began reading them
+        self._remote_open_count -= len(opened)
+        if rows is not None:
+            known = {str(r.get("id")) for r in rows}
+            rows = rows + [r for sid, r in opened.items() if sid not in known]
         ids = [str(r.get("id")) for r in rows] if rows is not None else []
         sessions = len(ids) if rows is not None else count
         self.nodes_lost += 1
@@ -449,6 +459,8 @@ class RedisCluster:
                             self.changed.set()
                 finally:
                     self.events_live.clear()
+                    self._remote_open.clear()
+                    self._remote_open_count = 0
                     await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
                 if not self._registry.streams():
                     self._want_events.clear()
@@ -493,9 +505,25 @@ class RedisCluster:
         events = doc.get("events")
         if not isinstance(events, list):
             return
+        origin = str(doc.get("origin"))[:128]
         for ev in events[:_MAX_BATCH]:
             if isinstance(ev, dict) and ev.get("kind") in _EVENT_KINDS and isinstance(ev.get("data"), dict):
-                self._registry.relay(cast(Literal["opened", "closed", "updated", "progress"], ev["kind"]), ev["data"])
+                kind: str = ev["kind"]
+                payload: dict[str, Any] = ev["data"]
+                if kind in ("opened", "closed") and isinstance(row := payload.get("session"), dict):
+                    self._track(origin, kind, row)
+                self._registry.relay(cast(Literal["opened", "closed", "updated", "progress"], kind), payload)
+
+    def _track(self, origin: str, kind: str, row: dict[str, Any]) -> None:
+        """Remember which of another node's sessions its events opened (bounded), to close them if it is lost."""
+        sid = str(row.get("id"))[:64]
+        mine = self._remote_open.get(origin)
+        if kind == "closed":
+            if mine is not None and mine.pop(sid, None) is not None:
+                self._remote_open_count -= 1
+        elif self._remote_open_count < MAX_REMOTE and (mine is None or sid not in mine):
+            self._remote_open.setdefault(origin, {})[sid] = row
+            self._remote_open_count += 1
 
     async def disconnect(self, node: str, sid: str, reason: str, grace: float) -> tuple[str, str | None]:
         """Ask `node` to end its session `sid`: (result, ends_at) as that node's registry answered, or node_unreachable."""

@@ -386,6 +386,35 @@ async def test_a_node_that_dies_has_its_sessions_reported_lost(nodes: tuple[Gate
         await proc.wait()
 
 
+async def test_a_session_opened_after_a_lost_node_s_last_heartbeat_leaves_the_streams(nodes: tuple[Gateway, Gateway]) -> None:
+    """Node B's heartbeat stops, then alice opens a session on B: A's stream shows it `opened` (B's events still flow),
+    but no heartbeat row has it. B dies: A's stream closes it as node_lost too, not a zombie row."""
+    a, b = nodes
+    await until(lambda: _has_nodes(a, {"node-a", "node-b"}))
+    cluster = b.app._cluster
+    assert cluster is not None
+    async with event_stream(a) as next_event:
+        await next_event(lambda kind, _: kind == "snapshot")
+        beat = cluster._tasks[0]
+        assert beat.get_name() == "cluster-heartbeat"
+        beat.cancel()
+        await asyncio.wait([beat])
+        proc = await open_cat(b)
+        try:
+            opened = await next_event(lambda kind, d: kind == "opened" and d["session"]["node"] == "node-b")
+            sid = opened["session"]["id"]
+            for t in cluster._tasks:
+                t.cancel()
+            await asyncio.wait(cluster._tasks)
+            lost = await next_event(lambda kind, d: kind == "closed" and d["session"]["id"] == sid)
+            assert lost["reason"] == "node_lost" and lost["session"]["node"] == "node-b"
+        finally:
+            proc.kill()
+            await proc.wait()
+    [line] = a.logs.events("cluster_node_lost")
+    assert line["node"] == "node-b" and line["sessions"] == 1 and line["session_ids"] == [sid]
+
+
 async def test_a_lost_node_whose_rows_are_gone_is_reported_by_its_count(nodes: tuple[Gateway, Gateway], redis_server: Store) -> None:
     """Node B dies with a session open and its rows are gone too (say, evicted): A still reports it lost with its
     session count from B's last liveness key, and every event stream starts over from a snapshot without that
