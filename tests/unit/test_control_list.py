@@ -189,3 +189,18 @@ async def test_a_heartbeat_of_many_sessions_gives_the_loop_back() -> None:
         assert moved == [3, 7, 11]
         assert json.loads(lines[11])["state"] == "terminating"
     assert during >= 1500 // 256
+
+
+def test_duration_text_is_repr_of_round() -> None:
+    """The list's duration, formatted from integer microseconds, is `repr(round(us / 10**6, 3))` for every kind of
+    value: ties (left to round()), zero and below, whole seconds, days, years, and the float's far end."""
+    import random
+
+    from gateway.control.api import _duration_text
+
+    rng = random.Random(13)
+    values = [0, -1, -(10**9), 1, 499, 500, 501, 999, 1000, 1499, 1500, 1501, 2500, 10**6, 10**6 + 500, 86_400 * 10**6, 10**15, 10**18 + 7]
+    values += [rng.randrange(0, 10**13) for _ in range(50_000)] + [rng.randrange(0, 10**7) for _ in range(50_000)]
+    values += [rng.randrange(0, 10**9) * 1000 + 500 for _ in range(2_000)]
+    for us in values:
+        assert _duration_text(us) == repr(round(max(0.0, us / 1_000_000), 3)), us
