@@ -70,7 +70,7 @@ async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: t
     path for numeric addresses needs a socket type, which sock_connect does not pass), a thread hop for every dial.
     """
     err = sock.connect_ex(addr)
-    if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EINTR):
+    if err in (errno.EINPROGRESS, errno.EINTR):  # under way (EAGAIN, no local port free, is an error: raised below)
         writable: asyncio.Future[None] = loop.create_future()
         fd = sock.fileno()
         loop.add_writer(fd, _wake, writable)
