@@ -195,11 +195,8 @@ class _Link(asyncio.Protocol):
     ended without one or the gateway stopped answering pings.
     """
 
-    def __init__(self, max_message: int, say: Callable[[str], None], *, upgrade: tuple[URL, str] | None = None) -> None:
+    def __init__(self, max_message: int, say: Callable[[str], None]) -> None:
         loop = asyncio.get_running_loop()
-        # (url, token): the upgrade request, sent from `connection_made`, i.e. once the TLS handshake (and its
-        # verification) succeeded, in the same write as the client's Finished (one segment, one read on the gateway).
-        self._upgrade = upgrade
         self._loop = loop
         self._say = say
         self._max = max_message
@@ -227,9 +224,6 @@ class _Link(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        if self._upgrade is not None:
-            self.request(*self._upgrade)
-            self._upgrade = None
 
     def request(self, url: URL, token: str) -> None:
         assert self.transport is not None
@@ -627,7 +621,7 @@ class Tunnel:
         host = url.raw_host or ""
         for attempt in (1, 2):
             token = await self._tokens.get(fresh=attempt == 2)
-            link = _Link(self._max_message, self.say, upgrade=(url, token))
+            link = _Link(self._max_message, self.say)
             try:
                 async with asyncio.timeout(_CONNECT_TIMEOUT):
                     await loop.create_connection(
@@ -639,6 +633,7 @@ class Tunnel:
                         ssl_handshake_timeout=_CONNECT_TIMEOUT,
                     )
                     tls = self._handshaken(link)
+                    link.request(url, token)
                     await link.upgraded
             except ssl.SSLCertVerificationError as exc:
                 raise TunnelError(f"cannot verify the gateway's certificate ({exc.verify_message}); pass --ca-file") from None

@@ -182,15 +182,3 @@ async def test_losing_the_connection_without_a_close_frame_is_an_error() -> None
     link, _, _ = upgraded([])
     link.connection_lost(ConnectionResetError("reset"))
     assert link.ended.result()[0] == CLOSE_LOST == 1006
-
-
-async def test_the_upgrade_goes_out_as_the_tls_connection_is_made() -> None:
-    """A link made with its upgrade writes the request in `connection_made` (after a verified handshake), in the
-    same write as the TLS Finished, instead of one loop turn later: nothing is written before, once exactly."""
-    link = _Link(1024, print, upgrade=(URL("wss://gw.example:8443/v1/tunnel?vm=web01&port=22"), "tok"))
-    gw = FakeTransport()
-    assert bytes(gw.out) == b""
-    link.connection_made(gw)
-    head = bytes(gw.out)
-    assert head.startswith(b"GET /v1/tunnel?vm=web01&port=22 HTTP/1.1\r\n") and head.endswith(b"\r\n\r\n")
-    assert b"Authorization: Bearer tok" in head and b"Host: gw.example:8443" in head and head.count(b"GET ") == 1
