@@ -27,7 +27,8 @@ the rest, so a change is compared with its base in one run.
 
 CPU per MB and per new connection comes from the processes' own counters (/proc/PID/stat, utime + stime)
 over each path's measured transfers: the gateway plus the helper for a tunnel, both haproxy processes for
-haproxy-tls (the origin also carries the plain haproxy path, which is idle while haproxy-tls runs).
+haproxy-tls (the origin also carries the plain haproxy path, which is idle while haproxy-tls runs). The CPU per
+new connection is also printed process by process (gateway and helper; origin and terminator).
 Where processes land on the two cores changes the throughput ratio, not the CPU ratio.
 
 TLS sessions: haproxy's TLS origin resumes its TLS sessions to the terminator by default (it keeps the last
@@ -372,6 +373,9 @@ def run(args: argparse.Namespace) -> int:
         names = [p.name for p in paths]
         cpu_bulk = dict.fromkeys(cpu_of, 0.0)
         cpu_conn = dict.fromkeys(cpu_of, 0.0)
+        # The same CPU per new connection, process by process (which side of a path costs what).
+        roles = {"tunnel": ("gateway", "helper"), "tunnel-base": ("gateway", "helper"), "haproxy-tls": ("origin", "terminator")}
+        cpu_conn_parts = {k: [0.0] * len(procs) for k, procs in cpu_of.items()}
 
         algos = ssh_l.negotiated()
         print(f"tunnel: {args.mb} MB per transfer, {args.rounds} rounds, alternating {' / '.join(names)}")
@@ -409,13 +413,16 @@ def run(args: argparse.Namespace) -> int:
             print(f"\nnew connections per second ({args.conns} in a row per path and round)")
             for r in range(1, args.rounds + 1):
                 for p in paths:
-                    c0 = cpu_seconds(cpu_of[p.name]) if p.name in cpu_of else 0.0
+                    parts0 = [cpu_seconds([proc]) for proc in cpu_of.get(p.name, [])]
                     t0 = time.perf_counter()
                     for _ in range(args.conns):
                         measure(p, 1, chunk, overall, per_transfer)
                     conn_rates[p.name].append(args.conns / (time.perf_counter() - t0))
                     if p.name in cpu_of:
-                        cpu_conn[p.name] += cpu_seconds(cpu_of[p.name]) - c0
+                        parts1 = [cpu_seconds([proc]) for proc in cpu_of[p.name]]
+                        for i, (a, b) in enumerate(zip(parts0, parts1, strict=True)):
+                            cpu_conn_parts[p.name][i] += b - a
+                        cpu_conn[p.name] += sum(parts1) - sum(parts0)
                 print(f"{r:>5}" + "".join(f"  {p.name} {conn_rates[p.name][-1]:8.0f}/s" for p in paths))
         conn_med = {k: statistics.median(v) for k, v in conn_rates.items() if v}
 
@@ -439,11 +446,19 @@ def run(args: argparse.Namespace) -> int:
                 headline += f", new conns/s tunnel/tunnel-base {conn_med['tunnel'] / conn_med['tunnel-base']:.2f}"
         ms_per_mb = {k: round(v * 1000 / (args.mb * args.rounds), 3) for k, v in cpu_bulk.items()}
         ms_per_conn = {k: round(v * 1000 / (args.conns * args.rounds), 3) for k, v in cpu_conn.items()} if args.conns else {}
+        per_conn = 1000 / (args.conns * args.rounds) if args.conns else 0.0
+        ms_per_conn_parts = {
+            k: {role: round(v * per_conn, 3) for role, v in zip(roles[k], parts, strict=True)} for k, parts in cpu_conn_parts.items()
+        } if args.conns else {}  # fmt: skip
         print()
         print(headline)
         print("CPU ms per MB (both processes of a path): " + ", ".join(f"{k} {v}" for k, v in ms_per_mb.items()))
         if ms_per_conn:
             print("CPU ms per new connection: " + ", ".join(f"{k} {v}" for k, v in ms_per_conn.items()))
+            print(
+                "  by process: "
+                + " | ".join(f"{k} " + ", ".join(f"{role} {v}" for role, v in parts.items()) for k, parts in ms_per_conn_parts.items())
+            )
         print(f"medians of {args.rounds} rounds x {args.mb} MB, {ncores['cpu_count']} cores; ssh-L cipher {args.cipher}; higher is better")
 
         summary = {
@@ -457,6 +472,7 @@ def run(args: argparse.Namespace) -> int:
             "base_src": str(Path(args.base).resolve()) if args.base else None,
             "cpu_ms_per_mb": ms_per_mb,
             "cpu_ms_per_conn": ms_per_conn,
+            "cpu_ms_per_conn_by_process": ms_per_conn_parts,
             "paths": {
                 "direct": "TCP straight to the sink",
                 "tunnel": "bastion tunnel (own process) -> wss /v1/tunnel -> gateway (own process) -> sink",

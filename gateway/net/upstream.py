@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
 import socket
 import struct
+from typing import Any
 
 from gateway.errors import UpstreamError, UpstreamRefused, UpstreamTimeout
 
@@ -43,7 +46,7 @@ async def dial(address: str, port: int, timeout: float) -> socket.socket:
                     sock.setblocking(False)
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     keepalive(sock)
-                    await loop.sock_connect(sock, addr)
+                    await _connect(loop, sock, addr)
                     return sock
                 except OSError as exc:
                     sock.close()
@@ -58,6 +61,31 @@ async def dial(address: str, port: int, timeout: float) -> socket.socket:
         raise UpstreamRefused("connection refused") from None
     except OSError as exc:
         raise UpstreamError(exc.strerror or str(exc)) from None
+
+
+async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: tuple[Any, ...]) -> None:
+    """Connect a non-blocking socket to a resolved address. Raises OSError (ConnectionRefusedError, ...).
+
+    Not `loop.sock_connect`: uvloop resolves the address again there, through a thread of its pool (its fast
+    path for numeric addresses needs a socket type, which sock_connect does not pass), a thread hop for every dial.
+    """
+    err = sock.connect_ex(addr)
+    if err in (errno.EINPROGRESS, errno.EINTR):  # under way (EAGAIN, no local port free, is an error: raised below)
+        writable: asyncio.Future[None] = loop.create_future()
+        fd = sock.fileno()
+        loop.add_writer(fd, _wake, writable)
+        try:
+            await writable
+        finally:
+            loop.remove_writer(fd)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def reset(transport: asyncio.WriteTransport) -> None:
