@@ -448,6 +448,10 @@ class RedisCluster:
                 pubsub = self._redis.pubsub()
                 await pubsub.subscribe(_EVENTS)
                 try:
+                    # Live once Redis confirmed it: a stream's first snapshot comes after, so no event falls between.
+                    async with asyncio.timeout(self.timeout):
+                        while (msg := await pubsub.get_message(timeout=self.timeout)) is None or msg["type"] != "subscribe":
+                            pass
                     self.events_live.set()
                     if missed:
                         self._registry.resync()
