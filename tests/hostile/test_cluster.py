@@ -345,6 +345,13 @@ async def test_a_node_reads_the_others_events_only_while_a_stream_is_open(nodes:
     await until(unsubscribed)
 
 
+def listed_on(gw: Gateway, node: str) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:  # a session of `node` is on gw's list
+        return any(r["node"] == node for r in (await sessions_on(gw))["sessions"])
+
+    return check
+
+
 async def test_a_node_that_dies_has_its_sessions_reported_lost(nodes: tuple[Gateway, Gateway]) -> None:
     """Node B dies with alice's session open (its heartbeat and Redis link stop, as under SIGKILL): within node_ttl
     node A's stream closes that session with reason node_lost, A's /v1/cluster lists node-b as lost with one session,
@@ -353,11 +360,7 @@ async def test_a_node_that_dies_has_its_sessions_reported_lost(nodes: tuple[Gate
     await until(lambda: _has_nodes(a, {"node-a", "node-b"}))
     proc = await open_cat(b)
     try:
-
-        async def listed_on_a() -> bool:
-            return any(r["node"] == "node-b" for r in (await sessions_on(a))["sessions"])
-
-        await until(listed_on_a)
+        await until(listed_on(a, "node-b"))
         sid = next(r["id"] for r in (await sessions_on(a))["sessions"] if r["node"] == "node-b")
         status, summary = await api(a, "GET", "/v1/cluster")
         assert status == 200 and summary["clustered"] is True and summary["lost"] == []
@@ -423,11 +426,7 @@ async def test_a_lost_node_whose_rows_are_gone_is_reported_by_its_count(nodes: t
     await until(lambda: _has_nodes(a, {"node-a", "node-b"}))
     proc = await open_cat(b)
     try:
-
-        async def listed_on_a() -> bool:
-            return any(r["node"] == "node-b" for r in (await sessions_on(a))["sessions"])
-
-        await until(listed_on_a)
+        await until(listed_on(a, "node-b"))
         async with event_stream(a) as next_event:
             await next_event(lambda kind, _: kind == "snapshot")
             cluster = b.app._cluster
