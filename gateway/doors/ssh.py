@@ -37,6 +37,7 @@ from gateway.net.penalties import Penalties
 from gateway.net.ratelog import RateLimitedLog
 from gateway.net.startups import Startups
 from gateway.policy import Policy, Principal, parse_username
+from gateway.protocols.asyncssh_options import run_shared_server
 from gateway.protocols.gateway_shell import GatewayShellSession
 from gateway.protocols.lifecycle import CLOSE_DEADLINE, END_DEADLINE, Client, Deps, ProtocolHandler, fmt_duration, run_session
 from gateway.protocols.ssh_disconnect import disconnect_connection
@@ -218,7 +219,7 @@ class SSHDoor:
         late: list[bool] = []
         timer = asyncio.get_running_loop().call_later(self.version_timeout, self._version_deadline, server, late)
         try:
-            conn = await asyncssh.run_server(sock, options=self._options, server_factory=lambda: server)
+            conn = await run_shared_server(sock, self._options, lambda: server)
         except asyncio.CancelledError:
             server.cancel_all()
             raise

@@ -22,7 +22,7 @@ from gateway.kinds import Reason
 from gateway.policy import Grant, Policy, Principal, env_allowed
 from gateway.protocols.lifecycle import ended_reason
 from gateway.protocols.ssh_disconnect import disconnect_with_notice
-from gateway.protocols.upstream_ssh import Credentials, HostKeys, connect_vm
+from gateway.protocols.upstream_ssh import ClientOptions, Credentials, HostKeys, connect_vm
 from gateway.sessions.registry import Session
 
 # Input the user sends before the VM side is open is held up to this much,
@@ -320,6 +320,7 @@ class SSHTerminateHandler:
         self._timeout = connect_timeout
         self._keepalive = keepalive
         self._ciphers = ciphers
+        self._options = ClientOptions()  # the VM logins' prepared asyncssh options, shared by their connections
 
     def authorize(self, policy: Policy, request: TerminateRequest) -> Grant:
         return policy.check_ssh(request.principal, request.vm, request.login)
@@ -327,7 +328,14 @@ class SSHTerminateHandler:
     async def connect(self, request: TerminateRequest, grant: Grant) -> asyncssh.SSHClientConnection:
         assert grant.login is not None
         return await connect_vm(
-            grant.vm, grant.login, self._credentials, self._host_keys, self._timeout, keepalive=self._keepalive, ciphers=self._ciphers
+            grant.vm,
+            grant.login,
+            self._credentials,
+            self._host_keys,
+            self._timeout,
+            keepalive=self._keepalive,
+            ciphers=self._ciphers,
+            options=self._options,
         )
 
     def discard(self, upstream: asyncssh.SSHClientConnection) -> None:
