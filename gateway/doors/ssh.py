@@ -414,6 +414,8 @@ class GatewaySSHServer(asyncssh.SSHServer):
         self._principal = Principal(self._principal.name, self._principal.groups, method)
         self.authenticated = True
         self.release_startup()
+        if self._conn is not None:
+            self._conn.set_authorized_keys(None)  # the CA lines of `begin_auth` (1.4 KiB): only authentication reads them
         name = self._principal.name
         # A lock is told only to whom it concerns: after authentication, never to a stranger.
         lock = self._door.locks.match(user=name, source=self._peer[0]) if self._door.locks is not None else None

@@ -47,6 +47,13 @@ timer, which re-arms itself when it fires early instead of being replaced on eve
 (OpenSSH's first choice, so most users' leg), a packet of up to 4 KiB runs the cipher twice instead of three times:
 once for the length, once for the Poly1305 key and the data together.
 
+A connection also kept, for its whole life, what only its key exchange needs: both KEXINIT payloads (about 1.4 KiB
+each from an OpenSSH or asyncssh peer, 5.4 KiB per terminating session) and, on the server, the EXT_INFO it sent (the
+server-sig-algs list, built again at every re-key and never sent again). The patched `send_newkeys` drops them once the
+exchange hash is made: a re-key sets both payloads again before its own hash (asyncssh stores each KEXINIT as it is
+sent or received; the NEWKEYS packet itself can send the next KEXINIT when the re-key limit is already passed, and
+that one is kept), and EXT_INFO goes out only after the first exchange.
+
 The patch leans on private names of exactly one asyncssh version: `apply()` changes nothing on any other (`PINNED`), and
 `tests/unit/test_asyncssh_fast.py` fails when pyproject's pin moves, so a new version is read before the patch is
 carried forward. `docs/upstream/` holds the same change as a diff against asyncssh 2.24.1's source.
@@ -470,6 +477,19 @@ def apply(version: str | None = None) -> bool:
             if outer:
                 end()
 
+    orig_newkeys: Callable[[Any, bytes, bytes], None] = cls.send_newkeys
+
+    def send_newkeys(self: Any, k: bytes, h: bytes) -> None:
+        used = (self._client_kexinit, self._server_kexinit)
+        orig_newkeys(self, k, h)
+        # The exchange hash was made. Sending NEWKEYS can start the next re-key (its KEXINIT replaces ours): keep that.
+        if self._client_kexinit is used[0]:
+            self._client_kexinit = b""
+        if self._server_kexinit is used[1]:
+            self._server_kexinit = b""
+        if not self._can_send_ext_info:  # sent (or never to be sent): asyncssh reads it nowhere else
+            self._extensions_to_send.clear()
+
     orig_log: Callable[..., None] = SSHPacketLogger._log_packet
 
     def log_packet(self: Any, *args: Any) -> None:
@@ -488,6 +508,7 @@ def apply(version: str | None = None) -> bool:
     cls._send = send
     cls._force_close = force_close
     cls.send_packet = send_packet
+    cls.send_newkeys = send_newkeys
     cls._keepalive_timer_callback = keepalive
     cls._fast_pos = 0  # class default: connections made before apply() (none, in the gateway) start at 0
     cls._recv_pkthdr = recv_pkthdr

@@ -25,6 +25,8 @@ from typing import Any, cast
 import asyncssh
 from asyncssh.connection import SSHConnectionOptions, _connect  # the pinned version's, see the module docstring
 
+_NO_ALGS: frozenset[bytes] = frozenset()
+
 
 class _Shared:
     """One connection's view of `template`: its own `waiter` and `protocol_factory`, every other option the template's."""
@@ -77,4 +79,8 @@ async def connect_shared(sock: socket.socket, template: asyncssh.SSHClientConnec
         return asyncssh.SSHClientConnection(loop, options, wait="auth")
 
     async with asyncio.timeout(template.connect_timeout):
-        return await _connect(options, None, loop, 0, sock, conn_factory, "Opening SSH connection to")
+        conn = await _connect(options, None, loop, 0, sock, conn_factory, "Opening SSH connection to")
+    # The server's signature algorithms (EXT_INFO, about 1.5 KiB) choose how the login key signs: logged in, asyncssh
+    # reads them no more (a re-key does not authenticate again).
+    cast(Any, conn)._server_sig_algs = _NO_ALGS
+    return conn
