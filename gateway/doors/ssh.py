@@ -247,6 +247,7 @@ class SSHDoor:
         finally:
             conn.abort()
             await server.wait_tasks()
+            server.forget()
 
 
 def _server_options(
@@ -335,6 +336,14 @@ class GatewaySSHServer(asyncssh.SSHServer):
                 t.cancel()
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def forget(self) -> None:
+        """The connection and its tasks are over: drop the links back to it (the connection holds this server's factory,
+        the record this server's end callback, the cancelled idle watch its error's frames), so what it held is freed at
+        once, not by a full collection."""
+        self._conn = None
+        self._record = None
+        self._idle = None  # cancelled by connection_lost
 
     def release_startup(self) -> None:
         if self._counted:
