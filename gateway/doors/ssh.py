@@ -37,6 +37,7 @@ from gateway.net.penalties import Penalties
 from gateway.net.ratelog import RateLimitedLog
 from gateway.net.startups import Startups
 from gateway.policy import Policy, Principal, parse_username
+from gateway.protocols.asyncssh_options import run_shared_server
 from gateway.protocols.gateway_shell import GatewayShellSession
 from gateway.protocols.lifecycle import CLOSE_DEADLINE, END_DEADLINE, Client, Deps, ProtocolHandler, fmt_duration, run_session
 from gateway.protocols.ssh_disconnect import disconnect_connection
@@ -218,7 +219,7 @@ class SSHDoor:
         late: list[bool] = []
         timer = asyncio.get_running_loop().call_later(self.version_timeout, self._version_deadline, server, late)
         try:
-            conn = await asyncssh.run_server(sock, options=self._options, server_factory=lambda: server)
+            conn = await run_shared_server(sock, self._options, lambda: server)
         except asyncio.CancelledError:
             server.cancel_all()
             raise
@@ -246,6 +247,7 @@ class SSHDoor:
         finally:
             conn.abort()
             await server.wait_tasks()
+            server.forget()
 
 
 def _server_options(
@@ -335,6 +337,14 @@ class GatewaySSHServer(asyncssh.SSHServer):
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
+    def forget(self) -> None:
+        """The connection and its tasks are over: drop the links back to it (the connection holds this server's factory,
+        the record this server's end callback, the cancelled idle watch its error's frames), so what it held is freed at
+        once, not by a full collection."""
+        self._conn = None
+        self._record = None
+        self._idle = None  # cancelled by connection_lost
+
     def release_startup(self) -> None:
         if self._counted:
             self._counted = False
@@ -413,6 +423,8 @@ class GatewaySSHServer(asyncssh.SSHServer):
         self._principal = Principal(self._principal.name, self._principal.groups, method)
         self.authenticated = True
         self.release_startup()
+        if self._conn is not None:
+            self._conn.set_authorized_keys(None)  # the CA lines of `begin_auth` (1.4 KiB): only authentication reads them
         name = self._principal.name
         # A lock is told only to whom it concerns: after authentication, never to a stranger.
         lock = self._door.locks.match(user=name, source=self._peer[0]) if self._door.locks is not None else None

@@ -47,6 +47,15 @@ timer, which re-arms itself when it fires early instead of being replaced on eve
 (OpenSSH's first choice, so most users' leg), a packet of up to 4 KiB runs the cipher twice instead of three times:
 once for the length, once for the Poly1305 key and the data together.
 
+A connection also kept, for its whole life, what only its key exchange needs: both KEXINIT payloads (about 1.4 KiB
+each from an OpenSSH or asyncssh peer, 5.4 KiB per terminating session) and, on the server, the EXT_INFO it sent (the
+server-sig-algs list, built again at every re-key and never sent again). The patched `send_newkeys` drops them once the
+exchange hash is made: a re-key sets both payloads again before its own hash (asyncssh stores each KEXINIT as it is
+sent or received; the NEWKEYS packet itself can send the next KEXINIT when the re-key limit is already passed, and
+that one is kept), and EXT_INFO goes out only after the first exchange. And a connection's receive handler is a bound
+method of its own (`_recv_handler`), so every connection asyncssh closed stayed a reference cycle for the collector's
+oldest generation; the patched `_cleanup` puts a plain function there once the connection is closed.
+
 The patch leans on private names of exactly one asyncssh version: `apply()` changes nothing on any other (`PINNED`), and
 `tests/unit/test_asyncssh_fast.py` fails when pyproject's pin moves, so a new version is read before the patch is
 carried forward. `docs/upstream/` holds the same change as a diff against asyncssh 2.24.1's source.
@@ -75,6 +84,11 @@ from cryptography.hazmat.primitives.poly1305 import Poly1305
 PINNED = "2.24.1"
 _MARK = "_bastion_fast_recv"
 _OPEN_FOR_ADJUST = frozenset({"open", "eof_pending", "eof"})  # asyncssh's _process_window_adjust
+
+
+def _closed_recv() -> bool:
+    """A closed connection's receive handler: it parses nothing more."""
+    return False
 
 
 def applied() -> bool:
@@ -470,6 +484,25 @@ def apply(version: str | None = None) -> bool:
             if outer:
                 end()
 
+    orig_newkeys: Callable[[Any, bytes, bytes], None] = cls.send_newkeys
+
+    def send_newkeys(self: Any, k: bytes, h: bytes) -> None:
+        used = (self._client_kexinit, self._server_kexinit)
+        orig_newkeys(self, k, h)
+        # The exchange hash was made. Sending NEWKEYS can start the next re-key (its KEXINIT replaces ours): keep that.
+        if self._client_kexinit is used[0]:
+            self._client_kexinit = b""
+        if self._server_kexinit is used[1]:
+            self._server_kexinit = b""
+        if not self._can_send_ext_info:  # sent (or never to be sent): asyncssh reads it nowhere else
+            self._extensions_to_send.clear()
+
+    orig_cleanup: Callable[[Any, Exception | None], None] = cls._cleanup
+
+    def cleanup(self: Any, exc: Exception | None) -> None:
+        orig_cleanup(self, exc)
+        self._recv_handler = _closed_recv  # its bound method made every closed connection a cycle (see the docstring)
+
     orig_log: Callable[..., None] = SSHPacketLogger._log_packet
 
     def log_packet(self: Any, *args: Any) -> None:
@@ -488,6 +521,8 @@ def apply(version: str | None = None) -> bool:
     cls._send = send
     cls._force_close = force_close
     cls.send_packet = send_packet
+    cls.send_newkeys = send_newkeys
+    cls._cleanup = cleanup
     cls._keepalive_timer_callback = keepalive
     cls._fast_pos = 0  # class default: connections made before apply() (none, in the gateway) start at 0
     cls._recv_pkthdr = recv_pkthdr

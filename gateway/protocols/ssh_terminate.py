@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import asyncssh
+from asyncssh.packet import SSHPacket
 
 from gateway.config import DEFAULT_VM_CIPHERS
 from gateway.errors import GatewayError, UpstreamError
@@ -22,7 +23,7 @@ from gateway.kinds import Reason
 from gateway.policy import Grant, Policy, Principal, env_allowed
 from gateway.protocols.lifecycle import ended_reason
 from gateway.protocols.ssh_disconnect import disconnect_with_notice
-from gateway.protocols.upstream_ssh import Credentials, HostKeys, connect_vm
+from gateway.protocols.upstream_ssh import ClientOptions, Credentials, HostKeys, connect_vm
 from gateway.sessions.registry import Session
 
 # Input the user sends before the VM side is open is held up to this much,
@@ -34,19 +35,15 @@ MAX_ENV_ENTRIES = 64
 MAX_ENV_BYTES = 16 * 1024
 
 
-def bounded_channel(conn: asyncssh.SSHServerConnection) -> asyncssh.SSHServerChannel[bytes]:
-    """A session channel whose environment is bounded in entries and bytes.
+class _EnvBounded(asyncssh.SSHServerChannel[bytes]):
+    """asyncssh's session channel, its env requests bounded in entries and bytes (asyncssh stores every one of them
+    without a limit). `_process_env_request` is an internal of the pinned asyncssh 2.24.1, looked up per request by
+    name; a subclass rather than a wrapper stored on the channel, which made every closed channel a reference cycle."""
 
-    asyncssh stores every `env` request in the channel without a limit; this wraps its handler (an internal of
-    the pinned asyncssh 2.24.1, looked up per request by name) and refuses what goes past the bounds.
-    """
-    chan: asyncssh.SSHServerChannel[bytes] = conn.create_server_channel(encoding=None)
-    store: dict[bytes, bytes] = chan._env
-    original = chan._process_env_request
-
-    def limited(packet: object) -> bool:
+    def _process_env_request(self, packet: SSHPacket) -> bool:
+        store: dict[bytes, bytes] = self._env
         before = set(store)
-        if not original(packet):  # type: ignore[arg-type]
+        if not super()._process_env_request(packet):
             return False
         size = sum(len(k) + len(v) for k, v in store.items())
         if len(store) > MAX_ENV_ENTRIES or size > MAX_ENV_BYTES:
@@ -55,7 +52,11 @@ def bounded_channel(conn: asyncssh.SSHServerConnection) -> asyncssh.SSHServerCha
             return False
         return True
 
-    setattr(chan, "_process_env_request", limited)  # noqa: B010 - an instance attribute shadows the method
+
+def bounded_channel(conn: asyncssh.SSHServerConnection) -> asyncssh.SSHServerChannel[bytes]:
+    """A session channel whose environment is bounded in entries and bytes (`_EnvBounded`)."""
+    chan: asyncssh.SSHServerChannel[bytes] = conn.create_server_channel(encoding=None)
+    chan.__class__ = _EnvBounded  # the same layout: asyncssh builds the channel, the subclass only bounds env
     return chan
 
 
@@ -320,6 +321,7 @@ class SSHTerminateHandler:
         self._timeout = connect_timeout
         self._keepalive = keepalive
         self._ciphers = ciphers
+        self._options = ClientOptions()  # the VM logins' prepared asyncssh options, shared by their connections
 
     def authorize(self, policy: Policy, request: TerminateRequest) -> Grant:
         return policy.check_ssh(request.principal, request.vm, request.login)
@@ -327,7 +329,14 @@ class SSHTerminateHandler:
     async def connect(self, request: TerminateRequest, grant: Grant) -> asyncssh.SSHClientConnection:
         assert grant.login is not None
         return await connect_vm(
-            grant.vm, grant.login, self._credentials, self._host_keys, self._timeout, keepalive=self._keepalive, ciphers=self._ciphers
+            grant.vm,
+            grant.login,
+            self._credentials,
+            self._host_keys,
+            self._timeout,
+            keepalive=self._keepalive,
+            ciphers=self._ciphers,
+            options=self._options,
         )
 
     def discard(self, upstream: asyncssh.SSHClientConnection) -> None:

@@ -25,7 +25,7 @@ from gateway.errors import GatewayError
 from gateway.kinds import Reason
 from gateway.policy import Grant, Policy, Principal
 from gateway.protocols.lifecycle import end_if_crashed, ended_reason
-from gateway.protocols.upstream_ssh import Credentials, HostKeys, connect_vm
+from gateway.protocols.upstream_ssh import ClientOptions, Credentials, HostKeys, connect_vm
 from gateway.sessions.registry import Session
 
 CLOSE_ENDED = 4001  # the gateway ended the session (operator, limit, lock, restart): the reason was sent first
@@ -170,6 +170,7 @@ class SSHWebHandler:
         self._timeout = connect_timeout
         self._keepalive = keepalive
         self._ciphers = ciphers
+        self._options = ClientOptions()  # the VM logins' prepared asyncssh options, shared by their connections
 
     def authorize(self, policy: Policy, request: WebTerminalRequest) -> Grant:
         return policy.check_web_terminal(request.principal, request.vm, request.login)
@@ -177,7 +178,14 @@ class SSHWebHandler:
     async def connect(self, request: WebTerminalRequest, grant: Grant) -> asyncssh.SSHClientConnection:
         assert grant.login is not None
         return await connect_vm(
-            grant.vm, grant.login, self._credentials, self._host_keys, self._timeout, keepalive=self._keepalive, ciphers=self._ciphers
+            grant.vm,
+            grant.login,
+            self._credentials,
+            self._host_keys,
+            self._timeout,
+            keepalive=self._keepalive,
+            ciphers=self._ciphers,
+            options=self._options,
         )
 
     def discard(self, upstream: asyncssh.SSHClientConnection) -> None:

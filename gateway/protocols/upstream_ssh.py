@@ -23,6 +23,7 @@ from gateway.errors import (
 )
 from gateway.filemodes import read_private_key
 from gateway.net.upstream import dial
+from gateway.protocols.asyncssh_options import connect_shared
 
 
 def supported(wanted: Sequence[str], available: list[bytes]) -> list[str]:
@@ -103,6 +104,26 @@ class HostKeys:
         self._log.warning("upstream_host_key_trusted_first_use", vm=vm.name, fingerprint=key.get_fingerprint())
 
 
+class ClientOptions:
+    """Prepared asyncssh client options by the shape of a VM login (see `connect_vm`), at most `limit` of them (the
+    oldest goes first). One per handler: a reload builds new handlers, so nothing here outlives the config it came from."""
+
+    def __init__(self, limit: int = 256) -> None:
+        self._limit = limit
+        self._templates: dict[tuple[object, ...], asyncssh.SSHClientConnectionOptions] = {}
+
+    def __repr__(self) -> str:
+        return f"ClientOptions({len(self._templates)} templates)"
+
+    def get(self, shape: tuple[object, ...]) -> asyncssh.SSHClientConnectionOptions | None:
+        return self._templates.get(shape)
+
+    def put(self, shape: tuple[object, ...], template: asyncssh.SSHClientConnectionOptions) -> None:
+        if shape not in self._templates and len(self._templates) >= self._limit:
+            del self._templates[next(iter(self._templates))]
+        self._templates[shape] = template
+
+
 async def connect_vm(
     vm: VM,
     login: str,
@@ -112,9 +133,13 @@ async def connect_vm(
     *,
     keepalive: tuple[float, int] = (30.0, 3),
     ciphers: Sequence[str] = DEFAULT_VM_CIPHERS,
+    options: ClientOptions | None = None,
 ) -> asyncssh.SSHClientConnection:
     """Dial the VM's inventory address and log in as `login`, offering `ciphers` (`ssh.vm_ciphers`) in that order and
     only modern key exchanges and MACs (asyncssh's defaults still include SHA-1 ones).
+
+    With `options`, the prepared asyncssh options are shared by every connection to the same VM address and port as
+    the same login with the same key, trusted host keys, keepalive and ciphers (`asyncssh_options`).
 
     The caller owns the returned connection. Raises UpstreamHostKeyMismatch when
     the VM's key is not the trusted one, UpstreamAuthFailed, UpstreamTimeout or
@@ -127,31 +152,40 @@ async def connect_vm(
     first_use = not trusted and vm.trust_on_first_use
     if not trusted and not first_use:
         raise UpstreamHostKeyMismatch(f"no trusted host key for VM {vm.name!r}")
+    no_keys: list[asyncssh.SSHKey] = []
+    known_hosts = None if first_use else (trusted, no_keys, no_keys)
+    kex, enc = supported(SSH_KEX_ALGS, get_kex_algs()), supported(ciphers, get_encryption_algs())
+    mac = supported(SSH_MAC_ALGS, get_mac_algs())
+    shape = (vm.name, vm.address, vm.ssh_port, login, key.public_data, tuple(k.public_data for k in trusted), keepalive, tuple(enc))
+    template = options.get(shape) if options is not None else None
     sock = await dial(vm.address, vm.ssh_port, timeout)
     try:
         async with asyncio.timeout(timeout):
-            conn = await asyncssh.connect(
-                host=vm.address,
-                port=vm.ssh_port,
-                sock=sock,
-                config=None,
-                known_hosts=None if first_use else (trusted, [], []),
-                username=login,
-                client_keys=[key],
-                agent_path=None,
-                agent_forwarding=False,
-                preferred_auth="publickey",
-                password=None,
-                kbdint_auth=False,
-                gss_host=None,
-                x509_trusted_certs=None,
-                encoding=None,
-                keepalive_interval=keepalive[0],
-                keepalive_count_max=keepalive[1],
-                kex_algs=supported(SSH_KEX_ALGS, get_kex_algs()),
-                encryption_algs=supported(ciphers, get_encryption_algs()),
-                mac_algs=supported(SSH_MAC_ALGS, get_mac_algs()),
-            )
+            if template is None:
+                template = await asyncssh.SSHClientConnectionOptions.construct(
+                    host=vm.address,
+                    port=vm.ssh_port,
+                    config=None,
+                    known_hosts=known_hosts,
+                    username=login,
+                    client_keys=[key],
+                    agent_path=None,
+                    agent_forwarding=False,
+                    preferred_auth="publickey",
+                    password=None,
+                    kbdint_auth=False,
+                    gss_host=None,
+                    x509_trusted_certs=None,
+                    encoding=None,
+                    keepalive_interval=keepalive[0],
+                    keepalive_count_max=keepalive[1],
+                    kex_algs=kex,
+                    encryption_algs=enc,
+                    mac_algs=mac,
+                )
+                if options is not None:
+                    options.put(shape, template)
+            conn = await connect_shared(sock, template)
     except asyncssh.HostKeyNotVerifiable:
         raise UpstreamHostKeyMismatch(f"host key of VM {vm.name!r} does not match the trusted key") from None
     except asyncssh.PermissionDenied:

@@ -121,6 +121,39 @@ async def test_no_ignore_packet_before_each_data_packet() -> None:
         await server.wait_closed()
 
 
+async def test_key_exchange_payloads_are_dropped_after_each_exchange() -> None:
+    """Logged in, neither end keeps the two KEXINIT payloads nor the server its EXT_INFO; with a re-key every 16 KiB
+    from the client, 200 KB echo back whole (each exchange's hash needs both payloads again) and none are kept after."""
+    assert asyncssh_fast.apply()
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    _Server.conns.clear()
+    server = await asyncssh.create_server(_Server, "127.0.0.1", 0, server_host_keys=[key], encoding=None)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with asyncssh.connect(
+            "127.0.0.1", port, known_hosts=None, username="u", client_keys=None, agent_path=None, config=None,
+            preferred_auth="none", rekey_bytes=16 * 1024,
+        ) as conn:  # fmt: skip
+            proc = await conn.create_process(encoding=None)
+            srv: Any = _Server.conns[-1]
+            for end in (conn, srv):
+                assert (end._client_kexinit, end._server_kexinit) == (b"", b"")
+            assert not srv._extensions_to_send
+            session_id = conn._session_id
+            async with asyncio.timeout(30):
+                for i in range(50):
+                    proc.stdin.write(bytes([i]) * 4000)
+                    assert await proc.stdout.readexactly(4000) == bytes([i]) * 4000
+            assert conn._rekey_bytes_sent < 16 * 1024 + 8192 and conn._session_id == session_id  # re-keyed, same session
+            for end in (conn, srv):
+                assert (end._client_kexinit, end._server_kexinit) == (b"", b"")
+            proc.stdin.write_eof()
+            await proc.wait()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 class _CountingTransport:
     """The server connection's real transport, counting the writes asyncssh makes on it."""
 

@@ -67,3 +67,19 @@ async def test_trust_on_first_use_keeps_the_first_key_and_refuses_a_change(make_
         r = await gw.ssh("alice+tofu01", "echo should-not-run")
         assert r.rc == 255
         assert "identity of VM 'tofu01' could not be verified" in r.errtext
+
+
+async def test_a_known_hosts_change_applies_to_the_next_session(make_gateway: GatewayFactory, tmp_path: Path) -> None:
+    """The prepared VM login options are shared by that login's sessions, but only for the same trusted keys: once
+    the known_hosts file holds another key, the next session to the same VM is refused."""
+    kh = tmp_path / "vm_known_hosts"
+
+    async with make_gateway(add_known_hosts_vm(kh, key_of_vm=0)) as gw:
+        for _ in range(2):
+            r = await gw.ssh("alice+khvm", "echo verified-by-known-hosts")
+            assert r.rc == 0, r.errtext
+        host = kh.read_text().split(" ", 1)[0]
+        kh.write_text(f"{host} {gw.keys.stranger.public}\n")
+        r = await gw.ssh("alice+khvm", "echo should-not-run")
+        assert r.rc == 255
+        assert "identity of VM 'khvm' could not be verified" in r.errtext

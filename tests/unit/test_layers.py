@@ -16,8 +16,13 @@ PKG = Path(__file__).resolve().parents[2] / "gateway"
 
 BOTTOM = ("gateway.errors", "gateway.clock", "gateway.kinds", "gateway.text", "gateway.filemodes")
 LOW = (*BOTTOM, "gateway.config")
-# Shared by every protocol: the lifecycle and the two SSH helpers. Everything else in protocols/ is one protocol.
-SHARED_PROTOCOL = ("gateway.protocols.lifecycle", "gateway.protocols.upstream_ssh", "gateway.protocols.ssh_disconnect")
+# Shared by every protocol: the lifecycle and the three SSH helpers. Everything else in protocols/ is one protocol.
+SHARED_PROTOCOL = (
+    "gateway.protocols.lifecycle",
+    "gateway.protocols.upstream_ssh",
+    "gateway.protocols.ssh_disconnect",
+    "gateway.protocols.asyncssh_options",
+)
 PROTOCOL_DEPS = (*LOW, "gateway.net", "gateway.sessions", "gateway.policy", "gateway.tokens", *SHARED_PROTOCOL)
 
 # module (or package prefix) -> the gateway modules (or prefixes) it may import. The longest match wins.
@@ -46,7 +51,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     # The supervisor of several workers: it binds (net), runs the hub and knows a worker's config; never the app.
     "gateway.workers": (*LOW, "gateway.hub", "gateway.net", "gateway.sdnotify"),
     "gateway.protocols.lifecycle": (*LOW, "gateway.net", "gateway.sessions", "gateway.policy"),
-    "gateway.protocols.upstream_ssh": (*LOW, "gateway.net"),
+    "gateway.protocols.upstream_ssh": (*LOW, "gateway.net", "gateway.protocols.asyncssh_options"),
+    "gateway.protocols.asyncssh_options": (),
     "gateway.protocols.ssh_disconnect": (),
     "gateway.protocols.rdg_codec": ("gateway.errors",),
     "gateway.protocols.rdg": (*PROTOCOL_DEPS, "gateway.protocols.rdg_codec"),

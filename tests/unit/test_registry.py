@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import json
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +85,33 @@ async def test_session_leaves_registry_on_exit() -> None:
         pass
     assert h.registry.list() == []
     assert h.registry.get(session.id) is None
+
+
+async def test_a_closed_session_is_freed_without_the_collector() -> None:
+    """A protocol holds its session and the session its notice and recheck callbacks, bound to the protocol's objects:
+    once closed, the session is freed by reference counting alone (no cycle waits for a full collection)."""
+
+    class Side:
+        session: object = None
+
+        def notice(self, text: str) -> bool:
+            return True
+
+        def recheck(self) -> str | None:
+            return None
+
+    h = make_harness()
+    side = Side()
+    gc.collect()
+    gc.disable()
+    try:
+        async with h.registry.open(spec(), notice=side.notice, recheck=side.recheck) as session:
+            side.session = session
+        gone = weakref.ref(side)  # Session has slots and no weak references: the side stands for the cycle
+        del session, side
+        assert gone() is None
+    finally:
+        gc.enable()
 
 
 async def test_session_leaves_registry_when_block_raises() -> None:
