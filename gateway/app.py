@@ -61,6 +61,7 @@ from gateway.sdnotify import Notifier, ServiceNotifier
 from gateway.sessions.cluster import RedisCluster
 from gateway.sessions.connections import ConnectionRegistry
 from gateway.sessions.registry import SessionRegistry
+from gateway.stalls import Stalls
 from gateway.tokens import TokenService, load_key, load_or_create_key
 from gateway.userca import CliLogins, Identities, UserCA
 from gateway.websessions import WebSessions
@@ -343,6 +344,7 @@ class App:
         )
         self.connections = ConnectionRegistry(config.gateway.node, self.clock)
         self.metrics = Metrics(self.registry, config.vms)
+        self._stalls = Stalls(self.metrics.registry, log, self.clock)
         self.registry.set_observer(self.metrics)
         self.policy = Policy(config.vms, config.users, config.rules)
         self._control: Listener | None = None
@@ -542,6 +544,7 @@ class App:
                 cluster.siblings, cluster.render_metrics = self.worker.siblings, self.metrics.render
             await cluster.start()  # never waits on Redis: a node without it serves its own users, degraded
         self._ticker = asyncio.create_task(self._tick(), name="session-progress")
+        self._stalls.start()
         if self.notifier.watchdog_interval is not None:
             self._watchdog = asyncio.create_task(self._pet_watchdog(self.notifier.watchdog_interval), name="systemd-watchdog")
         # Everything start-up built lives as long as the process: out of the collector's reach, a full collection walks
@@ -743,6 +746,7 @@ class App:
         self.registry.end_subscriptions()  # event streams end cleanly instead of waiting out aiohttp's shutdown
         if self._control is not None:
             await self._control.stop()
+        await self._stalls.stop()
         if self._control_https is not None:
             await self._control_https.stop()
         self.log.info("gateway_stopped", node=self.config.gateway.node)

@@ -47,6 +47,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "gateway.policy": LOW,
     "gateway.metrics": (*LOW, "gateway.sessions", "gateway"),
     "gateway.metrics_merge": (),
+    # What stops the loop (collector pauses, loop lag), on the metrics' registry: beside metrics, never above it.
+    "gateway.stalls": ("gateway.clock", "gateway.net.ratelog"),
     "gateway.hub": ("gateway.sdnotify",),
     # The supervisor of several workers: it binds (net), runs the hub and knows a worker's config; never the app.
     "gateway.workers": (*LOW, "gateway.hub", "gateway.net", "gateway.sdnotify"),
@@ -68,6 +70,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         "gateway.control",
         "gateway.metrics",
         "gateway.metrics_merge",
+        "gateway.stalls",
         "gateway.workers",
         "gateway.sdnotify",
         "gateway.logs",
