@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import json
 from collections.abc import AsyncIterator
+from typing import Any, cast
 
 from aiohttp.test_utils import make_mocked_request
 
@@ -204,3 +205,51 @@ def test_duration_text_is_repr_of_round() -> None:
     values += [rng.randrange(0, 10**9) * 1000 + 500 for _ in range(2_000)]
     for us in values:
         assert _duration_text(us) == repr(round(max(0.0, us / 1_000_000), 3)), us
+
+
+async def test_other_nodes_rows_are_listed_as_they_wrote_them() -> None:
+    """Another node's heartbeat lines go into this node's list without a dict per row: each is that session's
+    as_dict() plus its duration on this node's clock, in started_at order with this node's rows, filters apply to
+    them, and a line that is not a row is left out."""
+    from gateway.sessions.cluster import RedisCluster, RemoteView
+
+    here, there = make_harness(), make_harness()
+    there.registry._node = "gw2"
+    other = RedisCluster(
+        there.registry, "gw2", "unix:///nowhere", heartbeat=1.0, node_ttl=3.0, timeout=1.0, log=there.registry._log, clock=there.clock
+    )
+
+    class OneOtherNode:  # the cluster as the list reads it: the other nodes' rows, already read from Redis
+        def __init__(self, lines: list[str]) -> None:
+            self.lines = lines
+
+        async def view(self) -> RemoteView:
+            return RemoteView(self.lines, {"gw1": "t", "gw2": "t"}, False)
+
+    async with contextlib.AsyncExitStack() as stack:
+        for i in range(6):
+            here.clock.mono += 1.0
+            there.clock.mono = here.clock.mono + 0.5  # the other node's sessions start half a second after each of ours
+            await stack.enter_async_context(here.registry.open(jump_spec("alice" if i % 2 else "bob", f"vm{i % 2}", i)))
+            await stack.enter_async_context(there.registry.open(jump_spec("carol" if i % 2 else "bob", f"vm{i % 3}", 100 + i)))
+        theirs = there.registry.sessions()
+        theirs[1].add_up(77)
+        there.registry.terminate(theirs[2].id, "maintenance", grace=30)
+        _, _, doc = await other._heartbeat_payload()
+        lines = [*doc.split("\n")[1:], '{"id": "not one of ours"', "garbage"]
+        api = ControlAPI(here.registry, (), here.clock, here.registry._log, node="gw1", cluster=cast(Any, OneOtherNode(lines)))
+        here.clock.mono += 12.3456
+        now = here.clock.now()
+        for query in ("", "?user=bob", "?vm=vm2", "?protocol=ssh", "?user=carol&vm=vm1"):
+            q = make_mocked_request("GET", "/v1/sessions" + query).query
+            answer = json.loads(await api._session_list(q))
+            mine = [api._view(s) for s in here.registry.list() if all(str(getattr(s, k)) == v for k, v in q.items())]
+            other_rows = [
+                {**s.as_dict(), "duration_s": round((now - s.started_at).total_seconds(), 3)}
+                for s in there.registry.list()
+                if all(str(getattr(s, k)) == v for k, v in q.items())
+            ]
+            expected = sorted([*mine, *other_rows], key=lambda r: r["started_at"])
+            assert answer["sessions"] == expected, query
+            assert answer["nodes"] == {"gw1": "t", "gw2": "t"} and answer["degraded"] is False
+        assert {r["state"] for r in json.loads(await api._session_list({}))["sessions"] if r["node"] == "gw2"} == {"active", "terminating"}
