@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -60,13 +61,22 @@ class Credentials:
         return self._keys.get((vm, login))
 
 
+_SETTLED_NS = 2_000_000_000  # a known_hosts file older than this is cached (see HostKeys._read_known_hosts)
+
+
 class HostKeys:
-    """Trusted host keys per VM: from the inventory, a known_hosts file, or trust on first use."""
+    """Trusted host keys per VM: from the inventory, a known_hosts file, or trust on first use.
+
+    Inventory keys are parsed once per VM. A known_hosts file is parsed again only when its device, inode, size,
+    mtime or ctime changed since a login last read it, so an edit counts from the next login; a reload builds a new
+    HostKeys and so reads every file again."""
 
     def __init__(self, vms: Mapping[str, VM], tofu_file: Path, log: FilteringBoundLogger) -> None:
         self._vms = vms
         self._tofu_file = tofu_file
         self._log = log
+        self._inventory: dict[str, tuple[VM, list[asyncssh.SSHKey]]] = {}
+        self._known_hosts: dict[Path, tuple[tuple[int, ...], asyncssh.SSHKnownHosts]] = {}
         self._learned: dict[str, list[asyncssh.SSHKey]] = {}
         self._lock = asyncio.Lock()
         if tofu_file.exists():
@@ -75,11 +85,29 @@ class HostKeys:
                 with contextlib.suppress(asyncssh.KeyImportError, ValueError):
                     self._learned.setdefault(name, []).append(asyncssh.import_public_key(key))
 
+    def _read_known_hosts(self, path: Path) -> asyncssh.SSHKnownHosts:
+        """The parsed file, read again when it changed. Raises OSError or ValueError as asyncssh's reader does.
+
+        A file changed in the last seconds is not kept: file times tick coarsely (a few ms), and a second write of the
+        same size within one tick would otherwise go unseen."""
+        st = os.stat(path)
+        stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        cached = self._known_hosts.get(path)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        kh = asyncssh.read_known_hosts(str(path))
+        if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _SETTLED_NS:
+            self._known_hosts[path] = (stamp, kh)
+        return kh
+
     def trusted(self, vm: VM) -> list[asyncssh.SSHKey]:
-        keys = [asyncssh.import_public_key(k) for k in vm.host_keys]
+        inventory = self._inventory.get(vm.name)
+        if inventory is None or inventory[0] is not vm:
+            inventory = self._inventory[vm.name] = (vm, [asyncssh.import_public_key(k) for k in vm.host_keys])
+        keys = list(inventory[1])
         if vm.known_hosts is not None:
             try:
-                kh = asyncssh.read_known_hosts(str(vm.known_hosts))
+                kh = self._read_known_hosts(vm.known_hosts)
             except (OSError, ValueError) as exc:
                 self._log.error("known_hosts_unreadable", vm=vm.name, path=str(vm.known_hosts), error=str(exc))
             else:

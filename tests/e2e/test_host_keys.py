@@ -6,6 +6,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from gateway.protocols import upstream_ssh
 from tests.e2e.conftest import GatewayFactory
 
 
@@ -83,3 +86,28 @@ async def test_a_known_hosts_change_applies_to_the_next_session(make_gateway: Ga
         r = await gw.ssh("alice+khvm", "echo should-not-run")
         assert r.rc == 255
         assert "identity of VM 'khvm' could not be verified" in r.errtext
+
+
+async def test_a_known_hosts_file_edited_in_place_counts_from_the_next_login(
+    make_gateway: GatewayFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway keeps a parsed known_hosts file between logins; an edit in place to the same size (another key,
+    then the right one back) decides the very next login, with no reload."""
+    monkeypatch.setattr(upstream_ssh, "_SETTLED_NS", 0)  # keep even a file written a moment ago
+    kh = tmp_path / "vm_known_hosts"
+
+    async with make_gateway(add_known_hosts_vm(kh, key_of_vm=0)) as gw:
+        vm0 = gw.raw["vms"][0]
+        good, old = (f"[{vm0['address']}]:{vm0['ssh_port']} {' '.join(gw.raw['vms'][i]['host_key'].split()[:2])}\n" for i in (0, 2))
+        assert len(old) == len(good) and old != good
+        kh.write_text(good)
+        assert (await gw.ssh("alice+khvm", "echo one")).rc == 0
+        assert (await gw.ssh("alice+khvm", "echo two")).text == "two\n"  # a login that read the file as it was
+        kh.write_text(old)
+        r = await gw.ssh("alice+khvm", "echo should-not-run")
+        assert r.rc == 255
+        assert "identity of VM 'khvm' could not be verified" in r.errtext
+        kh.write_text(good)
+        r = await gw.ssh("alice+khvm", "echo back")
+        assert r.rc == 0, r.errtext
+        assert r.text == "back\n"
