@@ -136,6 +136,7 @@ def _scale(d: dict[str, Any]) -> list[Row]:
         for key, label, goal in (
             ("jump_kib_per_session", "KiB per idle jump session", "goal 16"),
             ("ws_kib_per_session", "KiB per idle tunnel", "goal 8"),
+            ("term_kib_per_session", "KiB per idle terminating session", "goal 64"),
             ("list_p50_ms", "GET /v1/sessions p50 ms", "goal 50 at 9,000"),
             ("rtt_during_lists_max_ms", "relay RTT max during lists ms", "goal 20"),
             ("bulk_disconnect_s", "bulk disconnect of 1,000 s", "goal 2"),
