@@ -65,13 +65,7 @@ class RemoteView:
     async def sessions(self) -> list[dict[str, Any]]:
         """The rows parsed (a line that does not parse is left out), the loop given back every `_BEAT_SLICE` of them.
         The session list does without: it adds the lines as they are (`control/api`)."""
-        rows: list[dict[str, Any]] = []
-        for i, line in enumerate(self.lines, 1):
-            if i % _BEAT_SLICE == 0:
-                await asyncio.sleep(0)
-            if (row := _row(line)) is not None:
-                rows.append(row)
-        return rows
+        return await _parse_rows(self.lines)
 
 
 class RedisCluster:
@@ -258,22 +252,13 @@ class RedisCluster:
                 out[beat[0]] = beat[1:]
         return out
 
-    async def _rows(self, nodes: list[str]) -> list[tuple[str, list[dict[str, Any]]] | None]:
-        """These nodes' last rows documents as (at, sessions), None where there is none. Parsed 256 rows at a time
-        with the loop given back (another node's 9,000 rows in one stretch would stop every relay here)."""
+    async def _last_rows(self, node: str) -> list[dict[str, Any]] | None:
+        """A lost node's rows from its last heartbeat, None if they are gone (parsed with the loop given back)."""
         assert self._redis is not None
-        if not nodes:
-            return []
         async with asyncio.timeout(self.timeout):
-            values = await self._redis.mget([_ROWS + n for n in nodes])
-        out: list[tuple[str, list[dict[str, Any]]] | None] = []
-        budget = MAX_REMOTE
-        for raw in values:
-            doc = await _rows_doc(raw, budget)
-            if doc is not None:
-                budget -= len(doc[1])
-            out.append(doc)
-        return out
+            raw = await self._redis.get(_ROWS + node)
+        split = _rows_head(raw, MAX_REMOTE)
+        return await _parse_rows(split[2]) if split is not None else None
 
     async def view(self) -> RemoteView:
         """The other nodes' sessions (within one heartbeat), or a degraded view of none. Bounded by `timeout`."""
@@ -315,12 +300,12 @@ class RedisCluster:
                 self._log.info("cluster_node_left", node=node)
             elif settled:
                 # Its rows outlive its liveness key (2 node_ttl): every session it had at its last heartbeat.
+                rows: list[dict[str, Any]] | None = None
                 try:
-                    [doc] = await self._rows([node])
+                    rows = await self._last_rows(node)
                 except (redis.RedisError, OSError, TimeoutError) as exc:
                     self._down("watch", exc)
-                    doc = None
-                self._lost(node, at, count, doc[1] if doc is not None else None)
+                self._lost(node, at, count, rows)
             else:
                 waiting[node] = self._known[node]
         joined = read.keys() - self._known.keys() - {self.node}
@@ -492,13 +477,17 @@ class RedisCluster:
                 missed = True
                 await self._clock.sleep(self.heartbeat)
 
-    def _node_message(self, data: str) -> None:
-        """Another node left (a clean stop) or was lost (its workers' supervisor saw it die)."""
+    def _from_other(self, data: str) -> dict[str, Any] | None:
+        """Another node's message as a dict; None if it does not parse or is this node's own."""
         try:
             doc = json.loads(data)
         except ValueError:
-            return
-        if not isinstance(doc, dict) or doc.get("origin") == self.node:
+            return None
+        return doc if isinstance(doc, dict) and doc.get("origin") != self.node else None
+
+    def _node_message(self, data: str) -> None:
+        """Another node left (a clean stop) or was lost (its workers' supervisor saw it die)."""
+        if (doc := self._from_other(data)) is None:
             return
         if doc.get("left") is True:
             self._left.add(str(doc.get("origin"))[:64])
@@ -514,11 +503,7 @@ class RedisCluster:
 
     def _event_message(self, data: str) -> None:
         """Another node's events, to this node's event streams. A message that does not parse is dropped."""
-        try:
-            doc = json.loads(data)
-        except ValueError:
-            return
-        if not isinstance(doc, dict) or doc.get("origin") == self.node:
+        if (doc := self._from_other(data)) is None:
             return
         if doc.get("resync") is True:
             self._registry.resync()
@@ -916,22 +901,21 @@ def _row(line: str) -> dict[str, Any] | None:
     return row if isinstance(row, dict) else None
 
 
-async def _rows_doc(raw: object, limit: int) -> tuple[str, list[dict[str, Any]]] | None:
-    """A node's rows document as (at, sessions (at most `limit`)); None if it is not one. The loop is given back
-    every `_BEAT_SLICE` rows."""
-    if (split := _rows_head(raw, limit)) is None:
-        return None
+async def _parse_rows(lines: list[str]) -> list[dict[str, Any]]:
+    """Row lines parsed (one that does not parse is left out), the loop given back every `_BEAT_SLICE` of them:
+    another node's 9,000 rows in one stretch would stop every relay."""
     rows: list[dict[str, Any]] = []
-    for i, line in enumerate(split[2], 1):
+    for i, line in enumerate(lines, 1):
         if i % _BEAT_SLICE == 0:
             await asyncio.sleep(0)
         if (row := _row(line)) is not None:
             rows.append(row)
-    return split[1], rows
+    return rows
 
 
 def _rows_doc_now(raw: object, limit: int) -> tuple[str, list[dict[str, Any]]] | None:
-    """`_rows_doc` in one stretch (a worker's death: once, where the order of events matters more than a pause)."""
+    """A node's rows document as (at, sessions (at most `limit`)) in one stretch, None if it is not one (a worker's
+    death: once, where the order of events matters more than a pause)."""
     if (split := _rows_head(raw, limit)) is None:
         return None
     return split[1], [row for line in split[2] if (row := _row(line)) is not None]
